@@ -1,0 +1,127 @@
+"""Weights I/O: safetensors round trips, hash verification, and no pickle anywhere."""
+
+import hashlib
+import io
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training.fl.networks import build_network
+from training.fl.weights import (
+    WeightsError,
+    load_weights,
+    save_weights,
+    weights_from_bytes,
+    weights_to_bytes,
+)
+
+
+def mixed_state() -> dict[str, torch.Tensor]:
+    """A ResNet state (with int64 BatchNorm counters) plus half, bool and strided tensors."""
+    model = build_network("resnet18-small", in_channels=1, num_classes=2, width=4, seed=0)
+    model(torch.randn(2, 1, 16, 16))  # one training-mode pass bumps num_batches_tracked
+    state = dict(model.state_dict())
+    state["extra.half"] = torch.randn(3, 4).half()
+    state["extra.mask"] = torch.tensor([True, False, True])
+    state["extra.transposed"] = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
+    return state
+
+
+def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_save_and_load_round_trip_preserves_tensors_and_dtypes(tmp_path: Path) -> None:
+    # Given a state dict with float, half, bool and integer buffers
+    state = mixed_state()
+    assert state["stem.1.num_batches_tracked"].dtype == torch.int64
+    # When it is saved and loaded back
+    info = save_weights(state, tmp_path / "w.safetensors")
+    restored = load_weights(tmp_path / "w.safetensors", expected_sha256=info.sha256)
+    # Then every tensor comes back equal with its dtype, BatchNorm counters included
+    assert_same_state(restored, state)
+    assert restored["stem.1.num_batches_tracked"].item() == 1
+
+
+def test_weights_info_describes_the_file_written(tmp_path: Path) -> None:
+    state = mixed_state()
+    path = tmp_path / "w.safetensors"
+    info = save_weights(state, path)
+    data = path.read_bytes()
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.size_bytes == len(data)
+    assert info.num_parameters == sum(t.numel() for t in state.values())
+
+
+def test_bytes_round_trip_preserves_tensors() -> None:
+    state = mixed_state()
+    assert_same_state(weights_from_bytes(weights_to_bytes(state)), state)
+
+
+def test_tied_weights_are_saved_as_independent_tensors() -> None:
+    # safetensors refuses aliased storage; a model with tied weights must still save.
+    shared = nn.Linear(4, 4)
+    state = {"encoder.weight": shared.weight, "decoder.weight": shared.weight}
+    restored = weights_from_bytes(weights_to_bytes(state))
+    assert torch.equal(restored["encoder.weight"], shared.weight.detach())
+
+
+def test_tampered_file_fails_the_hash_check(tmp_path: Path) -> None:
+    # Given saved weights whose last byte is changed afterwards
+    path = tmp_path / "w.safetensors"
+    info = save_weights(mixed_state(), path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # When they are loaded with the original hash, then the mismatch is reported
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        load_weights(path, expected_sha256=info.sha256)
+
+
+def test_bytes_are_verified_against_the_expected_hash() -> None:
+    data = weights_to_bytes({"w": torch.ones(2)})
+    assert torch.equal(
+        load_weights(data, expected_sha256=hashlib.sha256(data).hexdigest())["w"], torch.ones(2)
+    )
+    with pytest.raises(WeightsError, match="mismatch"):
+        load_weights(data, expected_sha256="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not safetensors at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"]
+)
+def test_malformed_bytes_raise_weights_error(data: bytes) -> None:
+    with pytest.raises(WeightsError, match="malformed"):
+        load_weights(data)
+
+
+def test_missing_file_raises_weights_error(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_weights(tmp_path / "absent.safetensors")
+
+
+def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a pickle-based torch checkpoint and valid safetensors weights
+    pickled = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, pickled)
+    path = tmp_path / "w.safetensors"
+    save_weights({"w": torch.ones(2)}, path)
+
+    # When every pickle entry point is made to fail
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    # Then safetensors still loads, and the pickle checkpoint is rejected, not unpickled
+    assert torch.equal(load_weights(path)["w"], torch.ones(2))
+    with pytest.raises(WeightsError, match="malformed"):
+        load_weights(pickled.getvalue())

@@ -1,0 +1,79 @@
+"""Federated Averaging: McMahan et al., 2017, arXiv:1602.05629.
+
+The new global weights are the mean of the client weights, each weighted by its number of
+training samples. ``server_learning_rate`` moves the global weights only part of the way
+towards that mean (the server step of Reddi et al., 2021, arXiv:2003.00295); the default
+1.0 is plain FedAvg.
+
+Streaming: the strategy holds one float64 running sum and one copy of the global weights,
+never the list of updates. Non-floating buffers (e.g. BatchNorm's ``num_batches_tracked``)
+cannot be averaged; the largest client value is kept, which is also independent of the
+order in which updates arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from training.fl.strategies.base import Strategy, reject_unknown_params
+from training.fl.strategies.kernels import add_weighted_
+
+__all__ = ["FedAvg"]
+
+
+class FedAvg(Strategy):
+    name: ClassVar[str] = "fedavg"
+
+    def __init__(self, *, server_learning_rate: float = 1.0) -> None:
+        super().__init__()
+        params = self.validate_params({"server_learning_rate": server_learning_rate})
+        self.server_learning_rate: float = params["server_learning_rate"]
+        self._global: dict[str, torch.Tensor] = {}
+        self._weighted_sum: dict[str, torch.Tensor] = {}
+        self._buffer_max: dict[str, torch.Tensor] = {}
+        self._total_samples = 0
+
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        reject_unknown_params(cls.name, params, {"server_learning_rate"})
+        rate = params.get("server_learning_rate", 1.0)
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise ValueError(f"server_learning_rate must be a number, got {rate!r}")
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"server_learning_rate must be positive, got {rate}")
+        return {"server_learning_rate": float(rate)}
+
+    def _start(self, global_weights: Mapping[str, torch.Tensor]) -> None:
+        self._global = {name: t.detach().to("cpu").clone() for name, t in global_weights.items()}
+        self._weighted_sum = {}
+        self._buffer_max = {}
+        self._total_samples = 0
+
+    def _add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
+        floating = {name: t for name, t in update.items() if t.dtype.is_floating_point}
+        add_weighted_(self._weighted_sum, floating, float(num_samples))
+        for name, tensor in update.items():
+            if not tensor.dtype.is_floating_point:
+                value = tensor.detach().to("cpu")
+                previous = self._buffer_max.get(name)
+                self._buffer_max[name] = (
+                    value if previous is None else torch.maximum(previous, value)
+                )
+        self._total_samples += num_samples
+
+    def _aggregate(self) -> dict[str, torch.Tensor]:
+        new_weights: dict[str, torch.Tensor] = {}
+        for name, current in self._global.items():
+            if not current.dtype.is_floating_point:
+                new_weights[name] = self._buffer_max[name].to(current.dtype)
+                continue
+            mean = self._weighted_sum[name] / self._total_samples
+            if self.server_learning_rate != 1.0:
+                start = current.to(torch.float64)
+                mean = start + self.server_learning_rate * (mean - start)
+            new_weights[name] = mean.to(current.dtype)
+        return new_weights
