@@ -1,0 +1,1 @@
+"""Settings package: base.py is shared; local, test and production start from it."""

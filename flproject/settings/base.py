@@ -1,0 +1,273 @@
+"""Settings shared by every environment. Values come from the environment (see .env.example).
+
+A missing or malformed variable raises ImproperlyConfigured with one sentence naming it;
+manage.py, asgi.py and wsgi.py print that sentence and exit.
+"""
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+env = environ.Env()
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """A strict boolean: a typo such as DJANGO_DEBUG=ture must not silently mean False."""
+    raw = env.str(name, default=str(default)).strip().lower()
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, not {raw!r}.")
+
+
+def env_int(name: str, default: int, *, minimum: int = 1) -> int:
+    raw = env.str(name, default=str(default)).strip()
+    if not raw.isdigit() or int(raw) < minimum:
+        raise ImproperlyConfigured(
+            f"{name} must be a whole number of at least {minimum}, not {raw!r}."
+        )
+    return int(raw)
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env.str(name, default=default).split(",") if item.strip()]
+
+
+# --- Core -------------------------------------------------------------------------------------
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+# local.py and test.py give a development key; production.py requires one from the environment.
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
+if LOG_LEVEL not in LOG_LEVELS:
+    raise ImproperlyConfigured(f"LOG_LEVEL must be one of {', '.join(sorted(LOG_LEVELS))}.")
+
+# --- Data folder: model store, uploads and the default SQLite database --------------------------
+FEDLENS_DATA_DIR = Path(env.str("FEDLENS_DATA_DIR", default=str(BASE_DIR / "data"))).resolve()
+try:
+    # Created here because SQLite cannot create the folder of its own file.
+    FEDLENS_DATA_DIR.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    raise ImproperlyConfigured(
+        f"FEDLENS_DATA_DIR ({FEDLENS_DATA_DIR}) cannot be created: {exc.strerror}."
+    ) from exc
+FEDLENS_MODEL_STORE_DIR = FEDLENS_DATA_DIR / "models"
+FEDLENS_MAX_UPLOAD_MB = env_int("FEDLENS_MAX_UPLOAD_MB", 16)
+# Server-side dataset paths must lie under one of these folders, so that an API user cannot
+# point a dataset at arbitrary files of the server.
+FEDLENS_DATASET_ROOTS = [
+    Path(root).resolve()
+    for root in env_list("FEDLENS_DATASET_ROOTS", str(FEDLENS_DATA_DIR / "datasets"))
+]
+
+DATA_UPLOAD_MAX_MEMORY_SIZE = FEDLENS_MAX_UPLOAD_MB * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
+
+# --- Database ---------------------------------------------------------------------------------
+DATABASE_URL = env.str(
+    "DATABASE_URL", default=f"sqlite:///{FEDLENS_DATA_DIR / 'fedlens.sqlite3'}"
+).strip()
+if urlsplit(DATABASE_URL).scheme not in {"sqlite", "postgres", "postgresql", "pgsql"}:
+    raise ImproperlyConfigured(
+        "DATABASE_URL must be a postgres://user:password@host:port/name or sqlite:///path URL."
+    )
+DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+DATABASES["default"]["ATOMIC_REQUESTS"] = False
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The embedded worker writes from its own thread: wait for locks instead of failing, and
+    # take the write lock at BEGIN so that two writers never deadlock on an upgrade.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+else:
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: unset means embedded mode (in-memory broker and channel layer, in-process worker) --
+REDIS_URL = env.str("REDIS_URL", default="").strip()
+if REDIS_URL and urlsplit(REDIS_URL).scheme not in {"redis", "rediss"}:
+    raise ImproperlyConfigured("REDIS_URL must be a redis://host:port/db URL, or unset.")
+FEDLENS_EMBEDDED = not REDIS_URL
+
+# --- Applications -----------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "training",
+    "visualization",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "flproject.urls"
+WSGI_APPLICATION = "flproject.wsgi.application"
+ASGI_APPLICATION = "flproject.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+MEDIA_ROOT = FEDLENS_DATA_DIR / "uploads"
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(MEDIA_ROOT)},
+    },
+    # Global checkpoints and client updates (safetensors files), addressed by the ledger.
+    "models": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(FEDLENS_MODEL_STORE_DIR)},
+    },
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- REST API ---------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    # Token first: its WWW-Authenticate header makes anonymous requests 401 rather than 403.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.SearchFilter",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "training.api.pagination.StandardPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "training.api.errors.exception_handler",
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "FedLens API",
+    "DESCRIPTION": "Federated learning for medical imaging: sites, datasets, experiments, "
+    "rounds, client updates and checkpoints.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ExperimentStatusEnum": "training.models.ExperimentStatus",
+        "RoundStatusEnum": "training.models.RoundStatus",
+        "ClientUpdateStatusEnum": "training.models.ClientUpdateStatus",
+    },
+}
+
+# --- Celery -----------------------------------------------------------------------------------
+# The longest task (local training) is killed after this many seconds; the broker must not
+# redeliver a late-acknowledged task before then, hence the visibility timeout above it.
+FEDLENS_TASK_TIME_LIMIT = env_int("FEDLENS_TASK_TIME_LIMIT", 3600, minimum=60)
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = REDIS_URL or "cache+memory://"
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": FEDLENS_TASK_TIME_LIMIT + 600}
+if FEDLENS_EMBEDDED:
+    # kombu polls its in-memory queues once a second by default: far too slow for a round.
+    CELERY_BROKER_TRANSPORT_OPTIONS["polling_interval"] = 0.005
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_RESULT_EXPIRES = 24 * 3600
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT
+CELERY_TASK_SOFT_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT - 30
+CELERY_TASK_DEFAULT_QUEUE = "training"
+CELERY_TASK_QUEUES = (Queue("training"), Queue("aggregation"))
+CELERY_TASK_ROUTES = ("workers.routing.route_task",)
+CELERY_TASK_TRACK_STARTED = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TIMEZONE = TIME_ZONE
+
+# --- Channels ---------------------------------------------------------------------------------
+if FEDLENS_EMBEDDED:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+
+# --- Logging ----------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "celery": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+    },
+}

@@ -1,0 +1,344 @@
+"""Serializers: what the API shows of the ledger and how it checks what users send."""
+
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from rest_framework import serializers
+
+from training.fl.data.partition import parse_partition_spec
+from training.fl.networks import available_networks
+from training.fl.strategies import available_strategies, validate_strategy_params
+from training.models import (
+    Checkpoint,
+    ClientUpdate,
+    Dataset,
+    Experiment,
+    Round,
+    Site,
+)
+
+
+class SiteSerializer(serializers.ModelSerializer):
+    queue = serializers.CharField(read_only=True, help_text="The site's Celery queue.")
+
+    class Meta:
+        model = Site
+        fields = [
+            "id",
+            "name",
+            "slug",
+            "queue",
+            "description",
+            "is_active",
+            "last_seen",
+            "created_at",
+        ]
+        read_only_fields = ["last_seen", "created_at"]
+
+
+def is_within_dataset_roots(path: Path) -> bool:
+    return any(path == root or root in path.parents for root in settings.FEDLENS_DATASET_ROOTS)
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta:
+        model = Dataset
+        fields = [
+            "id",
+            "name",
+            "owner",
+            "description",
+            "modality",
+            "storage_format",
+            "num_classes",
+            "class_names",
+            "image_shape",
+            "spacing",
+            "path",
+            "site_paths",
+            "created_at",
+        ]
+        read_only_fields = ["created_at"]
+
+    def validate_class_names(self, value):
+        if not isinstance(value, list) or not all(
+            isinstance(name, str) and name.strip() for name in value
+        ):
+            raise serializers.ValidationError("Give a list of non-empty class names.")
+        if len(set(value)) != len(value):
+            raise serializers.ValidationError("Class names must be unique.")
+        return value
+
+    def validate_image_shape(self, value):
+        if value == []:
+            return value
+        if (
+            not isinstance(value, list)
+            or len(value) not in (2, 3)
+            or not all(isinstance(size, int) and size > 0 for size in value)
+        ):
+            raise serializers.ValidationError(
+                "Give 2 or 3 positive whole numbers, e.g. [64, 64] or [32, 64, 64]."
+            )
+        return value
+
+    def validate_spacing(self, value):
+        if value == []:
+            return value
+        if not isinstance(value, list) or not all(
+            isinstance(step, int | float) and not isinstance(step, bool) and step > 0
+            for step in value
+        ):
+            raise serializers.ValidationError("Give positive numbers (millimetres per voxel).")
+        return value
+
+    def validate_path(self, value):
+        if not value:
+            return value
+        path = Path(value)
+        if not path.is_absolute():
+            raise serializers.ValidationError("Give an absolute path on the server.")
+        resolved = path.resolve()
+        if not is_within_dataset_roots(resolved):
+            roots = ", ".join(str(root) for root in settings.FEDLENS_DATASET_ROOTS)
+            raise serializers.ValidationError(
+                f"Datasets on the server must lie under {roots} (FEDLENS_DATASET_ROOTS)."
+            )
+        if not resolved.exists():
+            raise serializers.ValidationError(f"Nothing exists at {resolved}.")
+        return str(resolved)
+
+    def validate_site_paths(self, value):
+        if not isinstance(value, dict):
+            raise serializers.ValidationError('Give an object: {"site-slug": "/path/on/site"}.')
+        unknown = sorted(
+            set(value) - set(Site.objects.filter(slug__in=value).values_list("slug", flat=True))
+        )
+        if unknown:
+            raise serializers.ValidationError(f"Unknown sites: {', '.join(unknown)}.")
+        for slug, site_path in value.items():
+            if not isinstance(site_path, str) or not Path(site_path).is_absolute():
+                raise serializers.ValidationError(f"The path for {slug} must be absolute.")
+        return value
+
+    def validate(self, attrs):
+        merged = {**self._current_values(), **attrs}
+        errors = {}
+        if not merged.get("path") and not merged.get("site_paths"):
+            errors["path"] = "Give a server path or one path per site (site_paths)."
+        class_names = merged.get("class_names") or []
+        if class_names and len(class_names) != merged.get("num_classes"):
+            errors["class_names"] = (
+                f"Give exactly num_classes ({merged.get('num_classes')}) class names."
+            )
+        image_shape, spacing = merged.get("image_shape") or [], merged.get("spacing") or []
+        if spacing and len(spacing) != len(image_shape):
+            errors["spacing"] = "Give one spacing per image dimension (same length as image_shape)."
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+    def _current_values(self) -> dict:
+        if self.instance is None:
+            return {}
+        return {
+            field: getattr(self.instance, field)
+            for field in (
+                "path",
+                "site_paths",
+                "class_names",
+                "num_classes",
+                "image_shape",
+                "spacing",
+            )
+        }
+
+
+class VisibleDatasetField(serializers.PrimaryKeyRelatedField):
+    """Only datasets the requesting user may use can be chosen."""
+
+    def get_queryset(self):
+        user = self.context["request"].user
+        datasets = Dataset.objects.all()
+        return datasets if user.is_staff else datasets.filter(owner=user)
+
+
+class ExperimentSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    members = serializers.SlugRelatedField(
+        slug_field="username",
+        many=True,
+        required=False,
+        queryset=get_user_model().objects.all(),
+        help_text="Usernames of those who may watch this experiment.",
+    )
+    dataset = VisibleDatasetField()
+    dataset_name = serializers.CharField(source="dataset.name", read_only=True)
+    sites = serializers.SlugRelatedField(
+        slug_field="slug",
+        many=True,
+        queryset=Site.objects.all(),
+        help_text="Slugs of the sites that may be picked as clients.",
+    )
+    network = serializers.ChoiceField(choices=available_networks(), default="cnn-small")
+    strategy = serializers.ChoiceField(choices=available_strategies(), default="fedavg")
+
+    class Meta:
+        model = Experiment
+        fields = [
+            "id",
+            "name",
+            "description",
+            "owner",
+            "members",
+            "dataset",
+            "dataset_name",
+            "sites",
+            "network",
+            "network_params",
+            "strategy",
+            "strategy_params",
+            "partition",
+            "num_rounds",
+            "clients_per_round",
+            "min_clients",
+            "local_epochs",
+            "batch_size",
+            "learning_rate",
+            "optimizer",
+            "seed",
+            "round_timeout_seconds",
+            "status",
+            "current_round",
+            "failure_reason",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = [
+            "status",
+            "current_round",
+            "failure_reason",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "finished_at",
+        ]
+
+    def validate_network_params(self, value):
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Give an object of network parameters.")
+        return value
+
+    def validate_partition(self, value):
+        try:
+            spec = parse_partition_spec(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        if spec.kind == "file" and not is_within_dataset_roots(Path(spec.path).resolve()):
+            raise serializers.ValidationError(
+                "A partition file must lie under FEDLENS_DATASET_ROOTS."
+            )
+        return value
+
+    def validate(self, attrs):
+        merged = {**self._current_values(), **attrs}
+        errors = {}
+        try:
+            attrs["strategy_params"] = validate_strategy_params(
+                merged["strategy"], merged.get("strategy_params") or {}
+            )
+        except ValueError as exc:
+            errors["strategy_params"] = str(exc)
+        if merged["min_clients"] > merged["clients_per_round"]:
+            errors["min_clients"] = (
+                f"Must not exceed clients_per_round ({merged['clients_per_round']})."
+            )
+        sites = merged.get("sites") or []
+        if len(sites) < merged["clients_per_round"]:
+            errors["sites"] = (
+                f"Choose at least clients_per_round ({merged['clients_per_round']}) sites; "
+                f"{len(sites)} given."
+            )
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+    def _current_values(self) -> dict:
+        defaults = {"strategy": "fedavg", "min_clients": 1, "clients_per_round": 2}
+        if self.instance is None:
+            return defaults
+        current = {
+            field: getattr(self.instance, field)
+            for field in ("strategy", "strategy_params", "min_clients", "clients_per_round")
+        }
+        current["sites"] = list(self.instance.sites.all())
+        return current
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    round_number = serializers.IntegerField(source="round.number", read_only=True, default=None)
+    download_url = serializers.HyperlinkedIdentityField(view_name="checkpoint-download")
+
+    class Meta:
+        model = Checkpoint
+        fields = [
+            "id",
+            "experiment",
+            "round",
+            "round_number",
+            "sha256",
+            "size_bytes",
+            "num_parameters",
+            "metrics",
+            "is_best",
+            "created_at",
+            "download_url",
+        ]
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    checkpoint = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Round
+        fields = [
+            "id",
+            "experiment",
+            "number",
+            "status",
+            "opened_at",
+            "closed_at",
+            "deadline",
+            "metrics",
+            "checkpoint",
+        ]
+
+
+class ClientUpdateSerializer(serializers.ModelSerializer):
+    experiment = serializers.IntegerField(source="round.experiment_id", read_only=True)
+    round_number = serializers.IntegerField(source="round.number", read_only=True)
+    site = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+
+    class Meta:
+        model = ClientUpdate
+        fields = [
+            "id",
+            "experiment",
+            "round",
+            "round_number",
+            "site",
+            "status",
+            "task_id",
+            "worker",
+            "num_samples",
+            "metrics",
+            "started_at",
+            "finished_at",
+            "error",
+            "update_sha256",
+        ]

@@ -1,0 +1,18 @@
+from django.urls import include, path
+from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from training.api import views
+
+router = DefaultRouter()
+router.register("sites", views.SiteViewSet, basename="site")
+router.register("datasets", views.DatasetViewSet, basename="dataset")
+router.register("experiments", views.ExperimentViewSet, basename="experiment")
+router.register("rounds", views.RoundViewSet, basename="round")
+router.register("client-updates", views.ClientUpdateViewSet, basename="client-update")
+router.register("checkpoints", views.CheckpointViewSet, basename="checkpoint")
+
+urlpatterns = [
+    path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("", include(router.urls)),
+]

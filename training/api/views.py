@@ -1,0 +1,186 @@
+"""ViewSets of the REST API. Visibility is decided by each queryset; changes by permissions."""
+
+from django.db.models import Prefetch
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+
+from training import services
+from training.api.filters import (
+    CheckpointFilter,
+    ClientUpdateFilter,
+    DatasetFilter,
+    ExperimentFilter,
+    RoundFilter,
+    SiteFilter,
+)
+from training.api.permissions import IsOwnerOrStaffToChange, IsStaffOrReadOnly
+from training.api.serializers import (
+    CheckpointSerializer,
+    ClientUpdateSerializer,
+    DatasetSerializer,
+    ExperimentSerializer,
+    RoundSerializer,
+    SiteSerializer,
+)
+from training.models import (
+    Checkpoint,
+    ClientUpdate,
+    Dataset,
+    Experiment,
+    ExperimentStatus,
+    InvalidTransition,
+    Round,
+    Site,
+)
+
+
+class SiteViewSet(viewsets.ModelViewSet):
+    queryset = Site.objects.all()
+    serializer_class = SiteSerializer
+    permission_classes = [IsAuthenticated, IsStaffOrReadOnly]
+    filterset_class = SiteFilter
+    search_fields = ["name", "slug", "description"]
+    ordering_fields = ["name", "slug", "created_at", "last_seen"]
+
+
+class DatasetViewSet(viewsets.ModelViewSet):
+    queryset = Dataset.objects.none()  # the schema's model; get_queryset filters
+    serializer_class = DatasetSerializer
+    permission_classes = [IsAuthenticated, IsOwnerOrStaffToChange]
+    filterset_class = DatasetFilter
+    search_fields = ["name", "description"]
+    ordering_fields = ["name", "created_at", "num_classes"]
+
+    def get_queryset(self):
+        datasets = Dataset.objects.select_related("owner")
+        user = self.request.user
+        return datasets if user.is_staff else datasets.filter(owner=user)
+
+    def perform_create(self, serializer):
+        serializer.save(owner=self.request.user)
+
+
+class ExperimentViewSet(viewsets.ModelViewSet):
+    queryset = Experiment.objects.none()  # the schema's model; get_queryset filters
+    serializer_class = ExperimentSerializer
+    permission_classes = [IsAuthenticated, IsOwnerOrStaffToChange]
+    filterset_class = ExperimentFilter
+    search_fields = ["name", "description"]
+    ordering_fields = ["name", "created_at", "status", "started_at", "finished_at"]
+
+    def get_queryset(self):
+        return (
+            Experiment.objects.visible_to(self.request.user)
+            .select_related("owner", "dataset")
+            .prefetch_related("members", Prefetch("sites", queryset=Site.objects.only("slug")))
+        )
+
+    def perform_create(self, serializer):
+        serializer.save(owner=self.request.user)
+
+    def perform_update(self, serializer):
+        if serializer.instance.status != ExperimentStatus.DRAFT:
+            raise InvalidTransition(
+                f"Experiment {serializer.instance.pk} is {serializer.instance.status}; "
+                "only a draft can be edited. Create a new experiment instead."
+            )
+        serializer.save()
+
+    def perform_destroy(self, instance):
+        if instance.status in (ExperimentStatus.QUEUED, ExperimentStatus.RUNNING):
+            raise InvalidTransition(
+                f"Experiment {instance.pk} is {instance.status}; stop it before deleting it."
+            )
+        instance.delete()
+
+    @extend_schema(request=None, responses={200: ExperimentSerializer, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["post"])
+    def start(self, request, pk=None):
+        """Start a draft experiment: it becomes running and round 1 opens."""
+        experiment = services.start_experiment(self.get_object().pk)
+        return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
+
+    @extend_schema(request=None, responses={200: ExperimentSerializer, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["post"])
+    def stop(self, request, pk=None):
+        """Stop a queued or running experiment; the open round is marked failed."""
+        experiment = services.stop_experiment(self.get_object().pk)
+        return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
+
+
+class ExperimentLedgerViewSet(viewsets.ReadOnlyModelViewSet):
+    """Read-only ledger rows, visible when their experiment is."""
+
+    experiment_lookup = "experiment"
+
+    def visible_experiments(self):
+        return Experiment.objects.visible_to(self.request.user).values("pk")
+
+    def get_queryset(self):
+        return self.ledger_queryset().filter(
+            **{f"{self.experiment_lookup}__in": self.visible_experiments()}
+        )
+
+
+class RoundViewSet(ExperimentLedgerViewSet):
+    queryset = Round.objects.none()  # the schema's model; get_queryset filters
+    serializer_class = RoundSerializer
+    filterset_class = RoundFilter
+    ordering_fields = ["number", "opened_at", "closed_at"]
+
+    def ledger_queryset(self):
+        return Round.objects.select_related("checkpoint")
+
+
+class ClientUpdateViewSet(ExperimentLedgerViewSet):
+    queryset = ClientUpdate.objects.none()  # the schema's model; get_queryset filters
+    serializer_class = ClientUpdateSerializer
+    filterset_class = ClientUpdateFilter
+    ordering_fields = ["started_at", "finished_at", "status"]
+    experiment_lookup = "round__experiment"
+
+    def ledger_queryset(self):
+        return ClientUpdate.objects.select_related("round", "site")
+
+
+class CheckpointViewSet(ExperimentLedgerViewSet):
+    queryset = Checkpoint.objects.none()  # the schema's model; get_queryset filters
+    serializer_class = CheckpointSerializer
+    filterset_class = CheckpointFilter
+    ordering_fields = ["created_at", "size_bytes"]
+
+    def ledger_queryset(self):
+        return Checkpoint.objects.select_related("round")
+
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The weights as a safetensors file."
+            )
+        }
+    )
+    @action(detail=True, methods=["get"])
+    def download(self, request, pk=None):
+        """Download the checkpoint's weights (safetensors); X-Checksum-SHA256 gives its hash."""
+        checkpoint = self.get_object()
+        try:
+            handle = checkpoint.file.open("rb")
+        except FileNotFoundError as exc:
+            raise NotFound(
+                "The checkpoint's file is missing from the model store; restore it from backup."
+            ) from exc
+        round_part = f"round-{checkpoint.round.number}" if checkpoint.round else "initial"
+        response = FileResponse(
+            handle,
+            as_attachment=True,
+            filename=f"experiment-{checkpoint.experiment_id}-{round_part}.safetensors",
+            content_type="application/octet-stream",
+        )
+        response["X-Checksum-SHA256"] = checkpoint.sha256
+        return response

@@ -1,0 +1,345 @@
+"""The round ledger: who takes part, on what data, and what every round produced.
+
+Status changes go through `Experiment.transition_to`, the one place that knows which moves
+are allowed; training/services.py composes them into start, stop, open and close.
+"""
+
+from django.conf import settings
+from django.core.files.storage import storages
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+from workers.routing import site_queue
+
+
+def model_store():
+    """The storage that holds checkpoints and client updates (see STORAGES["models"])."""
+    return storages["models"]
+
+
+class InvalidTransition(Exception):
+    """A status change that the life cycle does not allow (the API answers 409)."""
+
+
+class Site(models.Model):
+    """A participant: a hospital's GPU node, or a simulated client."""
+
+    name = models.CharField(max_length=100, unique=True)
+    slug = models.SlugField(max_length=50, unique=True, help_text="Names the site's queue.")
+    description = models.TextField(blank=True)
+    is_active = models.BooleanField(default=True, db_index=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return site_queue(self.slug)
+
+
+class Modality(models.TextChoices):
+    CT = "CT", "CT"
+    MR = "MR", "MR"
+    XRAY = "XR", "X-ray"
+    OTHER = "OT", "Other"
+
+
+class StorageFormat(models.TextChoices):
+    FOLDER = "folder", "Image folder with labels.csv"
+    NPZ = "npz", "MedMNIST .npz"
+
+
+class Dataset(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="datasets"
+    )
+    description = models.TextField(blank=True)
+    modality = models.CharField(max_length=2, choices=Modality.choices, default=Modality.OTHER)
+    storage_format = models.CharField(max_length=10, choices=StorageFormat.choices)
+    num_classes = models.PositiveSmallIntegerField(
+        validators=[MinValueValidator(2), MaxValueValidator(1000)]
+    )
+    class_names = models.JSONField(default=list, blank=True)
+    image_shape = models.JSONField(default=list, blank=True, help_text="e.g. [64, 64]")
+    spacing = models.JSONField(default=list, blank=True, help_text="millimetres per voxel")
+    path = models.CharField(
+        max_length=500, blank=True, help_text="Where the data lives on the server (simulation)."
+    )
+    site_paths = models.JSONField(
+        default=dict, blank=True, help_text="Site slug to the data's path on that site's node."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ExperimentStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    STOPPED = "stopped", "Stopped"
+
+
+TERMINAL_EXPERIMENT_STATUSES = frozenset(
+    {ExperimentStatus.COMPLETED, ExperimentStatus.FAILED, ExperimentStatus.STOPPED}
+)
+# Every allowed move of the life cycle; anything else is an InvalidTransition.
+EXPERIMENT_TRANSITIONS: dict[str, frozenset[str]] = {
+    ExperimentStatus.DRAFT: frozenset({ExperimentStatus.QUEUED, ExperimentStatus.RUNNING}),
+    ExperimentStatus.QUEUED: frozenset(
+        {ExperimentStatus.RUNNING, ExperimentStatus.STOPPED, ExperimentStatus.FAILED}
+    ),
+    ExperimentStatus.RUNNING: frozenset(
+        {ExperimentStatus.COMPLETED, ExperimentStatus.STOPPED, ExperimentStatus.FAILED}
+    ),
+    ExperimentStatus.COMPLETED: frozenset(),
+    ExperimentStatus.FAILED: frozenset(),
+    ExperimentStatus.STOPPED: frozenset(),
+}
+
+
+class Optimizer(models.TextChoices):
+    SGD = "sgd", "SGD with momentum"
+    ADAM = "adam", "Adam"
+
+
+class ExperimentQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "ExperimentQuerySet":
+        """Staff see every experiment; others their own and those shared with them."""
+        if user.is_staff:
+            return self
+        shared = Experiment.members.through.objects.filter(
+            experiment=OuterRef("pk"), user_id=user.pk
+        )
+        return self.filter(Q(owner_id=user.pk) | Exists(shared))
+
+
+class Experiment(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="owned_experiments"
+    )
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="shared_experiments",
+        help_text="Users who may watch this experiment (read-only).",
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="experiments")
+    sites = models.ManyToManyField(
+        Site, related_name="experiments", help_text="Sites that may be picked as clients."
+    )
+    network = models.CharField(max_length=50, default="cnn-small")
+    network_params = models.JSONField(default=dict, blank=True)
+    strategy = models.CharField(max_length=50, default="fedavg", db_index=True)
+    strategy_params = models.JSONField(default=dict, blank=True)
+    partition = models.CharField(
+        max_length=200,
+        default="iid",
+        help_text="How simulated sites split a server-side dataset: iid, dirichlet:<alpha>, "
+        "quantity:<alpha>, site or file:<path>.",
+    )
+    num_rounds = models.PositiveIntegerField(
+        default=5, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
+    )
+    clients_per_round = models.PositiveIntegerField(
+        default=2, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
+    )
+    min_clients = models.PositiveIntegerField(
+        default=1,
+        validators=[MinValueValidator(1)],
+        help_text="A round closes at its deadline if at least this many clients reported.",
+    )
+    local_epochs = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(1000)]
+    )
+    batch_size = models.PositiveIntegerField(
+        default=32, validators=[MinValueValidator(1), MaxValueValidator(65_536)]
+    )
+    learning_rate = models.FloatField(
+        default=0.01, validators=[MinValueValidator(1e-8), MaxValueValidator(10.0)]
+    )
+    optimizer = models.CharField(max_length=10, choices=Optimizer.choices, default=Optimizer.SGD)
+    seed = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(2**31 - 1)])
+    round_timeout_seconds = models.PositiveIntegerField(
+        default=3600, validators=[MinValueValidator(10), MaxValueValidator(7 * 24 * 3600)]
+    )
+    status = models.CharField(
+        max_length=10,
+        choices=ExperimentStatus.choices,
+        default=ExperimentStatus.DRAFT,
+        db_index=True,
+        editable=False,
+    )
+    current_round = models.PositiveIntegerField(default=0, editable=False)
+    failure_reason = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    finished_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ExperimentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(min_clients__lte=models.F("clients_per_round")),
+                name="experiment_min_clients_within_clients_per_round",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_EXPERIMENT_STATUSES
+
+    def can_transition_to(self, status: str) -> bool:
+        return status in EXPERIMENT_TRANSITIONS[self.status]
+
+    def transition_to(self, status: str, *, reason: str = "") -> None:
+        """Move to `status` if the life cycle allows it, stamping the times; saves the row."""
+        if not self.can_transition_to(status):
+            raise InvalidTransition(
+                f"Experiment {self.pk} is {self.status} and cannot become {status}."
+            )
+        now = timezone.now()
+        self.status = status
+        fields = ["status", "updated_at"]
+        if status == ExperimentStatus.RUNNING and self.started_at is None:
+            self.started_at = now
+            fields.append("started_at")
+        if status in TERMINAL_EXPERIMENT_STATUSES:
+            self.finished_at = now
+            fields.append("finished_at")
+        if reason:
+            self.failure_reason = reason
+            fields.append("failure_reason")
+        self.save(update_fields=fields)
+
+
+class RoundStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    AGGREGATING = "aggregating", "Aggregating"
+    CLOSED = "closed", "Closed"
+    FAILED = "failed", "Failed"
+
+
+TERMINAL_ROUND_STATUSES = frozenset({RoundStatus.CLOSED, RoundStatus.FAILED})
+
+
+class Round(models.Model):
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="rounds")
+    number = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=12, choices=RoundStatus.choices, default=RoundStatus.OPEN, db_index=True
+    )
+    opened_at = models.DateTimeField(default=timezone.now)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(db_index=True)
+    metrics = models.JSONField(default=dict, blank=True, help_text="Aggregated round metrics.")
+
+    class Meta:
+        ordering = ["experiment_id", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "number"], name="round_number_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment} round {self.number}"
+
+
+class ClientUpdateStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    LATE = "late", "Late"
+
+
+TERMINAL_CLIENT_UPDATE_STATUSES = frozenset(
+    {ClientUpdateStatus.SUCCEEDED, ClientUpdateStatus.FAILED, ClientUpdateStatus.LATE}
+)
+
+
+class ClientUpdate(models.Model):
+    """One site's local training in one round."""
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="client_updates")
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="client_updates")
+    status = models.CharField(
+        max_length=10,
+        choices=ClientUpdateStatus.choices,
+        default=ClientUpdateStatus.PENDING,
+        db_index=True,
+    )
+    task_id = models.CharField(max_length=255, blank=True, db_index=True)
+    worker = models.CharField(max_length=255, blank=True)
+    num_samples = models.PositiveIntegerField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    update_file = models.FileField(storage=model_store, max_length=500, blank=True)
+    update_sha256 = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["round_id", "site_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["round", "site"], name="client_update_once_per_round"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.round} / {self.site}"
+
+
+class Checkpoint(models.Model):
+    """A global model: the initial weights (no round) or the result of one round."""
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="checkpoints")
+    round = models.OneToOneField(
+        Round, on_delete=models.CASCADE, null=True, blank=True, related_name="checkpoint"
+    )
+    file = models.FileField(storage=model_store, max_length=500)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.BigIntegerField()
+    num_parameters = models.BigIntegerField()
+    metrics = models.JSONField(default=dict, blank=True)
+    is_best = models.BooleanField(default=False, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["experiment_id", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment"],
+                condition=Q(round__isnull=True),
+                name="checkpoint_one_initial_per_experiment",
+            ),
+            models.UniqueConstraint(
+                fields=["experiment"],
+                condition=Q(is_best=True),
+                name="checkpoint_one_best_per_experiment",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        where = f"round {self.round.number}" if self.round_id else "initial"
+        return f"{self.experiment} {where}"

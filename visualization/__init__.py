@@ -1,0 +1,1 @@
+"""The dashboard: pages, WebSocket streams, figures and the image viewer."""

@@ -1,0 +1,1 @@
+"""Celery side of FedLens: tasks, queue routing, the embedded in-process worker."""
