@@ -23,11 +23,13 @@ $(VENV)/.dev-installed: requirements/dev.txt $(VENV)/.base-installed
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
+# The synthetic set is generated on first use; each run starts a new 4-site experiment.
 demo: $(VENV)/.base-installed
 	$(MANAGE) migrate --noinput
 	$(MANAGE) bootstrap_admin
+	$(MANAGE) collectstatic --noinput --verbosity 0
 	@echo "FedLens on http://$(HOST):$(PORT)/ (API docs at /api/docs/, admin at /admin/)"
-	$(BIN)/uvicorn flproject.asgi:application --host $(HOST) --port $(PORT)
+	$(MANAGE) demo --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -68,7 +68,14 @@ class Dataset(models.Model):
         validators=[MinValueValidator(2), MaxValueValidator(1000)]
     )
     class_names = models.JSONField(default=list, blank=True)
-    image_shape = models.JSONField(default=list, blank=True, help_text="e.g. [64, 64]")
+    channels = models.PositiveSmallIntegerField(
+        default=1, choices=[(1, "1 (grey)"), (3, "3 (colour)")], help_text="Image channels."
+    )
+    image_shape = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="e.g. [64, 64] or [32, 64, 64]; images are resampled to it.",
+    )
     spacing = models.JSONField(default=list, blank=True, help_text="millimetres per voxel")
     path = models.CharField(
         max_length=500, blank=True, help_text="Where the data lives on the server (simulation)."

@@ -1,16 +1,23 @@
-"""State transitions of the ledger: start and stop an experiment, open a round.
+"""State transitions of the ledger: start and stop an experiment, open and close rounds.
 
-Each function runs in one transaction and locks the experiment row, so that two requests
-(or a request and a worker) never move the same experiment at once.
+Every function runs in one transaction and takes row locks in one order, experiment, then
+round, then client update, so that requests, workers and the watchdog never interleave
+their changes or deadlock. Tasks are enqueued only after the transaction commits, and
+carry ids, never weights.
 """
 
+import logging
 import random
+import uuid
 from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
+from flproject.celery import app as celery_app
+from training import federation
 from training.models import (
+    Checkpoint,
     ClientUpdate,
     ClientUpdateStatus,
     Experiment,
@@ -20,6 +27,11 @@ from training.models import (
     RoundStatus,
     Site,
 )
+from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE
+
+logger = logging.getLogger(__name__)
+
+UNFINISHED_CLIENT_STATUSES = (ClientUpdateStatus.PENDING, ClientUpdateStatus.RUNNING)
 
 
 def pick_clients(experiment: Experiment, number: int) -> list[Site]:
@@ -36,11 +48,14 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
     return sorted(chooser.sample(candidates, wanted), key=lambda site: site.pk)
 
 
-def open_round(experiment: Experiment, number: int) -> Round:
-    """Create round `number` with one pending ClientUpdate per picked client.
+def training_queue(experiment: Experiment, site: Site) -> str:
+    """Simulated clients share the training queue; a real site trains on its own node."""
+    return TRAINING_QUEUE if federation.is_simulation(experiment.dataset) else site.queue
 
-    The caller holds the experiment's row lock inside a transaction.
-    """
+
+def open_round(experiment: Experiment, number: int) -> Round:
+    """Create round `number` with one pending ClientUpdate per picked client, and queue
+    their training once the transaction commits. The caller holds the experiment's lock."""
     clients = pick_clients(experiment, number)
     now = timezone.now()
     new_round = Round.objects.create(
@@ -49,24 +64,42 @@ def open_round(experiment: Experiment, number: int) -> Round:
         opened_at=now,
         deadline=now + timedelta(seconds=experiment.round_timeout_seconds),
     )
-    ClientUpdate.objects.bulk_create(ClientUpdate(round=new_round, site=site) for site in clients)
+    updates = ClientUpdate.objects.bulk_create(
+        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4())) for site in clients
+    )
     experiment.current_round = number
     experiment.save(update_fields=["current_round", "updated_at"])
+    for update, site in zip(updates, clients, strict=True):
+        queue = training_queue(experiment, site)
+        transaction.on_commit(
+            lambda update=update, queue=queue: celery_app.send_task(
+                "workers.tasks.train_client", args=[update.pk], task_id=update.task_id, queue=queue
+            )
+        )
     return new_round
 
 
 def locked_experiment(experiment_id: int) -> Experiment:
-    return Experiment.objects.select_for_update().get(pk=experiment_id)
+    return Experiment.objects.select_for_update().select_related("dataset").get(pk=experiment_id)
 
 
 def start_experiment(experiment_id: int) -> Experiment:
-    """draft -> running, with round 1 open."""
+    """draft -> running: store the initial global model and open round 1."""
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
         if experiment.status != ExperimentStatus.DRAFT:
             raise InvalidTransition(
                 f"Experiment {experiment.pk} is {experiment.status}; only a draft can be started."
             )
+        pick_clients(experiment, 1)  # refuse before any work if too few sites are active
+        stored = federation.store_initial_weights(experiment)
+        Checkpoint.objects.create(
+            experiment=experiment,
+            file=stored.name,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            num_parameters=stored.num_parameters,
+        )
         open_round(experiment, 1)
         experiment.transition_to(ExperimentStatus.RUNNING)
     return experiment
@@ -81,14 +114,196 @@ def stop_experiment(experiment_id: int, *, reason: str = "Stopped by a user.") -
                 f"Experiment {experiment.pk} is {experiment.status}; "
                 "only a queued or running experiment can be stopped."
             )
-        now = timezone.now()
-        unfinished_rounds = experiment.rounds.filter(
-            status__in=[RoundStatus.OPEN, RoundStatus.AGGREGATING]
-        )
-        ClientUpdate.objects.filter(
-            round__in=unfinished_rounds,
-            status__in=[ClientUpdateStatus.PENDING, ClientUpdateStatus.RUNNING],
-        ).update(status=ClientUpdateStatus.FAILED, error=reason, finished_at=now)
-        unfinished_rounds.update(status=RoundStatus.FAILED, closed_at=now)
+        fail_unfinished_rounds(experiment, reason)
         experiment.transition_to(ExperimentStatus.STOPPED, reason=reason)
+    revoke_unfinished_tasks(experiment)
     return experiment
+
+
+def fail_unfinished_rounds(experiment: Experiment, reason: str) -> None:
+    now = timezone.now()
+    unfinished_rounds = experiment.rounds.filter(
+        status__in=[RoundStatus.OPEN, RoundStatus.AGGREGATING]
+    )
+    ClientUpdate.objects.filter(
+        round__in=unfinished_rounds, status__in=UNFINISHED_CLIENT_STATUSES
+    ).update(status=ClientUpdateStatus.FAILED, error=reason, finished_at=now)
+    unfinished_rounds.update(status=RoundStatus.FAILED, closed_at=now)
+
+
+def revoke_unfinished_tasks(experiment: Experiment) -> None:
+    """Tell workers to drop queued training of a stopped experiment (a task that runs
+    anyway finds its round closed and stores nothing)."""
+    task_ids = list(
+        ClientUpdate.objects.filter(round__experiment=experiment, finished_at__isnull=True)
+        .exclude(task_id="")
+        .values_list("task_id", flat=True)
+    )
+    if task_ids:
+        celery_app.control.revoke(task_ids)
+
+
+def fail_experiment(experiment: Experiment, reason: str) -> None:
+    """The caller holds the experiment's lock."""
+    fail_unfinished_rounds(experiment, reason)
+    experiment.transition_to(ExperimentStatus.FAILED, reason=reason)
+    logger.warning("experiment %s failed: %s", experiment.pk, reason)
+
+
+# --- Client updates ------------------------------------------------------------------------
+
+
+def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate | None:
+    """Mark a client's training as running, or return None if it must not run: its round
+    is no longer open or it already finished (a duplicate delivery of the task)."""
+    with transaction.atomic():
+        update = (
+            ClientUpdate.objects.select_for_update()
+            .select_related("round__experiment__dataset", "site")
+            .get(pk=client_update_id)
+        )
+        if update.round.status != RoundStatus.OPEN or update.status not in (
+            UNFINISHED_CLIENT_STATUSES
+        ):
+            return None
+        # RUNNING again means the worker that had it died and the broker redelivered it.
+        update.status = ClientUpdateStatus.RUNNING
+        update.worker = worker
+        update.started_at = timezone.now()
+        update.save(update_fields=["status", "worker", "started_at"])
+        Site.objects.filter(pk=update.site_id).update(last_seen=update.started_at)
+    return update
+
+
+def record_client_result(
+    client_update_id: int,
+    *,
+    outcome: "federation.LocalTrainingOutcome | None" = None,
+    error: str = "",
+) -> ClientUpdate:
+    """Store a client's update (or its failure) and close the round if it was the last."""
+    with transaction.atomic():
+        round_id, experiment_id = ClientUpdate.objects.values_list(
+            "round_id", "round__experiment_id"
+        ).get(pk=client_update_id)
+        experiment = locked_experiment(experiment_id)
+        fl_round = Round.objects.select_for_update().get(pk=round_id)
+        update = ClientUpdate.objects.select_for_update().get(pk=client_update_id)
+        now = timezone.now()
+        update.finished_at = now
+        if fl_round.status != RoundStatus.OPEN or update.status != ClientUpdateStatus.RUNNING:
+            # The round closed without this client (deadline, stop): recorded, not counted.
+            if update.status in UNFINISHED_CLIENT_STATUSES:
+                update.status = ClientUpdateStatus.LATE
+                update.save(update_fields=["status", "finished_at"])
+            return update
+        if outcome is None:
+            update.status = ClientUpdateStatus.FAILED
+            update.error = error
+        else:
+            update.status = ClientUpdateStatus.SUCCEEDED
+            update.num_samples = outcome.num_samples
+            update.metrics = outcome.metrics
+            update.update_file = outcome.stored.name
+            update.update_sha256 = outcome.stored.sha256
+        update.save()
+        if not fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).exists():
+            close_round(experiment, fl_round)
+    return update
+
+
+def close_round(experiment: Experiment, fl_round: Round) -> None:
+    """Move an open round to aggregation, or fail it (and its experiment) if too few clients
+    succeeded. The caller holds both locks; this happens exactly once per round."""
+    succeeded = fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).count()
+    if succeeded < experiment.min_clients:
+        total = fl_round.client_updates.count()
+        reason = (
+            f"Round {fl_round.number}: {succeeded} of {total} clients succeeded, "
+            f"fewer than the minimum of {experiment.min_clients}."
+        )
+        fail_experiment(experiment, reason)
+        return
+    fl_round.status = RoundStatus.AGGREGATING
+    fl_round.save(update_fields=["status"])
+    transaction.on_commit(
+        lambda: celery_app.send_task(
+            "workers.tasks.aggregate_round", args=[fl_round.pk], queue=AGGREGATION_QUEUE
+        )
+    )
+
+
+def close_overdue_rounds(now=None) -> list[int]:
+    """The watchdog: close each open round past its deadline; unfinished clients are late."""
+    now = now or timezone.now()
+    closed = []
+    overdue = Round.objects.filter(status=RoundStatus.OPEN, deadline__lt=now)
+    for round_id, experiment_id in overdue.values_list("pk", "experiment_id"):
+        with transaction.atomic():
+            experiment = locked_experiment(experiment_id)
+            fl_round = Round.objects.select_for_update().get(pk=round_id)
+            if fl_round.status != RoundStatus.OPEN:
+                continue
+            fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).update(
+                status=ClientUpdateStatus.LATE,
+                finished_at=now,
+                error="The round's deadline passed before this client reported.",
+            )
+            close_round(experiment, fl_round)
+            closed.append(round_id)
+            logger.info("round %s closed at its deadline", round_id)
+    return closed
+
+
+# --- Aggregation ---------------------------------------------------------------------------
+
+
+def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> bool:
+    """Record the new global model, then open the next round or finish the experiment.
+
+    Returns False when the round was already completed (a duplicate aggregation task).
+    """
+    with transaction.atomic():
+        experiment_id = Round.objects.values_list("experiment_id", flat=True).get(pk=round_id)
+        experiment = locked_experiment(experiment_id)
+        fl_round = Round.objects.select_for_update().get(pk=round_id)
+        if fl_round.status != RoundStatus.AGGREGATING:
+            return False
+        score = federation.score(outcome.metrics)
+        best = Checkpoint.objects.filter(experiment=experiment, is_best=True).first()
+        is_best = best is None or score > federation.score(best.metrics)
+        if is_best and best is not None:
+            Checkpoint.objects.filter(pk=best.pk).update(is_best=False)
+        Checkpoint.objects.create(
+            experiment=experiment,
+            round=fl_round,
+            file=outcome.stored.name,
+            sha256=outcome.stored.sha256,
+            size_bytes=outcome.stored.size_bytes,
+            num_parameters=outcome.stored.num_parameters,
+            metrics=outcome.metrics,
+            is_best=is_best,
+        )
+        now = timezone.now()
+        fl_round.status = RoundStatus.CLOSED
+        fl_round.closed_at = now
+        fl_round.metrics = {
+            **outcome.metrics,
+            "wall_seconds": (now - fl_round.opened_at).total_seconds(),
+        }
+        fl_round.save(update_fields=["status", "closed_at", "metrics"])
+        if experiment.status != ExperimentStatus.RUNNING:
+            return True
+        if fl_round.number < experiment.num_rounds:
+            open_round(experiment, fl_round.number + 1)
+        else:
+            experiment.transition_to(ExperimentStatus.COMPLETED)
+    return True
+
+
+def fail_round(round_id: int, reason: str) -> None:
+    with transaction.atomic():
+        experiment_id = Round.objects.values_list("experiment_id", flat=True).get(pk=round_id)
+        experiment = locked_experiment(experiment_id)
+        if experiment.status == ExperimentStatus.RUNNING:
+            fail_experiment(experiment, reason)

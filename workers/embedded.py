@@ -3,7 +3,8 @@
 Used when no REDIS_URL is set: the broker is kombu's in-memory transport, so tasks sent by
 this process run in this process, through the same Celery machinery as in a deployment.
 The `solo` pool runs one task at a time in the worker thread; the `threads` pool stalls for
-about two seconds per task on the in-memory transport once its prefetch is full.
+about two seconds per task on the in-memory transport once its prefetch is full. A beat
+thread sends the periodic tasks (the round watchdog) as `celery beat` does in a deployment.
 """
 
 import logging
@@ -12,6 +13,7 @@ import threading
 
 from celery import Celery
 from celery._state import _set_task_join_will_block
+from celery.beat import EmbeddedService
 from celery.worker import WorkController
 
 from flproject.celery import app as project_app
@@ -43,12 +45,15 @@ class EmbeddedWorker:
         *,
         queues: tuple[str, ...] = (TRAINING_QUEUE, AGGREGATION_QUEUE),
         name: str | None = None,
+        beat: bool = True,
     ) -> None:
         self.app = app
+        self.beat = beat
         self.queues = queues
         self.hostname = name or f"embedded@{socket.gethostname()}"
         self._thread: threading.Thread | None = None
         self._controller: EmbeddedWorkController | None = None
+        self._beat = None
 
     def start(self) -> "EmbeddedWorker":
         self._controller = EmbeddedWorkController(
@@ -75,6 +80,12 @@ class EmbeddedWorker:
         # results; only the worker thread runs tasks, so the other threads may wait (Celery's
         # own test worker resets the flag the same way).
         _set_task_join_will_block(False)
+        if self.beat:
+            # The in-memory scheduler: nothing to keep on disk, the schedule is in settings.
+            self._beat = EmbeddedService(
+                self.app, thread=True, scheduler_cls="celery.beat:Scheduler"
+            )
+            self._beat.start()
         logger.info("Embedded Celery worker %s consumes %s", self.hostname, ", ".join(self.queues))
         return self
 
@@ -84,6 +95,9 @@ class EmbeddedWorker:
         controller.start()
 
     def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+            self._beat = None
         if self._controller is not None:
             self._controller.stop(in_sighandler=False)
         if self._thread is not None:

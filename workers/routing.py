@@ -11,6 +11,9 @@ SITE_QUEUE_PREFIX = "site."
 # Task name to its default queue; a caller may still name a site's queue explicitly.
 TASK_QUEUES = {
     "workers.tasks.ping": TRAINING_QUEUE,
+    "workers.tasks.train_client": TRAINING_QUEUE,
+    "workers.tasks.aggregate_round": AGGREGATION_QUEUE,
+    "workers.tasks.close_overdue_rounds": AGGREGATION_QUEUE,
 }
 
 

@@ -1,11 +1,58 @@
-"""Celery tasks. They take ids, re-read the database, and never carry weights."""
+"""Celery tasks. They take ids, re-read the database, and never carry weights.
 
+Training and aggregation are idempotent: the ledger decides whether a delivery still has
+work to do, so a task redelivered after a worker died never counts twice.
+"""
+
+import logging
 import os
 
 from celery import shared_task
+
+from training import federation, services
+from training.models import Round, RoundStatus
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="workers.tasks.ping", bind=True, ignore_result=False)
 def ping(self) -> dict[str, str | int]:
     """Say which worker and process answered: proves who consumes the queue pinged."""
     return {"reply": "pong", "worker": self.request.hostname or "", "pid": os.getpid()}
+
+
+@shared_task(name="workers.tasks.train_client", bind=True)
+def train_client(self, client_update_id: int) -> str:
+    """One client's local training for one round."""
+    update = services.claim_client_update(client_update_id, worker=self.request.hostname or "")
+    if update is None:
+        return "skipped: already finished or its round is closed"
+    try:
+        outcome = federation.run_local_training(update)
+    except Exception as exc:  # any failure of a client is recorded, not fatal to the round
+        logger.exception("client update %s failed", client_update_id)
+        services.record_client_result(client_update_id, error=f"{type(exc).__name__}: {exc}")
+        return "failed"
+    services.record_client_result(client_update_id, outcome=outcome)
+    return "succeeded"
+
+
+@shared_task(name="workers.tasks.aggregate_round")
+def aggregate_round(round_id: int) -> str:
+    """Aggregate a closed round's updates, evaluate, and move the experiment on."""
+    fl_round = Round.objects.select_related("experiment__dataset").get(pk=round_id)
+    if fl_round.status != RoundStatus.AGGREGATING:
+        return "skipped: not waiting for aggregation"
+    try:
+        outcome = federation.run_aggregation(fl_round)
+    except Exception as exc:
+        logger.exception("aggregation of round %s failed", round_id)
+        services.fail_round(round_id, f"Aggregation of round {fl_round.number} failed: {exc}")
+        return "failed"
+    return "completed" if services.complete_round(round_id, outcome) else "skipped: duplicate"
+
+
+@shared_task(name="workers.tasks.close_overdue_rounds")
+def close_overdue_rounds() -> list[int]:
+    """The round watchdog (Celery beat): close rounds whose deadline has passed."""
+    return services.close_overdue_rounds()

@@ -245,6 +245,16 @@ CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = TIME_ZONE
+# How often the watchdog looks for rounds past their deadline.
+FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
+CELERY_BEAT_SCHEDULE = {
+    "close-overdue-rounds": {
+        "task": "workers.tasks.close_overdue_rounds",
+        "schedule": FEDLENS_WATCHDOG_INTERVAL_SECONDS,
+        # A late watchdog run is useless once the next one is due.
+        "options": {"expires": FEDLENS_WATCHDOG_INTERVAL_SECONDS},
+    },
+}
 
 # --- Channels ---------------------------------------------------------------------------------
 if FEDLENS_EMBEDDED:

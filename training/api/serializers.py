@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from training.fl.data.partition import parse_partition_spec
-from training.fl.networks import available_networks
+from training.fl.networks import available_networks, build_network
 from training.fl.strategies import available_strategies, validate_strategy_params
 from training.models import (
     Checkpoint,
@@ -234,6 +234,21 @@ class ExperimentSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError("Give an object of network parameters.")
         return value
 
+    @staticmethod
+    def network_error(network: str, params: dict, dataset) -> str | None:
+        """Why the network cannot be built for this dataset, or None if it can."""
+        try:
+            build_network(
+                network,
+                in_channels=dataset.channels,
+                num_classes=dataset.num_classes,
+                spatial_dims=len(dataset.image_shape) if dataset.image_shape else 2,
+                **params,
+            )
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        return None
+
     def validate_partition(self, value):
         try:
             spec = parse_partition_spec(value)
@@ -254,6 +269,13 @@ class ExperimentSerializer(serializers.ModelSerializer):
             )
         except ValueError as exc:
             errors["strategy_params"] = str(exc)
+        network_error = self.network_error(
+            merged.get("network", "cnn-small"),
+            merged.get("network_params") or {},
+            merged["dataset"],
+        )
+        if network_error:
+            errors["network_params"] = network_error
         if merged["min_clients"] > merged["clients_per_round"]:
             errors["min_clients"] = (
                 f"Must not exceed clients_per_round ({merged['clients_per_round']})."

@@ -1,0 +1,252 @@
+"""What the tasks run for one experiment: the engine (training/fl) applied to ledger rows.
+
+A worker process keeps the datasets it has opened (images are decoded once per process),
+so that only the first round of an experiment pays for reading them.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+from training import modelstore
+from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
+from training.fl.data.partition import holdout_split, partition_indices
+from training.fl.local import TrainConfig, client_seed, default_device, evaluate, train_local
+from training.fl.networks import build_network
+from training.fl.strategies import build_strategy
+from training.models import (
+    Checkpoint,
+    ClientUpdate,
+    ClientUpdateStatus,
+    Dataset,
+    Experiment,
+    Round,
+    StorageFormat,
+)
+
+logger = logging.getLogger(__name__)
+
+# Share of a server-side image folder kept back to evaluate the global model.
+HOLDOUT_FRACTION = 0.2
+EVAL_BATCH_SIZE = 256
+
+
+@lru_cache(maxsize=8)
+def open_dataset(
+    path: str, storage_format: str, split: str, image_shape: tuple[int, ...], channels: int
+) -> ClassificationDataset:
+    preprocessor = Preprocessor(
+        # The ledger stores shapes as (depth,) height, width; SimpleITK sizes are x, y(, z).
+        size=tuple(reversed(image_shape)) if image_shape else None,
+        channels=channels,
+    )
+    return load_dataset(path, storage_format, split=split, preprocessor=preprocessor)
+
+
+def open_dataset_at(dataset: Dataset, path: str, split: str = "train") -> ClassificationDataset:
+    return open_dataset(
+        path, dataset.storage_format, split, tuple(dataset.image_shape), dataset.channels
+    )
+
+
+@dataclass(frozen=True)
+class ClientData:
+    dataset: ClassificationDataset
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class EvaluationData:
+    dataset: ClassificationDataset
+    indices: list[int] | None
+
+
+def is_simulation(dataset: Dataset) -> bool:
+    """Simulated sites split one server-side dataset; real sites each read their own path."""
+    return not dataset.site_paths
+
+
+@lru_cache(maxsize=16)
+def simulated_split(
+    experiment_id: int, site_ids: tuple[int, ...]
+) -> tuple[dict[int, list[int]], list[int] | None]:
+    """Partition the server-side dataset among the experiment's sites, reproducibly.
+
+    Returns the dataset indices per site id, and the held-out indices for evaluation (None
+    when the dataset has a test split of its own, as MedMNIST files do).
+    """
+    experiment = Experiment.objects.select_related("dataset").get(pk=experiment_id)
+    data = open_dataset_at(experiment.dataset, experiment.dataset.path)
+    labels, sites = data.labels, data.sites
+    kept: list[int] = list(range(len(labels)))
+    held_out: list[int] | None = None
+    if experiment.dataset.storage_format == StorageFormat.FOLDER:
+        kept, held_out = holdout_split(labels, fraction=HOLDOUT_FRACTION, seed=experiment.seed)
+        kept, held_out = [int(i) for i in kept], [int(i) for i in held_out]
+    parts = partition_indices(
+        experiment.partition,
+        labels=labels[kept],
+        num_clients=len(site_ids),
+        seed=experiment.seed,
+        sites=[sites[i] for i in kept] if sites is not None else None,
+    )
+    by_site = {
+        site_id: [kept[i] for i in part] for site_id, part in zip(site_ids, parts, strict=True)
+    }
+    return by_site, held_out
+
+
+def experiment_site_ids(experiment: Experiment) -> tuple[int, ...]:
+    return tuple(experiment.sites.order_by("pk").values_list("pk", flat=True))
+
+
+def client_data(update: ClientUpdate) -> ClientData:
+    experiment = update.round.experiment
+    dataset = experiment.dataset
+    if is_simulation(dataset):
+        by_site, _ = simulated_split(experiment.pk, experiment_site_ids(experiment))
+        return ClientData(open_dataset_at(dataset, dataset.path), by_site[update.site_id])
+    local = open_dataset_at(dataset, dataset.site_paths[update.site.slug])
+    return ClientData(local, list(range(len(local))))
+
+
+def evaluation_data(experiment: Experiment) -> EvaluationData | None:
+    """The server's held-out data, or None when the server holds no data of this dataset."""
+    dataset = experiment.dataset
+    if not dataset.path:
+        return None
+    if dataset.storage_format == StorageFormat.NPZ:
+        return EvaluationData(open_dataset_at(dataset, dataset.path, split="test"), None)
+    if is_simulation(dataset):
+        _, held_out = simulated_split(experiment.pk, experiment_site_ids(experiment))
+        return EvaluationData(open_dataset_at(dataset, dataset.path), held_out)
+    return EvaluationData(open_dataset_at(dataset, dataset.path), None)
+
+
+def build_experiment_network(experiment: Experiment, *, seed: int | None = None) -> nn.Module:
+    dataset = experiment.dataset
+    return build_network(
+        experiment.network,
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        spatial_dims=len(dataset.image_shape) if dataset.image_shape else 2,
+        seed=seed,
+        **experiment.network_params,
+    )
+
+
+def store_initial_weights(experiment: Experiment) -> modelstore.StoredWeights:
+    """The round-0 global model: the network initialised from the experiment's seed."""
+    network = build_experiment_network(experiment, seed=experiment.seed)
+    return modelstore.save_weights(
+        modelstore.initial_weights_name(experiment.pk), network.state_dict()
+    )
+
+
+def previous_global_checkpoint(fl_round: Round) -> Checkpoint:
+    experiment = fl_round.experiment
+    if fl_round.number == 1:
+        return Checkpoint.objects.get(experiment=experiment, round__isnull=True)
+    return Checkpoint.objects.get(experiment=experiment, round__number=fl_round.number - 1)
+
+
+@dataclass(frozen=True)
+class LocalTrainingOutcome:
+    stored: modelstore.StoredWeights
+    num_samples: int
+    metrics: dict[str, float]
+
+
+def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
+    """Train the previous global model on this client's data; store and describe the update."""
+    fl_round = update.round
+    experiment = fl_round.experiment
+    checkpoint = previous_global_checkpoint(fl_round)
+    network = build_experiment_network(experiment)
+    network.load_state_dict(modelstore.load_stored_weights(checkpoint.file.name, checkpoint.sha256))
+    data = client_data(update)
+    client_index = experiment_site_ids(experiment).index(update.site_id)
+    config = TrainConfig(
+        epochs=experiment.local_epochs,
+        batch_size=experiment.batch_size,
+        lr=experiment.learning_rate,
+        optimizer=experiment.optimizer,
+        seed=client_seed(experiment.seed, client_index),
+    )
+    # Epochs are counted across rounds, so a client's data order never repeats a round's.
+    result = train_local(
+        network,
+        data.dataset,
+        data.indices,
+        config,
+        start_epoch=(fl_round.number - 1) * experiment.local_epochs,
+    )
+    stored = modelstore.save_weights(
+        modelstore.client_update_name(experiment.pk, fl_round.number, update.site.slug),
+        network.state_dict(),
+    )
+    return LocalTrainingOutcome(
+        stored=stored,
+        num_samples=result.num_samples,
+        metrics={
+            "loss": result.loss,
+            "accuracy": result.accuracy,
+            "train_seconds": result.seconds,
+            "device": str(default_device()),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class AggregationOutcome:
+    stored: modelstore.StoredWeights
+    metrics: dict[str, Any]
+
+
+def run_aggregation(fl_round: Round) -> AggregationOutcome:
+    """Stream the round's successful updates through the strategy, then evaluate."""
+    experiment = fl_round.experiment
+    started = time.perf_counter()
+    previous = previous_global_checkpoint(fl_round)
+    strategy = build_strategy(experiment.strategy, **experiment.strategy_params)
+    strategy.begin_round(modelstore.load_stored_weights(previous.file.name, previous.sha256))
+    updates = fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
+    for update in updates:
+        # One update in memory at a time: the strategy keeps only its running sum.
+        strategy.accumulate(
+            modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
+            num_samples=update.num_samples,
+            metrics={key: update.metrics[key] for key in ("loss", "accuracy")},
+        )
+    new_weights = strategy.finish_round()
+    stored = modelstore.save_weights(
+        modelstore.global_weights_name(experiment.pk, fl_round.number), new_weights
+    )
+    aggregated = time.perf_counter()
+
+    evaluation: dict[str, Any] | None = None
+    holdout = evaluation_data(experiment)
+    if holdout is not None:
+        network = build_experiment_network(experiment)
+        network.load_state_dict(new_weights)
+        evaluation = evaluate(network, holdout.dataset, holdout.indices, batch_size=EVAL_BATCH_SIZE)
+    evaluated = time.perf_counter()
+    return AggregationOutcome(
+        stored=stored,
+        metrics={
+            "global": evaluation,
+            "clients": dict(strategy.round_metrics),
+            "aggregation_seconds": aggregated - started,
+            "evaluation_seconds": evaluated - aggregated,
+        },
+    )
+
+
+def score(metrics: dict[str, Any]) -> float:
+    """The number that decides the best checkpoint: held-out accuracy, else clients'."""
+    source = metrics.get("global") or metrics["clients"]
+    return float(source["accuracy"])

@@ -1,0 +1,55 @@
+"""The model store: global checkpoints and client updates as safetensors files.
+
+It goes through Django's storage API (STORAGES["models"]), so a deployment can put it on a
+shared volume or an object store; the ledger keeps each file's name and SHA-256.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from django.core.files.base import ContentFile
+
+from training.fl.weights import load_weights, sha256_hex, weights_to_bytes
+from training.models import model_store
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    name: str
+    sha256: str
+    size_bytes: int
+    num_parameters: int
+
+
+def initial_weights_name(experiment_id: int) -> str:
+    return f"experiments/{experiment_id}/initial.safetensors"
+
+
+def global_weights_name(experiment_id: int, round_number: int) -> str:
+    return f"experiments/{experiment_id}/round-{round_number:04d}/global.safetensors"
+
+
+def client_update_name(experiment_id: int, round_number: int, site_slug: str) -> str:
+    return f"experiments/{experiment_id}/round-{round_number:04d}/site-{site_slug}.safetensors"
+
+
+def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeights:
+    """Store `weights` under `name`, replacing an earlier file (a task may run twice)."""
+    data = weights_to_bytes(weights)
+    storage = model_store()
+    if storage.exists(name):
+        storage.delete(name)
+    stored_name = storage.save(name, ContentFile(data))
+    return StoredWeights(
+        name=stored_name,
+        sha256=sha256_hex(data),
+        size_bytes=len(data),
+        num_parameters=sum(tensor.numel() for tensor in weights.values()),
+    )
+
+
+def load_stored_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
+    """Read weights back, refusing a file whose hash is not the one the ledger recorded."""
+    with model_store().open(name, "rb") as handle:
+        return load_weights(handle.read(), expected_sha256=sha256)

@@ -1,0 +1,209 @@
+"""Running an experiment from the command line: simulated sites, progress, the summary.
+
+Used by `manage.py run_experiment` and `manage.py demo`. Progress is read from the ledger,
+so it is the same whether the work runs in an embedded worker or on remote workers.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, TextIO
+
+from django.contrib.auth import get_user_model
+from tqdm import tqdm
+
+from training.models import (
+    TERMINAL_CLIENT_UPDATE_STATUSES,
+    ClientUpdate,
+    Experiment,
+    Round,
+    RoundStatus,
+    Site,
+)
+
+POLL_SECONDS = 0.1
+
+
+class ExperimentInputError(ValueError):
+    """The experiment's settings were refused; the message says which and why."""
+
+
+def quiet_task_logs(verbosity: int) -> None:
+    """Keep Celery's line per task out of the progress bars unless asked (-v 2)."""
+    if verbosity < 2:
+        logging.getLogger("celery").setLevel(logging.WARNING)
+
+
+def simulated_sites(count: int) -> list[Site]:
+    """Sites sim-1 ... sim-<count>, created on first use and reused by later runs."""
+    sites = []
+    for number in range(1, count + 1):
+        site, _ = Site.objects.get_or_create(
+            slug=f"sim-{number}",
+            defaults={"name": f"Simulated site {number}", "description": "Simulated client."},
+        )
+        if not site.is_active:
+            site.is_active = True
+            site.save(update_fields=["is_active"])
+        sites.append(site)
+    return sites
+
+
+def default_owner(username: str | None):
+    users = get_user_model().objects
+    if username:
+        return users.get(username=username)
+    owner = users.filter(is_superuser=True).order_by("pk").first()
+    if owner is None:
+        raise ExperimentInputError(
+            "No user to own the experiment: run `manage.py bootstrap_admin` or pass --owner."
+        )
+    return owner
+
+
+def create_experiment(owner, settings: dict[str, Any]) -> Experiment:
+    """Validate `settings` exactly as the REST API does, then store a draft experiment."""
+    from training.api.serializers import ExperimentSerializer
+
+    serializer = ExperimentSerializer(
+        data=settings, context={"request": SimpleNamespace(user=owner)}
+    )
+    if not serializer.is_valid():
+        problems = "; ".join(
+            f"{field}: {' '.join(map(str, messages))}"
+            for field, messages in serializer.errors.items()
+        )
+        raise ExperimentInputError(problems)
+    return serializer.save(owner=owner)
+
+
+def watch_experiment(
+    experiment_id: int,
+    *,
+    out: TextIO,
+    on_round_closed: Callable[[Round], None] | None = None,
+) -> Experiment:
+    """Show a progress bar per round until the experiment ends; return it in its end state."""
+    bar: tqdm | None = None
+    shown_round = 0
+    reported: set[int] = set()
+    while True:
+        experiment = Experiment.objects.get(pk=experiment_id)
+        current = (
+            Round.objects.filter(experiment_id=experiment_id, number=experiment.current_round)
+            .only("pk", "number", "status")
+            .first()
+        )
+        if current is not None and current.number != shown_round:
+            if bar is not None:
+                bar.close()
+            clients = ClientUpdate.objects.filter(round=current).count()
+            bar = tqdm(total=clients, desc=f"round {current.number}", unit="client", file=out)
+            shown_round = current.number
+        if bar is not None and current is not None:
+            done = ClientUpdate.objects.filter(
+                round=current, status__in=TERMINAL_CLIENT_UPDATE_STATUSES
+            ).count()
+            bar.update(done - bar.n)
+        for closed in Round.objects.filter(
+            experiment_id=experiment_id, status=RoundStatus.CLOSED
+        ).exclude(pk__in=reported):
+            reported.add(closed.pk)
+            if on_round_closed is not None:
+                on_round_closed(closed)
+        if experiment.is_terminal:
+            if bar is not None:
+                bar.close()
+            return experiment
+        time.sleep(POLL_SECONDS)
+
+
+def round_row(fl_round: Round) -> dict[str, Any]:
+    metrics = fl_round.metrics
+    evaluation = metrics.get("global") or {}
+    clients = metrics.get("clients") or {}
+    return {
+        "round": fl_round.number,
+        "clients": clients.get("num_clients"),
+        "train_loss": clients.get("loss"),
+        "train_accuracy": clients.get("accuracy"),
+        "loss": evaluation.get("loss"),
+        "accuracy": evaluation.get("accuracy"),
+        "balanced_accuracy": evaluation.get("balanced_accuracy"),
+        "auc": evaluation.get("roc_auc"),
+        "wall_seconds": metrics.get("wall_seconds"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = ["round", "clients", "train_loss", "train_accuracy", "loss", "accuracy",
+               "balanced_accuracy", "auc", "wall_seconds"]  # fmt: skip
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    widths = {c: max(len(c), *(len(cell(row[c])) for row in rows)) for c in columns}
+    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(row[c]).rjust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
+    """The JSON summary: configuration, per-round global and per-client metrics, timings."""
+    rounds = []
+    local_training = aggregation = evaluation = 0.0
+    for fl_round in experiment.rounds.order_by("number").prefetch_related("client_updates__site"):
+        clients = [
+            {
+                "site": update.site.slug,
+                "status": update.status,
+                "worker": update.worker,
+                "num_samples": update.num_samples,
+                "metrics": update.metrics,
+                "error": update.error,
+            }
+            for update in fl_round.client_updates.all()
+        ]
+        local_training += sum(c["metrics"].get("train_seconds", 0.0) for c in clients)
+        aggregation += fl_round.metrics.get("aggregation_seconds", 0.0)
+        evaluation += fl_round.metrics.get("evaluation_seconds", 0.0)
+        rounds.append(
+            {
+                "number": fl_round.number,
+                "status": fl_round.status,
+                "global": fl_round.metrics.get("global"),
+                "clients_aggregate": fl_round.metrics.get("clients"),
+                "wall_seconds": fl_round.metrics.get("wall_seconds"),
+                "clients": clients,
+            }
+        )
+    return {
+        "experiment": experiment.pk,
+        "status": experiment.status,
+        "failure_reason": experiment.failure_reason,
+        "configuration": {
+            "dataset": experiment.dataset.name,
+            "network": experiment.network,
+            "strategy": experiment.strategy,
+            "strategy_params": experiment.strategy_params,
+            "partition": experiment.partition,
+            "rounds": experiment.num_rounds,
+            "clients_per_round": experiment.clients_per_round,
+            "min_clients": experiment.min_clients,
+            "local_epochs": experiment.local_epochs,
+            "batch_size": experiment.batch_size,
+            "learning_rate": experiment.learning_rate,
+            "optimizer": experiment.optimizer,
+            "seed": experiment.seed,
+        },
+        "rounds": rounds,
+        "timing_seconds": {
+            "local_training": local_training,
+            "aggregation": aggregation,
+            "evaluation": evaluation,
+            "total": wall_seconds,
+        },
+    }
