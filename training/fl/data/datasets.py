@@ -1,0 +1,238 @@
+"""Labelled image datasets that training and partitioning work with.
+
+Every dataset yields ``(tensor, label)`` pairs, with a channels-first float32 tensor, and
+exposes ``labels`` (an int64 numpy array) and ``sites`` (one name per sample, or None) so
+that partitioners never have to load images.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import Dataset
+
+from training.fl.data.preprocess import Preprocessor, normalize_intensity
+from training.fl.data.readers import read_image
+
+__all__ = [
+    "LABELS_FILE",
+    "ClassificationDataset",
+    "DatasetFormatError",
+    "ImageFolderDataset",
+    "NpzDataset",
+    "load_dataset",
+]
+
+LABELS_FILE = "labels.csv"
+_NPZ_SPLITS = ("train", "val", "test")
+
+
+class DatasetFormatError(ValueError):
+    """A dataset's layout or label file is not what the loader expects."""
+
+
+class ClassificationDataset(Dataset[tuple[torch.Tensor, int]], ABC):
+    """A dataset of images with integer class labels and optional acquisition sites."""
+
+    labels: npt.NDArray[np.int64]
+    sites: list[str] | None
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    @property
+    def num_classes(self) -> int:
+        """Largest label + 1, and at least 2 so that a split missing a class still gets a
+        two-way head; use the training split's value for the network."""
+        return max(int(self.labels.max()) + 1, 2)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one input tensor, channels first."""
+        return tuple(self[0][0].shape)
+
+    @property
+    def in_channels(self) -> int:
+        return self.sample_shape[0]
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.sample_shape) - 1
+
+
+def _check_labels(labels: npt.NDArray[np.int64], source: object) -> None:
+    if len(labels) == 0:
+        raise DatasetFormatError(f"{source}: dataset has no samples")
+    if labels.min() < 0:
+        raise DatasetFormatError(f"{source}: labels must be non-negative integers")
+
+
+class ImageFolderDataset(ClassificationDataset):
+    """A folder of images listed in ``labels.csv`` with columns ``path,label[,site]``.
+
+    Paths are relative to the folder and may name image files or DICOM series folders.
+    Preprocessed tensors are cached in memory after their first use when ``cache`` is on.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        preprocessor: Preprocessor | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.preprocessor = preprocessor or Preprocessor()
+        self.cache = cache
+        self._cached: dict[int, torch.Tensor] = {}
+        self.paths, labels, sites = self._read_labels_file()
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.sites = sites
+        _check_labels(self.labels, self.root / LABELS_FILE)
+
+    def _read_labels_file(self) -> tuple[list[Path], list[int], list[str] | None]:
+        labels_path = self.root / LABELS_FILE
+        if not labels_path.is_file():
+            raise DatasetFormatError(f"{self.root}: no {LABELS_FILE} in this folder")
+        root = self.root.resolve()
+        paths: list[Path] = []
+        labels: list[int] = []
+        sites: list[str] = []
+        # utf-8-sig also accepts the byte-order mark that spreadsheet exports add.
+        with labels_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = set(reader.fieldnames or ())
+            if not {"path", "label"} <= columns:
+                raise DatasetFormatError(
+                    f"{labels_path}: needs columns path,label[,site]; found {sorted(columns)}"
+                )
+            has_site = "site" in columns
+            for line, row in enumerate(reader, start=2):
+                # Short rows give None for their missing cells.
+                relative = (row["path"] or "").strip()
+                label = (row["label"] or "").strip()
+                path = (root / relative).resolve()
+                if not relative or not path.is_relative_to(root):
+                    raise DatasetFormatError(f"{labels_path}:{line}: path must lie in the folder")
+                if not path.exists():
+                    raise DatasetFormatError(f"{labels_path}:{line}: {relative} not found")
+                try:
+                    labels.append(int(label))
+                except ValueError:
+                    raise DatasetFormatError(
+                        f"{labels_path}:{line}: label {label!r} is not an integer"
+                    ) from None
+                paths.append(path)
+                if has_site:
+                    sites.append((row["site"] or "").strip())
+        return paths, labels, sites if has_site else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        tensor = self._cached.get(index)
+        if tensor is None:
+            tensor = self.preprocessor(read_image(self.paths[index]))
+            if self.cache:
+                self._cached[index] = tensor
+        return tensor, int(self.labels[index])
+
+
+class NpzDataset(ClassificationDataset):
+    """One split of a MedMNIST-style ``.npz`` (``train_images``, ``train_labels``, ...).
+
+    Images are (N, H, W) grey, (N, H, W, 3) RGB or (N, D, H, W) volumes; uint8 pixels
+    are scaled to [0, 1]. An optional ``<split>_sites`` array gives acquisition sites.
+    Multi-label tasks (labels with more than one column) are not supported.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        split: str = "train",
+        *,
+        normalization: str | None = None,
+    ) -> None:
+        if split not in _NPZ_SPLITS:
+            raise ValueError(f"split must be one of {_NPZ_SPLITS}, got {split!r}")
+        self.path = Path(path)
+        try:
+            archive = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DatasetFormatError(f"{self.path}: not a readable .npz file ({error})") from None
+        with archive:
+            missing = {f"{split}_images", f"{split}_labels"} - set(archive.files)
+            if missing:
+                raise DatasetFormatError(
+                    f"{self.path}: missing arrays {sorted(missing)}; found {sorted(archive.files)}"
+                )
+            images = archive[f"{split}_images"]
+            labels = archive[f"{split}_labels"]
+            sites = archive.get(f"{split}_sites")
+        if labels.ndim == 2 and labels.shape[1] != 1:
+            raise DatasetFormatError(f"{self.path}: multi-label targets are not supported")
+        self.labels = labels.reshape(-1).astype(np.int64)
+        self.sites = None if sites is None else [str(site) for site in sites]
+        _check_labels(self.labels, self.path)
+        if len(images) != len(self.labels):
+            raise DatasetFormatError(f"{self.path}: {split} images and labels differ in length")
+        self.images = self._to_tensor(images, normalization)
+
+    @staticmethod
+    def _to_tensor(images: npt.NDArray[np.generic], normalization: str | None) -> torch.Tensor:
+        pixels = images.astype(np.float32)
+        if images.dtype == np.uint8:
+            pixels /= 255.0
+        if pixels.ndim == 4 and pixels.shape[-1] == 3:  # RGB, channels last
+            pixels = np.moveaxis(pixels, -1, 1)
+        elif pixels.ndim in (3, 4):  # grey 2D images or volumes: add the channel axis
+            pixels = pixels[:, np.newaxis]
+        else:
+            raise DatasetFormatError(f"cannot interpret images of shape {images.shape}")
+        if normalization is not None:
+            pixels = np.stack([normalize_intensity(image, normalization) for image in pixels])
+        return torch.from_numpy(np.ascontiguousarray(pixels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    split: str = "train",
+    preprocessor: Preprocessor | None = None,
+) -> ClassificationDataset:
+    """Open a dataset, detecting its format unless ``fmt`` is ``"folder"`` or ``"npz"``.
+
+    ``split`` applies to ``.npz`` files and ``preprocessor`` to folders.
+    """
+    path = Path(path)
+    if fmt is None:
+        if path.is_dir() and (path / LABELS_FILE).is_file():
+            fmt = "folder"
+        elif path.is_file() and path.suffix.lower() == ".npz":
+            fmt = "npz"
+        else:
+            raise DatasetFormatError(
+                f"{path}: expected a folder containing {LABELS_FILE} or a .npz file"
+            )
+    if fmt == "folder":
+        return ImageFolderDataset(path, preprocessor=preprocessor)
+    if fmt == "npz":
+        return NpzDataset(path, split)
+    raise ValueError(f"unknown dataset format {fmt!r}; expected 'folder' or 'npz'")
