@@ -54,6 +54,9 @@ def in_memory_app():
     )
     yield embedded
     embedded.close()
+    # The embedded worker makes its app the process's default, as a real worker does.
+    app.set_current()
+    app.set_default()
 
 
 def test_embedded_worker_runs_tasks_through_celery_in_this_process(in_memory_app):
@@ -61,8 +64,9 @@ def test_embedded_worker_runs_tasks_through_celery_in_this_process(in_memory_app
         results = [in_memory_app.tasks["workers.tasks.ping"].delay() for _ in range(20)]
         replies = [result.get(timeout=10) for result in results]
 
-    assert worker.hostname == "embedded-test@local"
-    assert [reply["reply"] for reply in replies] == ["pong"] * 20
+    assert [(reply["reply"], reply["worker"]) for reply in replies] == [
+        ("pong", "embedded-test@local")
+    ] * 20
     assert {reply["pid"] for reply in replies} == {os.getpid()}
 
 

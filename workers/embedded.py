@@ -13,6 +13,7 @@ import threading
 
 from celery import Celery
 from celery._state import _set_task_join_will_block
+from celery.app import trace
 from celery.beat import EmbeddedService
 from celery.worker import WorkController
 
@@ -56,6 +57,9 @@ class EmbeddedWorker:
         self._beat = None
 
     def start(self) -> "EmbeddedWorker":
+        # As `celery worker --pool solo` does: tasks see this worker's name and this app,
+        # whichever thread runs them.
+        trace.setup_worker_optimizations(self.app, self.hostname)
         self._controller = EmbeddedWorkController(
             app=self.app,
             hostname=self.hostname,
@@ -69,7 +73,7 @@ class EmbeddedWorker:
             optimization="fair",
         )
         self._thread = threading.Thread(
-            target=self._run, args=(self._controller,), name="fedlens-embedded-worker", daemon=True
+            target=self._controller.start, name="fedlens-embedded-worker", daemon=True
         )
         self._thread.start()
         if not self._controller.ready.wait(READY_TIMEOUT_SECONDS):
@@ -89,11 +93,6 @@ class EmbeddedWorker:
         logger.info("Embedded Celery worker %s consumes %s", self.hostname, ", ".join(self.queues))
         return self
 
-    def _run(self, controller: EmbeddedWorkController) -> None:
-        # The tracer stores results through the thread's current app, which is thread-local.
-        self.app.set_current()
-        controller.start()
-
     def stop(self) -> None:
         if self._beat is not None:
             self._beat.stop()
@@ -102,6 +101,7 @@ class EmbeddedWorker:
             self._controller.stop(in_sighandler=False)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        trace.reset_worker_optimizations(self.app)
         self._controller = self._thread = None
 
     def __enter__(self) -> "EmbeddedWorker":

@@ -1,0 +1,269 @@
+"""Whole experiments: embedded (the CLI, no services) and distributed (real Celery workers
+over the real Redis and PostgreSQL), including a worker killed in the middle of a round."""
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from flproject.celery import app
+from tests.conftest import PROJECT_ROOT, service_env, stop_process, wait_for_worker
+from tests.factories import SiteFactory, UserFactory
+from training import services
+from training.fl.data import generate_synthetic_dataset
+from training.models import (
+    Checkpoint,
+    ClientUpdate,
+    ClientUpdateStatus,
+    Dataset,
+    Experiment,
+    ExperimentStatus,
+    RoundStatus,
+)
+
+needs_redis = pytest.mark.skipif(
+    settings.FEDLENS_EMBEDDED, reason="needs Redis (CI=true makes it required)"
+)
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(tmp_path):
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+    )
+    dataset_dir = tmp_path / "datasets" / "lesions"
+    for step in (
+        ("migrate", "--noinput"),
+        ("bootstrap_admin",),
+        ("make_synthetic_dataset", "--out", str(dataset_dir), "--sites", "3", "--per-site", "40",
+         "--size", "32"),
+        ("register_dataset", "--name", "lesions", "--path", str(dataset_dir)),
+    ):  # fmt: skip
+        result = manage(*step, env=env)
+        assert result.returncode == 0, result.stderr
+
+    result = manage(
+        "run_experiment", "--dataset", "lesions", "--clients", "3", "--rounds", "2",
+        "--local-epochs", "1", "--batch-size", "16", "--lr", "0.05", "--partition", "iid",
+        "--seed", "0", "--json", str(tmp_path / "summary.json"), env=env,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [r["number"] for r in summary["rounds"]] == [1, 2]
+    for fl_round in summary["rounds"]:
+        assert [c["status"] for c in fl_round["clients"]] == ["succeeded"] * 3
+        assert all(c["worker"] == "embedded-cli@fedlens" for c in fl_round["clients"])
+        assert 0.0 <= fl_round["global"]["accuracy"] <= 1.0
+        assert fl_round["global"]["roc_auc"] is not None
+    assert set(summary["timing_seconds"]) == {"local_training", "aggregation", "evaluation",
+                                              "total"}  # fmt: skip
+    assert "round" in result.stdout and "accuracy" in result.stdout  # the metrics table
+    ledger = sqlite3.connect(tmp_path / "fedlens.sqlite3")
+    stored = ledger.execute("SELECT file, sha256 FROM training_checkpoint").fetchall()
+    assert len(stored) == 3  # the initial model and one per round
+    for name, digest in stored:
+        assert sha256_of(tmp_path / "models" / name) == digest
+
+
+def test_a_seeded_embedded_run_repeats_its_metrics(tmp_path):
+    """Two runs with the same seed give the same global metrics, round by round."""
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+    )
+    dataset_dir = tmp_path / "datasets" / "lesions"
+    for step in (
+        ("migrate", "--noinput"),
+        ("bootstrap_admin",),
+        ("make_synthetic_dataset", "--out", str(dataset_dir), "--sites", "2", "--per-site", "30",
+         "--size", "32"),
+        ("register_dataset", "--name", "lesions", "--path", str(dataset_dir)),
+    ):  # fmt: skip
+        assert manage(*step, env=env).returncode == 0
+    summaries = []
+    for run in ("first", "second"):
+        result = manage(
+            "run_experiment", "--dataset", "lesions", "--clients", "2", "--rounds", "2",
+            "--partition", "dirichlet:0.5", "--seed", "7",
+            "--json", str(tmp_path / f"{run}.json"), env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        summaries.append(json.loads((tmp_path / f"{run}.json").read_text()))
+
+    first, second = ([r["global"] for r in s["rounds"]] for s in summaries)
+    assert first == second
+
+
+@pytest.fixture
+def lesions_dataset(dataset_root):
+    path = generate_synthetic_dataset(dataset_root / "lesions", sites=3, per_site=40, size=32)
+    return Dataset.objects.create(
+        name=f"lesions-{uuid.uuid4().hex[:6]}", owner=UserFactory(), storage_format="folder",
+        num_classes=2, channels=1, image_shape=[32, 32], path=str(path),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def worker_env(tmp_path):
+    """Worker processes see the test database and this test's model store."""
+    database = connection.settings_dict
+    url = (
+        f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    )
+    return service_env(
+        DATABASE_URL=url, FEDLENS_DATA_DIR=str(tmp_path), FEDLENS_WATCHDOG_INTERVAL_SECONDS="1"
+    )
+
+
+class WorkerProcess:
+    """A real `celery worker` in its own process group, so SIGKILL takes its children too."""
+
+    def __init__(self, name: str, env: dict[str, str], *, beat: bool = False) -> None:
+        self.name = name
+        command = [
+            sys.executable, "-m", "celery", "-A", "flproject", "worker", "--pool", "prefork",
+            "--concurrency", "1", "--queues", "training,aggregation", "--hostname", name,
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        if beat:
+            command += ["--beat", "--schedule", str(Path(env["FEDLENS_DATA_DIR"]) / "beat")]
+        self.process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        wait_for_worker(app, name, self.process)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def wait_until_finished(experiment: Experiment, timeout: float = 240) -> Experiment:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment.refresh_from_db()
+        if experiment.is_terminal:
+            return experiment
+        time.sleep(0.2)
+    raise AssertionError(f"experiment still {experiment.status} after {timeout} s")
+
+
+def new_experiment(dataset, **fields) -> Experiment:
+    experiment = Experiment.objects.create(
+        owner=dataset.owner, dataset=dataset, name="distributed", partition="iid", seed=0,
+        batch_size=16, learning_rate=0.05, **fields,
+    )  # fmt: skip
+    experiment.sites.set(SiteFactory.create_batch(fields["clients_per_round"]))
+    return experiment
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_a_distributed_experiment_runs_on_a_real_worker_over_redis(
+    lesions_dataset, worker_env, tmp_path
+):
+    experiment = new_experiment(
+        lesions_dataset, num_rounds=2, clients_per_round=3, min_clients=3
+    )
+    worker = WorkerProcess(f"gpu0-{uuid.uuid4().hex[:6]}@test", worker_env)
+    try:
+        services.start_experiment(experiment.pk)
+        wait_until_finished(experiment)
+    finally:
+        worker.stop()
+
+    assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
+    rounds = list(experiment.rounds.order_by("number"))
+    assert [(r.number, r.status) for r in rounds] == [(1, "closed"), (2, "closed")]
+    updates = ClientUpdate.objects.filter(round__experiment=experiment)
+    assert updates.count() == 6
+    assert set(updates.values_list("status", "worker")) == {("succeeded", worker.name)}
+    for update in updates:
+        assert sha256_of(tmp_path / "models" / update.update_file.name) == update.update_sha256
+        assert update.num_samples > 0
+    checkpoints = Checkpoint.objects.filter(experiment=experiment)
+    assert checkpoints.count() == 3
+    for checkpoint in checkpoints:
+        assert sha256_of(tmp_path / "models" / checkpoint.file.name) == checkpoint.sha256
+        assert checkpoint.size_bytes == (tmp_path / "models" / checkpoint.file.name).stat().st_size
+    assert checkpoints.filter(is_best=True).count() == 1
+    assert all(r.metrics["global"]["num_samples"] > 0 for r in rounds)
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_an_experiment_completes_after_a_worker_is_killed_in_the_middle_of_a_round(
+    lesions_dataset, worker_env
+):
+    # Long enough local training that the victim is surely killed while training.
+    experiment = new_experiment(
+        lesions_dataset, num_rounds=2, clients_per_round=3, min_clients=2, local_epochs=10,
+        round_timeout_seconds=30,
+    )  # fmt: skip
+    victim = WorkerProcess(f"victim-{uuid.uuid4().hex[:6]}@test", worker_env)
+    survivor = WorkerProcess(f"survivor-{uuid.uuid4().hex[:6]}@test", worker_env, beat=True)
+    try:
+        services.start_experiment(experiment.pk)
+        deadline = time.monotonic() + 60
+        while not ClientUpdate.objects.filter(
+            round__experiment=experiment, worker=victim.name, status=ClientUpdateStatus.RUNNING
+        ).exists():
+            assert time.monotonic() < deadline, "the victim never started a task"
+            time.sleep(0.05)
+        victim.kill()
+        wait_until_finished(experiment)
+    finally:
+        victim.stop()
+        survivor.stop()
+
+    ledger = list(
+        ClientUpdate.objects.filter(round__experiment=experiment).values_list(
+            "round__number", "status", "worker", "started_at", "finished_at", "error"
+        )
+    )
+    assert experiment.status == ExperimentStatus.COMPLETED, (experiment.failure_reason, ledger)
+    assert set(experiment.rounds.values_list("status", flat=True)) == {RoundStatus.CLOSED}
+    lost = ClientUpdate.objects.get(round__experiment=experiment, worker=victim.name)
+    assert lost.status == ClientUpdateStatus.LATE
+    assert "deadline" in lost.error
+    first_round = experiment.rounds.get(number=1)
+    assert first_round.checkpoint.metrics["clients"]["num_clients"] == 2
+    assert set(
+        ClientUpdate.objects.filter(round__number=2, round__experiment=experiment).values_list(
+            "status", "worker"
+        )
+    ) == {("succeeded", survivor.name)}

@@ -1,0 +1,211 @@
+"""Rounds close exactly once; late, failed and duplicate reports are recorded, never counted."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory
+from training import services
+from training.federation import AggregationOutcome, LocalTrainingOutcome
+from training.modelstore import StoredWeights
+from training.models import (
+    Checkpoint,
+    ClientUpdateStatus,
+    ExperimentStatus,
+    Round,
+    RoundStatus,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def stored(name="weights.safetensors"):
+    return StoredWeights(name=name, sha256="a" * 64, size_bytes=10, num_parameters=3)
+
+
+def trained(samples=10):
+    return LocalTrainingOutcome(stored=stored(), num_samples=samples,
+                                metrics={"loss": 0.5, "accuracy": 0.8})  # fmt: skip
+
+
+def aggregated(accuracy):
+    return AggregationOutcome(
+        stored=stored(), metrics={"global": {"accuracy": accuracy}, "clients": {}}
+    )
+
+
+@pytest.fixture
+def open_round():
+    """A running experiment whose round 1 waits for three clients, two of them needed."""
+    sites = SiteFactory.create_batch(3)
+    experiment = ExperimentFactory(
+        sites=sites, clients_per_round=3, min_clients=2, num_rounds=2,
+        status=ExperimentStatus.RUNNING, current_round=1,
+    )  # fmt: skip
+    fl_round = RoundFactory(experiment=experiment, number=1)
+    updates = [ClientUpdateFactory(round=fl_round, site=site) for site in sites]
+    return experiment, fl_round, updates
+
+
+def report(update, outcome=None, error=""):
+    assert services.claim_client_update(update.pk, worker="w@test") is not None
+    return services.record_client_result(update.pk, outcome=outcome, error=error)
+
+
+def test_the_round_waits_until_every_client_has_reported(open_round):
+    _, fl_round, updates = open_round
+
+    report(updates[0], trained())
+    report(updates[1], trained())
+
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.OPEN
+
+
+def test_the_last_report_closes_the_round_for_aggregation(open_round):
+    _, fl_round, updates = open_round
+
+    report(updates[0], trained())
+    report(updates[1], error="CUDA out of memory")
+    report(updates[2], trained())
+
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+    statuses = [u.status for u in fl_round.client_updates.order_by("pk")]
+    assert statuses == ["succeeded", "failed", "succeeded"]
+    assert fl_round.client_updates.get(status="failed").error == "CUDA out of memory"
+
+
+def test_too_few_successes_fail_the_round_and_the_experiment_with_the_reason(open_round):
+    experiment, fl_round, updates = open_round
+
+    report(updates[0], trained())
+    report(updates[1], error="disk full")
+    report(updates[2], error="disk full")
+
+    experiment.refresh_from_db()
+    fl_round.refresh_from_db()
+    assert experiment.status == ExperimentStatus.FAILED
+    assert "1 of 3 clients succeeded, fewer than the minimum of 2" in experiment.failure_reason
+    assert fl_round.status == RoundStatus.FAILED
+
+
+def test_a_duplicate_delivery_is_not_claimed_and_not_counted_twice(open_round):
+    _, _, updates = open_round
+    report(updates[0], trained(samples=10))
+
+    assert services.claim_client_update(updates[0].pk, worker="other@test") is None
+    services.record_client_result(updates[0].pk, outcome=trained(samples=99))
+
+    updates[0].refresh_from_db()
+    assert (updates[0].status, updates[0].num_samples, updates[0].worker) == (
+        "succeeded", 10, "w@test",
+    )  # fmt: skip
+
+
+def test_a_redelivered_task_of_a_dead_worker_may_run_again(open_round):
+    _, _, updates = open_round
+    services.claim_client_update(updates[0].pk, worker="dead@test")
+
+    claimed = services.claim_client_update(updates[0].pk, worker="alive@test")
+
+    assert claimed is not None and claimed.worker == "alive@test"
+
+
+def test_the_watchdog_leaves_rounds_before_their_deadline_alone(open_round):
+    _, fl_round, _ = open_round
+
+    assert services.close_overdue_rounds() == []
+
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.OPEN
+
+
+def test_the_watchdog_closes_an_overdue_round_marking_missing_clients_late(open_round):
+    _, fl_round, updates = open_round
+    report(updates[0], trained())
+    report(updates[1], trained())
+    services.claim_client_update(updates[2].pk, worker="slow@test")
+
+    closed = services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
+
+    assert closed == [fl_round.pk]
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+    updates[2].refresh_from_db()
+    assert updates[2].status == ClientUpdateStatus.LATE
+    assert "deadline" in updates[2].error
+
+
+def test_a_report_after_the_deadline_is_recorded_as_late_and_not_counted(open_round):
+    _, fl_round, updates = open_round
+    report(updates[0], trained())
+    report(updates[1], trained())
+    services.claim_client_update(updates[2].pk, worker="slow@test")
+    services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
+
+    services.record_client_result(updates[2].pk, outcome=trained())
+
+    updates[2].refresh_from_db()
+    assert updates[2].status == ClientUpdateStatus.LATE
+    assert updates[2].num_samples is None
+
+
+def test_the_watchdog_fails_an_overdue_round_without_enough_clients(open_round):
+    experiment, fl_round, updates = open_round
+    report(updates[0], trained())
+
+    services.close_overdue_rounds(now=timezone.now() + timedelta(days=1))
+
+    experiment.refresh_from_db()
+    assert experiment.status == ExperimentStatus.FAILED
+    assert "Round 1: 1 of 3 clients succeeded" in experiment.failure_reason
+
+
+def test_completing_a_round_stores_the_checkpoint_and_opens_the_next(open_round):
+    experiment, fl_round, updates = open_round
+    for update in updates:
+        report(update, trained())
+
+    assert services.complete_round(fl_round.pk, aggregated(accuracy=0.7)) is True
+
+    fl_round.refresh_from_db()
+    experiment.refresh_from_db()
+    assert fl_round.status == RoundStatus.CLOSED and fl_round.closed_at is not None
+    assert fl_round.checkpoint.is_best
+    assert experiment.current_round == 2
+    next_round = Round.objects.get(experiment=experiment, number=2)
+    assert next_round.client_updates.count() == 3
+
+
+def test_a_duplicate_aggregation_changes_nothing(open_round):
+    _, fl_round, updates = open_round
+    for update in updates:
+        report(update, trained())
+    services.complete_round(fl_round.pk, aggregated(accuracy=0.7))
+
+    assert services.complete_round(fl_round.pk, aggregated(accuracy=0.9)) is False
+
+    assert Checkpoint.objects.filter(round=fl_round).count() == 1
+    assert Round.objects.filter(experiment=fl_round.experiment).count() == 2
+
+
+def test_the_last_round_completes_the_experiment_and_best_follows_accuracy(open_round):
+    experiment, fl_round, updates = open_round
+    for update in updates:
+        report(update, trained())
+    services.complete_round(fl_round.pk, aggregated(accuracy=0.9))
+    second = Round.objects.get(experiment=experiment, number=2)
+    for update in second.client_updates.all():
+        report(update, trained())
+
+    services.complete_round(second.pk, aggregated(accuracy=0.6))
+
+    experiment.refresh_from_db()
+    assert experiment.status == ExperimentStatus.COMPLETED
+    assert list(
+        Checkpoint.objects.filter(experiment=experiment, is_best=True).values_list(
+            "round__number", flat=True
+        )
+    ) == [1]
