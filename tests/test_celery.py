@@ -60,7 +60,7 @@ def in_memory_app():
 
 
 def test_embedded_worker_runs_tasks_through_celery_in_this_process(in_memory_app):
-    with EmbeddedWorker(in_memory_app, name="embedded-test@local") as worker:
+    with EmbeddedWorker(in_memory_app, name="embedded-test@local"):
         results = [in_memory_app.tasks["workers.tasks.ping"].delay() for _ in range(20)]
         replies = [result.get(timeout=10) for result in results]
 

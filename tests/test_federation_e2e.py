@@ -134,9 +134,7 @@ def lesions_dataset(dataset_root):
 def worker_env(tmp_path):
     """Worker processes see the test database and this test's model store."""
     database = connection.settings_dict
-    url = (
-        f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    )
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
     return service_env(
         DATABASE_URL=url, FEDLENS_DATA_DIR=str(tmp_path), FEDLENS_WATCHDOG_INTERVAL_SECONDS="1"
     )
@@ -194,9 +192,7 @@ def new_experiment(dataset, **fields) -> Experiment:
 def test_a_distributed_experiment_runs_on_a_real_worker_over_redis(
     lesions_dataset, worker_env, tmp_path
 ):
-    experiment = new_experiment(
-        lesions_dataset, num_rounds=2, clients_per_round=3, min_clients=3
-    )
+    experiment = new_experiment(lesions_dataset, num_rounds=2, clients_per_round=3, min_clients=3)
     worker = WorkerProcess(f"gpu0-{uuid.uuid4().hex[:6]}@test", worker_env)
     try:
         services.start_experiment(experiment.pk)

@@ -8,7 +8,6 @@ from django.utils import timezone
 from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory
 from training import services
 from training.federation import AggregationOutcome, LocalTrainingOutcome
-from training.modelstore import StoredWeights
 from training.models import (
     Checkpoint,
     ClientUpdateStatus,
@@ -16,6 +15,7 @@ from training.models import (
     Round,
     RoundStatus,
 )
+from training.modelstore import StoredWeights
 
 pytestmark = pytest.mark.django_db
 
@@ -153,7 +153,7 @@ def test_a_report_after_the_deadline_is_recorded_as_late_and_not_counted(open_ro
 
 
 def test_the_watchdog_fails_an_overdue_round_without_enough_clients(open_round):
-    experiment, fl_round, updates = open_round
+    experiment, _, updates = open_round
     report(updates[0], trained())
 
     services.close_overdue_rounds(now=timezone.now() + timedelta(days=1))
