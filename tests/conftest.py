@@ -137,7 +137,8 @@ def start_celery_worker(name: str, queues: str, env: dict[str, str]) -> subproce
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
 
 

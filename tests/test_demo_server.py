@@ -40,7 +40,8 @@ def test_the_embedded_server_starts_and_is_healthy_without_services(tmp_path):
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     try:
         deadline = time.monotonic() + 60

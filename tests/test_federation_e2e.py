@@ -39,7 +39,7 @@ needs_redis = pytest.mark.skipif(
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT, env=env, capture_output=True, encoding="utf-8", timeout=600,
     )  # fmt: skip
 
 
@@ -154,7 +154,7 @@ class WorkerProcess:
             command += ["--beat", "--schedule", str(Path(env["FEDLENS_DATA_DIR"]) / "beat")]
         self.process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", start_new_session=True,
         )  # fmt: skip
         wait_for_worker(app, name, self.process)
 

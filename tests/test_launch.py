@@ -46,7 +46,7 @@ def test_dry_run_prints_the_worker_commands():
         [sys.executable, "-m", "workers.launch", "--queues", "training", "--hostname", "n1",
          "--dry-run"],
         cwd=PROJECT_ROOT, env=service_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
-        text=True, timeout=120,
+        encoding="utf-8", errors="replace", timeout=120,
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
@@ -63,7 +63,7 @@ def test_the_launched_worker_answers_and_stops_with_the_launcher():
     launcher = subprocess.Popen(
         [sys.executable, "-m", "workers.launch", "--queues", queue, "--hostname", host],
         cwd=PROJECT_ROOT, env=service_env(CUDA_VISIBLE_DEVICES=""),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
     )  # fmt: skip
     try:
         reply = ping.apply_async(queue=queue).get(timeout=90)

@@ -8,7 +8,13 @@ from tests.conftest import PROJECT_ROOT, service_env
 
 def run(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        command, cwd=PROJECT_ROOT, env=service_env(), capture_output=True, text=True, timeout=300
+        command,
+        cwd=PROJECT_ROOT,
+        env=service_env(),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
     )
 
 

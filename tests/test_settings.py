@@ -20,7 +20,8 @@ def manage(*args: str, **env: str | None) -> subprocess.CompletedProcess:
         cwd=PROJECT_ROOT,
         env=service_env(**env),
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=120,
     )
 

@@ -294,10 +294,9 @@ class ExperimentSerializer(serializers.ModelSerializer):
         defaults = {"strategy": "fedavg", "min_clients": 1, "clients_per_round": 2}
         if self.instance is None:
             return defaults
-        current = {
-            field: getattr(self.instance, field)
-            for field in ("strategy", "strategy_params", "min_clients", "clients_per_round")
-        }
+        fields = ("strategy", "strategy_params", "min_clients", "clients_per_round", "network",
+                  "network_params", "dataset")  # fmt: skip
+        current = {field: getattr(self.instance, field) for field in fields}
         current["sites"] = list(self.instance.sites.all())
         return current
 

@@ -1,0 +1,254 @@
+"""How much a federated round costs beyond the training itself, and what aggregation costs.
+
+    .venv/bin/python benchmarks/round_overhead.py [--modes embedded,redis] [--clients 4,16,64]
+
+Part 1 runs real experiments of a tiny network (cnn-small on 32x32 images, about eight
+samples per client, one local step) through the whole platform: the ledger, Celery, the
+model store. Embedded mode uses a SQLite file and the in-process worker; Redis mode uses
+the PostgreSQL and Redis servers and one real `celery worker` process. Both modes run one
+task at a time, so that "wall minus compute" is the platform's own cost. Round 1 reads
+the images and is left out; the table shows the mean of the other rounds.
+
+Part 2 aggregates 32 client updates of a 10-million-parameter model from the model store
+with FedAvg and reports the time, the read rate and the peak memory above the starting
+point, as a multiple of one model's size.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+ROUNDS = 4
+
+
+def child_env(mode: str, data_dir: Path, database: str | None) -> dict[str, str]:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "flproject.settings.local",
+           "FEDLENS_DATA_DIR": str(data_dir), "PYTHONPATH": str(PROJECT_ROOT),
+           "LOG_LEVEL": "WARNING"}  # fmt: skip
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    if mode == "redis":
+        env["DATABASE_URL"] = f"{POSTGRES_ADMIN_URL}/{database}"
+        env["REDIS_URL"] = REDIS_URL
+    return env
+
+
+def run_mode(mode: str, clients: list[int]) -> list[dict]:
+    """Run part 1 of one mode in a fresh process: settings are read once per process."""
+    import psycopg2
+    import redis
+
+    with tempfile.TemporaryDirectory(prefix=f"fedlens-bench-{mode}-") as data_dir:
+        database = f"fedlens_bench_{uuid.uuid4().hex[:8]}" if mode == "redis" else None
+        admin = None
+        if database:
+            admin = psycopg2.connect(f"{POSTGRES_ADMIN_URL}/postgres")
+            admin.autocommit = True
+            admin.cursor().execute(f"CREATE DATABASE {database}")
+            redis.Redis.from_url(REDIS_URL).flushdb()
+        env = child_env(mode, Path(data_dir), database)
+        worker = None
+        try:
+            subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=PROJECT_ROOT,
+                           env=env, check=True)  # fmt: skip
+            if mode == "redis":
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "celery", "-A", "flproject", "worker", "--pool",
+                     "prefork", "--concurrency", "1", "--queues", "training,aggregation",
+                     "--hostname", "bench@local", "--loglevel", "WARNING", "--without-gossip",
+                     "--without-mingle"],
+                    cwd=PROJECT_ROOT, env=env,
+                )  # fmt: skip
+            result = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--clients",
+                 ",".join(map(str, clients))],
+                cwd=PROJECT_ROOT, env=env, check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            return json.loads(result.stdout.strip().splitlines()[-1])
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(30)
+            if admin is not None:
+                admin.cursor().execute(f"DROP DATABASE {database} WITH (FORCE)")
+                admin.close()
+                redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+def child(mode: str, clients: list[int]) -> None:
+    """Inside the configured process: run one experiment per client count, print JSON."""
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+
+    from flproject.celery import app
+    from training import services
+    from training.fl.data import generate_synthetic_dataset
+    from training.models import Dataset, Experiment
+    from training.runner import create_experiment, simulated_sites
+    from workers.embedded import EmbeddedWorker
+
+    owner = get_user_model().objects.create_superuser("bench", password=uuid.uuid4().hex)
+    root = settings.FEDLENS_DATASET_ROOTS[0] / "tiny"
+    # 8 samples per client for the most clients, plus the 20 % held out for evaluation.
+    generate_synthetic_dataset(root, sites=1, per_site=max(clients) * 10, size=32)
+    dataset = Dataset.objects.create(
+        name="tiny", owner=owner, storage_format="folder", num_classes=2, image_shape=[32, 32],
+        path=str(root),
+    )  # fmt: skip
+    worker = EmbeddedWorker(name="bench@embedded").start() if mode == "embedded" else None
+    if worker is None:
+        while not app.control.ping(timeout=1):
+            time.sleep(0.5)
+    rows = []
+    for count in clients:
+        experiment = create_experiment(owner, {
+            "name": f"bench-{count}", "dataset": dataset.pk,
+            "sites": [site.slug for site in simulated_sites(count)],
+            "num_rounds": ROUNDS, "clients_per_round": count, "min_clients": count,
+            "local_epochs": 1, "batch_size": 16, "learning_rate": 0.05,
+        })  # fmt: skip
+        services.start_experiment(experiment.pk)
+        while not Experiment.objects.get(pk=experiment.pk).is_terminal:
+            time.sleep(0.02)
+        measured = []
+        for fl_round in experiment.rounds.filter(number__gt=1).order_by("number"):
+            training = sum(u.metrics["train_seconds"] for u in fl_round.client_updates.all())
+            aggregation = fl_round.metrics["aggregation_seconds"]
+            evaluation = fl_round.metrics["evaluation_seconds"]
+            wall = fl_round.metrics["wall_seconds"]
+            measured.append((wall, training, aggregation + evaluation))
+        wall, training, server = (sum(m[i] for m in measured) / len(measured) for i in range(3))
+        rows.append({
+            "mode": mode, "clients": count, "round_wall_s": wall, "local_training_s": training,
+            "aggregation_and_eval_s": server,
+            "overhead_per_task_ms": 1000 * (wall - training - server) / count,
+        })  # fmt: skip
+    if worker is not None:
+        worker.stop()
+    print(json.dumps(rows))
+
+
+def aggregation_benchmark(num_updates: int = 32, parameters: int = 10_000_000) -> dict:
+    """Stream `num_updates` stored updates of a `parameters`-sized model through FedAvg."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flproject.settings.local")
+    with tempfile.TemporaryDirectory(prefix="fedlens-bench-agg-") as data_dir:
+        os.environ["FEDLENS_DATA_DIR"] = data_dir
+        django.setup()
+        import psutil
+        import torch
+
+        from training.fl.strategies import build_strategy
+        from training.modelstore import load_stored_weights, save_weights
+
+        # A model of `parameters` float32 values in a few layers, like a small ResNet's.
+        shapes = {"conv.weight": (parameters // 2,), "fc.weight": (parameters // 4,),
+                  "fc2.weight": (parameters - parameters // 2 - parameters // 4,)}  # fmt: skip
+        generator = torch.Generator().manual_seed(0)
+        stored = []
+        for index in range(num_updates):
+            update = {name: torch.randn(s, generator=generator) for name, s in shapes.items()}
+            stored.append(save_weights(f"bench/update-{index}.safetensors", update))
+        global_weights = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        model_bytes = parameters * 4
+        del update
+
+        process = psutil.Process()
+        baseline = process.memory_info().rss
+        peak = baseline
+        sampling = True
+
+        def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, process.memory_info().rss)
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        strategy = build_strategy("fedavg")
+        strategy.begin_round(global_weights)
+        for item in stored:
+            strategy.accumulate(
+                load_stored_weights(item.name, item.sha256), num_samples=100, metrics={}
+            )
+        result = strategy.finish_round()
+        seconds = time.perf_counter() - started
+        sampling = False
+        sampler.join()
+        peak = max(peak, process.memory_info().rss)
+        del result
+        read = sum(item.size_bytes for item in stored)
+        return {
+            "updates": num_updates,
+            "parameters": parameters,
+            "seconds": seconds,
+            "gb_per_s": read / seconds / 1e9,
+            "peak_memory_models": (peak - baseline) / model_bytes,
+        }
+
+
+def print_tables(rows: list[dict], aggregation: dict | None) -> None:
+    if rows:
+        print(f"Round overhead (tiny network, one task at a time; mean of rounds 2..{ROUNDS})")
+        print(f"{'mode':<9} {'clients':>7} {'round wall s':>12} {'local training s':>16} "
+              f"{'aggregation+eval s':>18} {'overhead/task ms':>16}")  # fmt: skip
+        for row in rows:
+            print(f"{row['mode']:<9} {row['clients']:>7} {row['round_wall_s']:>12.3f} "
+                  f"{row['local_training_s']:>16.3f} {row['aggregation_and_eval_s']:>18.3f} "
+                  f"{row['overhead_per_task_ms']:>16.1f}")  # fmt: skip
+    if aggregation:
+        print()
+        print("Aggregation (FedAvg, streamed from the model store)")
+        print(f"{'updates':>7} {'parameters':>11} {'seconds':>8} {'GB/s read':>9} "
+              f"{'peak memory (models)':>20}")  # fmt: skip
+        a = aggregation
+        print(f"{a['updates']:>7} {a['parameters']:>11,} {a['seconds']:>8.2f} "
+              f"{a['gb_per_s']:>9.2f} {a['peak_memory_models']:>20.2f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="embedded,redis")
+    parser.add_argument("--clients", default="4,16,64")
+    parser.add_argument("--skip-aggregation", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--aggregation-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    clients = [int(count) for count in args.clients.split(",")]
+    if args.child:
+        child(args.child, clients)
+        return
+    if args.aggregation_only:
+        print(json.dumps(aggregation_benchmark()))
+        return
+    rows = []
+    for mode in [m for m in args.modes.split(",") if m]:
+        rows += run_mode(mode, clients)
+    aggregation = None
+    if not args.skip_aggregation:
+        # Its own process, so that the memory it measures is its own.
+        result = subprocess.run([sys.executable, __file__, "--aggregation-only"],
+                                cwd=PROJECT_ROOT, check=True, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})  # fmt: skip
+        aggregation = json.loads(result.stdout.strip().splitlines()[-1])
+    print_tables(rows, aggregation)
+
+
+if __name__ == "__main__":
+    main()
