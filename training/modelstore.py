@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from django.core.files.base import ContentFile
 
-from training.fl.weights import load_weights, sha256_hex, weights_to_bytes
+from training.fl.weights import load_weights, load_weights_file, sha256_hex, weights_to_bytes
 from training.models import model_store
 
 
@@ -51,5 +51,10 @@ def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeight
 
 def load_stored_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
     """Read weights back, refusing a file whose hash is not the one the ledger recorded."""
-    with model_store().open(name, "rb") as handle:
-        return load_weights(handle.read(), expected_sha256=sha256)
+    storage = model_store()
+    try:
+        path = storage.path(name)
+    except NotImplementedError:  # a remote store (object storage): no local file to map
+        with storage.open(name, "rb") as handle:
+            return load_weights(handle.read(), expected_sha256=sha256)
+    return load_weights_file(path, expected_sha256=sha256)

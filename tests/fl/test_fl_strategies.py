@@ -158,12 +158,26 @@ def test_registry_rejects_unknown_strategies_and_bad_parameters(
         build_strategy(name, **params)
 
 
-def test_add_weighted_accumulates_a_running_float64_sum() -> None:
+def test_add_weighted_accumulates_in_place_in_at_least_float32() -> None:
     running: dict[str, torch.Tensor] = {}
     add_weighted_(running, {"w": torch.tensor([1.0, 2.0])}, 2.0)
+    first = running["w"]
     add_weighted_(running, {"w": torch.tensor([3.0, 5.0])}, 0.5)
+    assert running["w"] is first
+    assert running["w"].dtype == torch.float32
+    assert torch.equal(running["w"], torch.tensor([3.5, 6.5]))
+
+
+def test_add_weighted_sums_half_precision_weights_in_float32() -> None:
+    running: dict[str, torch.Tensor] = {}
+    add_weighted_(running, {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}, 3.0)
+    assert running["w"].dtype == torch.float32
+
+
+def test_add_weighted_keeps_float64_weights_in_float64() -> None:
+    running: dict[str, torch.Tensor] = {}
+    add_weighted_(running, {"w": torch.tensor([1.0], dtype=torch.float64)}, 1.0)
     assert running["w"].dtype == torch.float64
-    assert torch.equal(running["w"], torch.tensor([3.5, 6.5], dtype=torch.float64))
 
 
 def test_weighted_mean_matches_numpy_average() -> None:

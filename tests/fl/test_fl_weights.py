@@ -13,6 +13,7 @@ from training.fl.networks import build_network
 from training.fl.weights import (
     WeightsError,
     load_weights,
+    load_weights_file,
     save_weights,
     weights_from_bytes,
     weights_to_bytes,
@@ -125,3 +126,56 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert torch.equal(load_weights(path)["w"], torch.ones(2))
     with pytest.raises(WeightsError, match="malformed"):
         load_weights(pickled.getvalue())
+
+
+def _all_kinds_of_tensors() -> dict[str, torch.Tensor]:
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "half": torch.randn(5).to(torch.bfloat16),
+        "double": torch.randn(2, 2, dtype=torch.float64),
+        "bn.num_batches_tracked": torch.tensor(17),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def test_load_weights_file_reads_back_every_dtype_and_shape(tmp_path: Path) -> None:
+    weights = _all_kinds_of_tensors()
+    info = save_weights(weights, tmp_path / "w.safetensors")
+
+    loaded = load_weights_file(tmp_path / "w.safetensors", expected_sha256=info.sha256)
+
+    assert loaded.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_load_weights_file_refuses_a_file_whose_hash_differs(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    info = save_weights(_all_kinds_of_tensors(), path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        load_weights_file(path, expected_sha256=info.sha256)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[:-4], "data section does not match"),
+        (lambda data: b"\xff" * 8 + data[8:], "bad header length"),
+        (lambda data: data[:8] + b"[" + data[9:], "header is not JSON"),
+        (lambda data: b"", "bad header length"),
+    ],
+)
+def test_load_weights_file_refuses_a_malformed_file(tmp_path: Path, damage, message) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "w.safetensors"
+    save_weights(_all_kinds_of_tensors(), path)
+    damaged = damage(path.read_bytes())
+    path.write_bytes(damaged)
+
+    with pytest.raises(WeightsError, match=message):
+        load_weights_file(path, expected_sha256=hashlib.sha256(damaged).hexdigest())

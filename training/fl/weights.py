@@ -8,6 +8,8 @@ identifies each weights file and is checked before the tensors are decoded.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,6 +80,91 @@ def save_weights(
         size_bytes=len(data),
         num_parameters=sum(tensor.numel() for tensor in state_dict.values()),
     )
+
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format spec).
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def load_weights_file(
+    path: str | os.PathLike[str], *, expected_sha256: str
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file in one pass, hashing it while each tensor is read into place.
+
+    Aggregation loads one update after another; reading straight into the tensors holds
+    the weights once, where the bytes-then-decode path (or a memory map) holds them twice.
+    The header is checked as the format requires before anything is allocated.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < header_length <= min(_MAX_HEADER_BYTES, size - 8):
+                raise WeightsError(f"{path}: not a safetensors file (bad header length)")
+            header_bytes = handle.read(header_length)
+            digest.update(prefix)
+            digest.update(header_bytes)
+            entries = _parse_header(path, header_bytes, data_length=size - 8 - header_length)
+            tensors: dict[str, torch.Tensor] = {}
+            for name, dtype, shape in entries:
+                tensor = torch.empty(shape, dtype=dtype)
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                filled = 0
+                while filled < len(view):
+                    count = handle.readinto(view[filled:])
+                    if not count:
+                        raise WeightsError(f"{path}: file ends inside tensor {name!r}")
+                    filled += count
+                digest.update(view)
+                tensors[name] = tensor
+    except OSError as error:
+        raise WeightsError(f"cannot read weights file {path}: {error}") from None
+    actual = digest.hexdigest()
+    if actual != expected_sha256.lower():
+        raise WeightsError(f"{path}: SHA-256 mismatch (expected {expected_sha256}, got {actual})")
+    return tensors
+
+
+def _parse_header(
+    path: str | os.PathLike[str], header_bytes: bytes, *, data_length: int
+) -> list[tuple[str, torch.dtype, list[int]]]:
+    """The tensors in file order; their data must tile the data section exactly."""
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightsError(f"{path}: the safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is not an object")
+    entries = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[spec["dtype"]]
+            shape = [int(dim) for dim in spec["shape"]]
+            begin, end = (int(offset) for offset in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: tensor {name!r} is badly described") from None
+        numel = math.prod(shape)
+        if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize:
+            raise WeightsError(f"{path}: tensor {name!r} has inconsistent size")
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort()
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise WeightsError(f"{path}: tensor {name!r} does not follow the previous one")
+        position = end
+    if position != data_length:
+        raise WeightsError(f"{path}: the data section does not match the header")
+    return [(name, dtype, shape) for _, _, name, dtype, shape in entries]
 
 
 def load_weights(

@@ -5,10 +5,11 @@ training samples. ``server_learning_rate`` moves the global weights only part of
 towards that mean (the server step of Reddi et al., 2021, arXiv:2003.00295); the default
 1.0 is plain FedAvg.
 
-Streaming: the strategy holds one float64 running sum and one copy of the global weights,
-never the list of updates. Non-floating buffers (e.g. BatchNorm's ``num_batches_tracked``)
-cannot be averaged; the largest client value is kept, which is also independent of the
-order in which updates arrive.
+Streaming: the strategy holds one running sum (float32 for float32 models), a copy of the
+global weights only when ``server_learning_rate`` is not 1, and never the list of updates;
+the sum becomes the new global weights in place. Non-floating buffers (e.g. BatchNorm's
+``num_batches_tracked``) cannot be averaged; the largest client value is kept, which is
+also independent of the order in which updates arrive.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ class FedAvg(Strategy):
         return {"server_learning_rate": float(rate)}
 
     def _start(self, global_weights: Mapping[str, torch.Tensor]) -> None:
-        self._global = {name: t.detach().to("cpu").clone() for name, t in global_weights.items()}
+        # Plain FedAvg needs only the shapes of the global weights, which the base class keeps.
+        self._global = (
+            {name: t.detach().to("cpu").clone() for name, t in global_weights.items()}
+            if self.server_learning_rate != 1.0
+            else {}
+        )
         self._weighted_sum = {}
         self._buffer_max = {}
         self._total_samples = 0
@@ -66,14 +72,16 @@ class FedAvg(Strategy):
         self._total_samples += num_samples
 
     def _aggregate(self) -> dict[str, torch.Tensor]:
+        if self._shapes is None:  # finish_round calls this before it resets the shapes
+            raise RuntimeError("_aggregate called outside finish_round")
         new_weights: dict[str, torch.Tensor] = {}
-        for name, current in self._global.items():
-            if not current.dtype.is_floating_point:
-                new_weights[name] = self._buffer_max[name].to(current.dtype)
+        for name, (_, dtype) in self._shapes.items():
+            if not dtype.is_floating_point:
+                new_weights[name] = self._buffer_max[name].to(dtype)
                 continue
-            mean = self._weighted_sum[name] / self._total_samples
+            mean = self._weighted_sum.pop(name).div_(self._total_samples)
             if self.server_learning_rate != 1.0:
-                start = current.to(torch.float64)
-                mean = start + self.server_learning_rate * (mean - start)
-            new_weights[name] = mean.to(current.dtype)
+                start = self._global[name].to(mean.dtype)
+                mean = start.add_(mean.sub_(start), alpha=self.server_learning_rate)
+            new_weights[name] = mean.to(dtype)
         return new_weights
