@@ -49,8 +49,9 @@ def open_round():
 
 
 def report(update, outcome=None, error=""):
-    assert services.claim_client_update(update.pk, worker="w@test") is not None
-    return services.record_client_result(update.pk, outcome=outcome, error=error)
+    claimed = services.claim_client_update(update.pk, worker="w@test")
+    assert claimed is not None
+    return services.record_client_result(claimed, outcome=outcome, error=error)
 
 
 def test_the_round_waits_until_every_client_has_reported(open_round):
@@ -96,7 +97,7 @@ def test_a_duplicate_delivery_is_not_claimed_and_not_counted_twice(open_round):
     report(updates[0], trained(samples=10))
 
     assert services.claim_client_update(updates[0].pk, worker="other@test") is None
-    services.record_client_result(updates[0].pk, outcome=trained(samples=99))
+    services.record_client_result(updates[0], outcome=trained(samples=99))
 
     updates[0].refresh_from_db()
     assert (updates[0].status, updates[0].num_samples, updates[0].worker) == (
@@ -142,10 +143,10 @@ def test_a_report_after_the_deadline_is_recorded_as_late_and_not_counted(open_ro
     _, fl_round, updates = open_round
     report(updates[0], trained())
     report(updates[1], trained())
-    services.claim_client_update(updates[2].pk, worker="slow@test")
+    slow = services.claim_client_update(updates[2].pk, worker="slow@test")
     services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
 
-    services.record_client_result(updates[2].pk, outcome=trained())
+    services.record_client_result(slow, outcome=trained())
 
     updates[2].refresh_from_db()
     assert updates[2].status == ClientUpdateStatus.LATE

@@ -8,6 +8,7 @@ from training.models import (
     ClientUpdate,
     Dataset,
     Experiment,
+    ExperimentStatus,
     InvalidTransition,
     Round,
     Site,
@@ -73,6 +74,12 @@ class ExperimentAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = [RoundInline]
     actions = ["stop_experiments"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once started, the configuration is part of the record (workers cache the sites).
+        if obj is not None and obj.status != ExperimentStatus.DRAFT:
+            return [field.name for field in Experiment._meta.fields] + ["members", "sites"]
+        return self.readonly_fields
 
     @admin.display(description="round")
     def progress(self, experiment: Experiment) -> str:

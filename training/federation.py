@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import torch
 from torch import nn
 
 from training import modelstore
@@ -101,14 +102,24 @@ def simulated_split(
 
 
 def experiment_site_ids(experiment: Experiment) -> tuple[int, ...]:
-    return tuple(experiment.sites.order_by("pk").values_list("pk", flat=True))
+    return site_ids_of(experiment.pk)
 
 
-def client_data(update: ClientUpdate) -> ClientData:
+@lru_cache(maxsize=64)
+def site_ids_of(experiment_id: int) -> tuple[int, ...]:
+    # Cached per process: an experiment's sites are frozen once it has started.
+    return tuple(
+        Experiment.sites.through.objects.filter(experiment_id=experiment_id)
+        .order_by("site_id")
+        .values_list("site_id", flat=True)
+    )
+
+
+def client_data(update: ClientUpdate, site_ids: tuple[int, ...]) -> ClientData:
     experiment = update.round.experiment
     dataset = experiment.dataset
     if is_simulation(dataset):
-        by_site, _ = simulated_split(experiment.pk, experiment_site_ids(experiment))
+        by_site, _ = simulated_split(experiment.pk, site_ids)
         return ClientData(open_dataset_at(dataset, dataset.path), by_site[update.site_id])
     local = open_dataset_at(dataset, dataset.site_paths[update.site.slug])
     return ClientData(local, list(range(len(local))))
@@ -128,6 +139,7 @@ def evaluation_data(experiment: Experiment) -> EvaluationData | None:
 
 
 def build_experiment_network(experiment: Experiment, *, seed: int | None = None) -> nn.Module:
+    """The experiment's network, randomly initialised from `seed`."""
     dataset = experiment.dataset
     return build_network(
         experiment.network,
@@ -147,11 +159,33 @@ def store_initial_weights(experiment: Experiment) -> modelstore.StoredWeights:
     )
 
 
-def previous_global_checkpoint(fl_round: Round) -> Checkpoint:
-    experiment = fl_round.experiment
-    if fl_round.number == 1:
-        return Checkpoint.objects.get(experiment=experiment, round__isnull=True)
-    return Checkpoint.objects.get(experiment=experiment, round__number=fl_round.number - 1)
+def network_with_weights(experiment: Experiment, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The network holding `weights`, built without spending time on a random init."""
+    with torch.device("meta"):
+        network = build_experiment_network(experiment)
+    network.load_state_dict(weights, assign=True)
+    return network
+
+
+@lru_cache(maxsize=2)
+def global_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
+    """A round's starting weights, read once per worker process rather than once per client.
+
+    Callers must not modify the tensors: they are shared by the round's clients.
+    """
+    return modelstore.load_stored_weights(name, sha256)
+
+
+@lru_cache(maxsize=64)
+def starting_checkpoint(experiment_id: int, round_number: int) -> tuple[str, str]:
+    """File name and SHA-256 of the global model a round starts from (checkpoints never
+    change once written, so each worker process asks once per round)."""
+    checkpoints = Checkpoint.objects.filter(experiment_id=experiment_id)
+    if round_number == 1:
+        checkpoint = checkpoints.get(round__isnull=True)
+    else:
+        checkpoint = checkpoints.get(round__number=round_number - 1)
+    return checkpoint.file.name, checkpoint.sha256
 
 
 @dataclass(frozen=True)
@@ -165,11 +199,13 @@ def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
     """Train the previous global model on this client's data; store and describe the update."""
     fl_round = update.round
     experiment = fl_round.experiment
-    checkpoint = previous_global_checkpoint(fl_round)
-    network = build_experiment_network(experiment)
-    network.load_state_dict(modelstore.load_stored_weights(checkpoint.file.name, checkpoint.sha256))
-    data = client_data(update)
-    client_index = experiment_site_ids(experiment).index(update.site_id)
+    shared = global_weights(*starting_checkpoint(experiment.pk, fl_round.number))
+    # Training changes the weights in place, so the network gets its own copy of them.
+    starting = {key: tensor.clone() for key, tensor in shared.items()}
+    network = network_with_weights(experiment, starting)
+    site_ids = experiment_site_ids(experiment)
+    data = client_data(update, site_ids)
+    client_index = site_ids.index(update.site_id)
     config = TrainConfig(
         epochs=experiment.local_epochs,
         batch_size=experiment.batch_size,
@@ -211,9 +247,10 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     """Stream the round's successful updates through the strategy, then evaluate."""
     experiment = fl_round.experiment
     started = time.perf_counter()
-    previous = previous_global_checkpoint(fl_round)
     strategy = build_strategy(experiment.strategy, **experiment.strategy_params)
-    strategy.begin_round(modelstore.load_stored_weights(previous.file.name, previous.sha256))
+    strategy.begin_round(
+        modelstore.load_stored_weights(*starting_checkpoint(experiment.pk, fl_round.number))
+    )
     updates = fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
     for update in updates:
         # One update in memory at a time: the strategy keeps only its running sum.
@@ -231,8 +268,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     evaluation: dict[str, Any] | None = None
     holdout = evaluation_data(experiment)
     if holdout is not None:
-        network = build_experiment_network(experiment)
-        network.load_state_dict(new_weights)
+        network = network_with_weights(experiment, new_weights)
         evaluation = evaluate(network, holdout.dataset, holdout.indices, batch_size=EVAL_BATCH_SIZE)
     evaluated = time.perf_counter()
     return AggregationOutcome(

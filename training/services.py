@@ -80,7 +80,12 @@ def open_round(experiment: Experiment, number: int) -> Round:
 
 
 def locked_experiment(experiment_id: int) -> Experiment:
-    return Experiment.objects.select_for_update().select_related("dataset").get(pk=experiment_id)
+    # of=("self",): lock the experiment row only, not the dataset joined in with it.
+    return (
+        Experiment.objects.select_for_update(of=("self",))
+        .select_related("dataset")
+        .get(pk=experiment_id)
+    )
 
 
 def start_experiment(experiment_id: int) -> Experiment:
@@ -156,39 +161,39 @@ def fail_experiment(experiment: Experiment, reason: str) -> None:
 def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate | None:
     """Mark a client's training as running, or return None if it must not run: its round
     is no longer open or it already finished (a duplicate delivery of the task)."""
-    with transaction.atomic():
-        update = (
-            ClientUpdate.objects.select_for_update()
-            .select_related("round__experiment__dataset", "site")
-            .get(pk=client_update_id)
-        )
-        if update.round.status != RoundStatus.OPEN or update.status not in (
-            UNFINISHED_CLIENT_STATUSES
-        ):
-            return None
-        # RUNNING again means the worker that had it died and the broker redelivered it.
-        update.status = ClientUpdateStatus.RUNNING
-        update.worker = worker
-        update.started_at = timezone.now()
-        update.save(update_fields=["status", "worker", "started_at"])
-        Site.objects.filter(pk=update.site_id).update(last_seen=update.started_at)
+    now = timezone.now()
+    # One conditional UPDATE: PostgreSQL re-checks the status on the row it locks, so a
+    # watchdog or a stop that finished this client first always wins. RUNNING may be
+    # claimed again: the worker that had it died and the broker delivered it anew.
+    claimed = ClientUpdate.objects.filter(
+        pk=client_update_id,
+        status__in=UNFINISHED_CLIENT_STATUSES,
+        round__status=RoundStatus.OPEN,
+    ).update(status=ClientUpdateStatus.RUNNING, worker=worker, started_at=now)
+    if not claimed:
+        return None
+    update = ClientUpdate.objects.select_related("round__experiment__dataset", "site").get(
+        pk=client_update_id
+    )
+    if not federation.is_simulation(update.round.experiment.dataset):
+        Site.objects.filter(pk=update.site_id).update(last_seen=now)
     return update
 
 
 def record_client_result(
-    client_update_id: int,
+    claimed: ClientUpdate,
     *,
     outcome: "federation.LocalTrainingOutcome | None" = None,
     error: str = "",
 ) -> ClientUpdate:
-    """Store a client's update (or its failure) and close the round if it was the last."""
+    """Store a client's update (or its failure) and close the round if it was the last.
+
+    `claimed` is what claim_client_update returned; the rows are locked and read afresh.
+    """
     with transaction.atomic():
-        round_id, experiment_id = ClientUpdate.objects.values_list(
-            "round_id", "round__experiment_id"
-        ).get(pk=client_update_id)
-        experiment = locked_experiment(experiment_id)
-        fl_round = Round.objects.select_for_update().get(pk=round_id)
-        update = ClientUpdate.objects.select_for_update().get(pk=client_update_id)
+        experiment = locked_experiment(claimed.round.experiment_id)
+        fl_round = Round.objects.select_for_update().get(pk=claimed.round_id)
+        update = ClientUpdate.objects.select_for_update().get(pk=claimed.pk)
         now = timezone.now()
         update.finished_at = now
         if fl_round.status != RoundStatus.OPEN or update.status != ClientUpdateStatus.RUNNING:
@@ -200,13 +205,16 @@ def record_client_result(
         if outcome is None:
             update.status = ClientUpdateStatus.FAILED
             update.error = error
+            changed = ["status", "finished_at", "error"]
         else:
             update.status = ClientUpdateStatus.SUCCEEDED
             update.num_samples = outcome.num_samples
             update.metrics = outcome.metrics
             update.update_file = outcome.stored.name
             update.update_sha256 = outcome.stored.sha256
-        update.save()
+            changed = ["status", "finished_at", "num_samples", "metrics", "update_file",
+                       "update_sha256"]  # fmt: skip
+        update.save(update_fields=changed)
         if not fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).exists():
             close_round(experiment, fl_round)
     return update

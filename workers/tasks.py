@@ -1,18 +1,35 @@
 """Celery tasks. They take ids, re-read the database, and never carry weights.
 
 Training and aggregation are idempotent: the ledger decides whether a delivery still has
-work to do, so a task redelivered after a worker died never counts twice.
+work to do, so a task redelivered after a worker died never counts twice. Their outcome is
+in the ledger, so they store no Celery result.
 """
 
 import logging
 import os
 
+import torch
 from celery import shared_task
+from celery.signals import task_prerun, worker_process_init
+from django.conf import settings
+from django.db import close_old_connections
 
 from training import federation, services
 from training.models import Round, RoundStatus
 
 logger = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def limit_torch_threads(**kwargs) -> None:
+    """In each pool process of a `celery worker` (not in the embedded worker's host)."""
+    torch.set_num_threads(settings.FEDLENS_TORCH_THREADS)
+
+
+@task_prerun.connect
+def refresh_database_connections(**kwargs) -> None:
+    """Replace a connection that broke (database restart) or outlived CONN_MAX_AGE."""
+    close_old_connections()
 
 
 @shared_task(name="workers.tasks.ping", bind=True, ignore_result=False)
@@ -21,7 +38,7 @@ def ping(self) -> dict[str, str | int]:
     return {"reply": "pong", "worker": self.request.hostname or "", "pid": os.getpid()}
 
 
-@shared_task(name="workers.tasks.train_client", bind=True)
+@shared_task(name="workers.tasks.train_client", bind=True, ignore_result=True)
 def train_client(self, client_update_id: int) -> str:
     """One client's local training for one round."""
     update = services.claim_client_update(client_update_id, worker=self.request.hostname or "")
@@ -31,13 +48,13 @@ def train_client(self, client_update_id: int) -> str:
         outcome = federation.run_local_training(update)
     except Exception as exc:  # any failure of a client is recorded, not fatal to the round
         logger.exception("client update %s failed", client_update_id)
-        services.record_client_result(client_update_id, error=f"{type(exc).__name__}: {exc}")
+        services.record_client_result(update, error=f"{type(exc).__name__}: {exc}")
         return "failed"
-    services.record_client_result(client_update_id, outcome=outcome)
+    services.record_client_result(update, outcome=outcome)
     return "succeeded"
 
 
-@shared_task(name="workers.tasks.aggregate_round")
+@shared_task(name="workers.tasks.aggregate_round", ignore_result=True)
 def aggregate_round(round_id: int) -> str:
     """Aggregate a closed round's updates, evaluate, and move the experiment on."""
     fl_round = Round.objects.select_related("experiment__dataset").get(pk=round_id)
@@ -52,7 +69,7 @@ def aggregate_round(round_id: int) -> str:
     return "completed" if services.complete_round(round_id, outcome) else "skipped: duplicate"
 
 
-@shared_task(name="workers.tasks.close_overdue_rounds")
+@shared_task(name="workers.tasks.close_overdue_rounds", ignore_result=True)
 def close_overdue_rounds() -> list[int]:
     """The round watchdog (Celery beat): close rounds whose deadline has passed."""
     return services.close_overdue_rounds()

@@ -93,6 +93,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 else:
+    # Reusing connections spares each Celery task a new PostgreSQL backend (about 10 ms).
+    DATABASES["default"]["CONN_MAX_AGE"] = env_int("DJANGO_CONN_MAX_AGE", 60, minimum=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -240,11 +242,18 @@ CELERY_TASK_SOFT_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT - 30
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_QUEUES = (Queue("training"), Queue("aggregation"))
 CELERY_TASK_ROUTES = ("workers.routing.route_task",)
-CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup otherwise closes the database connection around every task, and a
+# new PostgreSQL backend costs more than a small task; workers/tasks.py still drops a broken
+# or aged connection before each task, as Django does per request.
+CELERY_DB_REUSE_MAX = 1000
 CELERY_TIMEZONE = TIME_ZONE
+# PyTorch threads per worker process. One by default: a worker trains one task at a time
+# (on its GPU when it has one), and more threads spin against the Celery parent process and
+# the other workers of the node. CPU-only nodes training larger networks may raise it.
+FEDLENS_TORCH_THREADS = env_int("FEDLENS_TORCH_THREADS", 1)
 # How often the watchdog looks for rounds past their deadline.
 FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
 CELERY_BEAT_SCHEDULE = {
