@@ -38,7 +38,6 @@ class Command(BaseCommand):
         parser.add_argument("--rounds", type=int, default=5)
 
     def handle(self, *args, host: str, port: int, sites: int, rounds: int, **options):
-        quiet_task_logs(options["verbosity"])
         dataset_dir = settings.FEDLENS_DATASET_ROOTS[0] / "synthetic-lesions"
         if not (dataset_dir / "labels.csv").exists():
             call_command("make_synthetic_dataset", out=dataset_dir, sites=sites, per_site=300,
@@ -74,7 +73,11 @@ class Command(BaseCommand):
         threading.Thread(
             target=self.report_progress, args=(experiment.pk,), daemon=True, name="progress"
         ).start()
-        uvicorn.run("flproject.asgi:application", host=host, port=port)
+        # Importing the app sets Django up again, which reapplies LOGGING: quieten after it.
+        from flproject.asgi import application
+
+        quiet_task_logs(options["verbosity"])
+        uvicorn.run(application, host=host, port=port)
 
     def report_progress(self, experiment_id: int) -> None:
         rows = []
