@@ -47,7 +47,10 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(tmp_path):
+@pytest.fixture
+def embedded_project(tmp_path):
+    """A project on the embedded default with a registered 3-site dataset `lesions`;
+    returns the environment its commands run in."""
     env = service_env(
         DJANGO_SETTINGS_MODULE="flproject.settings.local",
         DATABASE_URL=None,
@@ -64,6 +67,11 @@ def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(tmp_path):
     ):  # fmt: skip
         result = manage(*step, env=env)
         assert result.returncode == 0, result.stderr
+    return env
+
+
+def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(embedded_project, tmp_path):
+    env = embedded_project
 
     result = manage(
         "run_experiment", "--dataset", "lesions", "--clients", "3", "--rounds", "2",
@@ -90,27 +98,13 @@ def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(tmp_path):
         assert sha256_of(tmp_path / "models" / name) == digest
 
 
-def test_a_seeded_embedded_run_repeats_its_metrics(tmp_path):
+def test_a_seeded_embedded_run_repeats_its_metrics(embedded_project, tmp_path):
     """Two runs with the same seed give the same global metrics, round by round."""
-    env = service_env(
-        DJANGO_SETTINGS_MODULE="flproject.settings.local",
-        DATABASE_URL=None,
-        REDIS_URL=None,
-        FEDLENS_DATA_DIR=str(tmp_path),
-    )
-    dataset_dir = tmp_path / "datasets" / "lesions"
-    for step in (
-        ("migrate", "--noinput"),
-        ("bootstrap_admin",),
-        ("make_synthetic_dataset", "--out", str(dataset_dir), "--sites", "2", "--per-site", "30",
-         "--size", "32"),
-        ("register_dataset", "--name", "lesions", "--path", str(dataset_dir)),
-    ):  # fmt: skip
-        assert manage(*step, env=env).returncode == 0
+    env = embedded_project
     summaries = []
     for run in ("first", "second"):
         result = manage(
-            "run_experiment", "--dataset", "lesions", "--clients", "2", "--rounds", "2",
+            "run_experiment", "--dataset", "lesions", "--clients", "3", "--rounds", "2",
             "--partition", "dirichlet:0.5", "--seed", "7",
             "--json", str(tmp_path / f"{run}.json"), env=env,
         )  # fmt: skip
