@@ -8,6 +8,7 @@ from flproject.health import health
 
 urlpatterns = [
     path("", include("visualization.urls")),
+    path("", include("visualization.viewer.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("api/", include("training.api.urls")),

@@ -29,7 +29,7 @@ def pytest_report_header(config):
     if database["ENGINE"].endswith("sqlite3"):
         where = database["NAME"]
     else:
-        where = f"{database['HOST']}:{database['PORT']}, database test_{database['NAME']}"
+        where = f"{database['HOST']}:{database['PORT']}, database {database['TEST']['NAME']}"
     broker = settings.REDIS_URL or "memory:// (embedded mode; Redis tests skipped)"
     return [
         f"FedLens database: {database['ENGINE'].rsplit('.', 1)[-1]} {where}",
