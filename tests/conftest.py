@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from rest_framework.test import APIClient
 
-from tests.factories import UserFactory
+from flproject.celery import app
+from tests.factories import SiteFactory, UserFactory
+from training.fl.data import generate_synthetic_dataset
+from training.models import Dataset, Experiment
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +154,72 @@ def wait_for_worker(app, name: str, process: subprocess.Popen, timeout: float = 
         if app.control.ping(destination=[name], timeout=0.5):
             return
     raise RuntimeError(f"worker {name} did not answer within {timeout} s")
+
+
+needs_redis = pytest.mark.skipif(
+    settings.FEDLENS_EMBEDDED, reason="needs Redis (CI=true makes it required)"
+)
+
+
+@pytest.fixture
+def lesions_dataset(dataset_root):
+    path = generate_synthetic_dataset(dataset_root / "lesions", sites=3, per_site=40, size=32)
+    return Dataset.objects.create(
+        name=f"lesions-{uuid.uuid4().hex[:6]}", owner=UserFactory(), storage_format="folder",
+        num_classes=2, channels=1, image_shape=[32, 32], path=str(path),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def worker_env(tmp_path):
+    """Worker processes see the test database and this test's model store."""
+    database = connection.settings_dict
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    return service_env(
+        DATABASE_URL=url, FEDLENS_DATA_DIR=str(tmp_path), FEDLENS_WATCHDOG_INTERVAL_SECONDS="1"
+    )
+
+
+class WorkerProcess:
+    """A real `celery worker` in its own process group, so SIGKILL takes its children too."""
+
+    def __init__(self, name: str, env: dict[str, str], *, beat: bool = False) -> None:
+        self.name = name
+        command = [
+            sys.executable, "-m", "celery", "-A", "flproject", "worker", "--pool", "prefork",
+            "--concurrency", "1", "--queues", "training,aggregation", "--hostname", name,
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        if beat:
+            command += ["--beat", "--schedule", str(Path(env["FEDLENS_DATA_DIR"]) / "beat")]
+        self.process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", start_new_session=True,
+        )  # fmt: skip
+        wait_for_worker(app, name, self.process)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def wait_until_finished(experiment: Experiment, timeout: float = 240) -> Experiment:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment.refresh_from_db()
+        if experiment.is_terminal:
+            return experiment
+        time.sleep(0.2)
+    raise AssertionError(f"experiment still {experiment.status} after {timeout} s")
+
+
+def new_experiment(dataset, **fields) -> Experiment:
+    experiment = Experiment.objects.create(
+        owner=dataset.owner, dataset=dataset, name="distributed", partition="iid", seed=0,
+        batch_size=16, learning_rate=0.05, **fields,
+    )  # fmt: skip
+    experiment.sites.set(SiteFactory.create_batch(fields["clients_per_round"]))
+    return experiment

@@ -6,7 +6,7 @@ so that only the first round of an experiment pays for reading them.
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -221,9 +221,9 @@ def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
         config,
         start_epoch=(fl_round.number - 1) * experiment.local_epochs,
     )
+    trained = network.state_dict()
     stored = modelstore.save_weights(
-        modelstore.client_update_name(experiment.pk, fl_round.number, update.site.slug),
-        network.state_dict(),
+        modelstore.client_update_name(experiment.pk, fl_round.number, update.site.slug), trained
     )
     return LocalTrainingOutcome(
         stored=stored,
@@ -233,14 +233,28 @@ def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
             "accuracy": result.accuracy,
             "train_seconds": result.seconds,
             "device": str(default_device()),
+            # How far this client moved the model: large norms point at diverging sites.
+            "update_norm": l2_distance(trained, shared),
         },
     )
+
+
+def l2_distance(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights, over their floating-point tensors."""
+    total = 0.0
+    for name, tensor in first.items():
+        if tensor.dtype.is_floating_point:
+            difference = tensor.detach().cpu().to(torch.float64) - second[name].to(torch.float64)
+            total += float(difference.square().sum())
+    return total**0.5
 
 
 @dataclass(frozen=True)
 class AggregationOutcome:
     stored: modelstore.StoredWeights
     metrics: dict[str, Any]
+    # Client update id to the distance of its weights from the new global weights.
+    distances: dict[int, float] = field(default_factory=dict)
 
 
 def run_aggregation(fl_round: Round) -> AggregationOutcome:
@@ -263,6 +277,14 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     stored = modelstore.save_weights(
         modelstore.global_weights_name(experiment.pk, fl_round.number), new_weights
     )
+    # A second pass, one update at a time again, for each site's distance from the result.
+    distances = {
+        update.pk: l2_distance(
+            modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
+            new_weights,
+        )
+        for update in updates
+    }
     aggregated = time.perf_counter()
 
     evaluation: dict[str, Any] | None = None
@@ -273,6 +295,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     evaluated = time.perf_counter()
     return AggregationOutcome(
         stored=stored,
+        distances=distances,
         metrics={
             "global": evaluation,
             "clients": dict(strategy.round_metrics),

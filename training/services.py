@@ -27,6 +27,7 @@ from training.models import (
     RoundStatus,
     Site,
 )
+from visualization import events
 from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def open_round(experiment: Experiment, number: int) -> Round:
     )
     experiment.current_round = number
     experiment.save(update_fields=["current_round", "updated_at"])
+    events.round_opened(new_round, updates)
     for update, site in zip(updates, clients, strict=True):
         queue = training_queue(experiment, site)
         transaction.on_commit(
@@ -121,6 +123,7 @@ def stop_experiment(experiment_id: int, *, reason: str = "Stopped by a user.") -
             )
         fail_unfinished_rounds(experiment, reason)
         experiment.transition_to(ExperimentStatus.STOPPED, reason=reason)
+        events.experiment_ended(experiment)
     revoke_unfinished_tasks(experiment)
     return experiment
 
@@ -152,6 +155,7 @@ def fail_experiment(experiment: Experiment, reason: str) -> None:
     """The caller holds the experiment's lock."""
     fail_unfinished_rounds(experiment, reason)
     experiment.transition_to(ExperimentStatus.FAILED, reason=reason)
+    events.experiment_ended(experiment)
     logger.warning("experiment %s failed: %s", experiment.pk, reason)
 
 
@@ -177,6 +181,7 @@ def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate |
     )
     if not federation.is_simulation(update.round.experiment.dataset):
         Site.objects.filter(pk=update.site_id).update(last_seen=now)
+    events.client_changed(update)
     return update
 
 
@@ -194,6 +199,8 @@ def record_client_result(
         experiment = locked_experiment(claimed.round.experiment_id)
         fl_round = Round.objects.select_for_update().get(pk=claimed.round_id)
         update = ClientUpdate.objects.select_for_update().get(pk=claimed.pk)
+        update.round = fl_round
+        update.site = claimed.site
         now = timezone.now()
         update.finished_at = now
         if fl_round.status != RoundStatus.OPEN or update.status != ClientUpdateStatus.RUNNING:
@@ -201,6 +208,7 @@ def record_client_result(
             if update.status in UNFINISHED_CLIENT_STATUSES:
                 update.status = ClientUpdateStatus.LATE
                 update.save(update_fields=["status", "finished_at"])
+                events.client_changed(update)
             return update
         if outcome is None:
             update.status = ClientUpdateStatus.FAILED
@@ -215,6 +223,7 @@ def record_client_result(
             changed = ["status", "finished_at", "num_samples", "metrics", "update_file",
                        "update_sha256"]  # fmt: skip
         update.save(update_fields=changed)
+        events.client_changed(update)
         if not fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).exists():
             close_round(experiment, fl_round)
     return update
@@ -252,11 +261,21 @@ def close_overdue_rounds(now=None) -> list[int]:
             fl_round = Round.objects.select_for_update().get(pk=round_id)
             if fl_round.status != RoundStatus.OPEN:
                 continue
-            fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).update(
-                status=ClientUpdateStatus.LATE,
-                finished_at=now,
-                error="The round's deadline passed before this client reported.",
+            missing = list(
+                fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES)
+                .select_related("site")
+                .select_for_update(of=("self",))
             )
+            error = "The round's deadline passed before this client reported."
+            for update in missing:
+                update.status, update.finished_at, update.error = (
+                    ClientUpdateStatus.LATE,
+                    now,
+                    error,
+                )
+                update.round = fl_round
+                events.client_changed(update)
+            ClientUpdate.objects.bulk_update(missing, ["status", "finished_at", "error"])
             close_round(experiment, fl_round)
             closed.append(round_id)
             logger.info("round %s closed at its deadline", round_id)
@@ -300,13 +319,23 @@ def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> b
             "wall_seconds": (now - fl_round.opened_at).total_seconds(),
         }
         fl_round.save(update_fields=["status", "closed_at", "metrics"])
+        record_distances_to_aggregate(fl_round, outcome.distances)
+        events.round_closed(fl_round)
         if experiment.status != ExperimentStatus.RUNNING:
             return True
         if fl_round.number < experiment.num_rounds:
             open_round(experiment, fl_round.number + 1)
         else:
             experiment.transition_to(ExperimentStatus.COMPLETED)
+            events.experiment_ended(experiment)
     return True
+
+
+def record_distances_to_aggregate(fl_round: Round, distances: dict[int, float]) -> None:
+    updates = list(fl_round.client_updates.filter(pk__in=distances))
+    for update in updates:
+        update.metrics = {**update.metrics, "distance_to_aggregate": distances[update.pk]}
+    ClientUpdate.objects.bulk_update(updates, ["metrics"])
 
 
 def fail_round(round_id: int, reason: str) -> None:

@@ -1,6 +1,9 @@
-"""WebSocket routes, served by the ASGI application (flproject/asgi.py).
+"""WebSocket routes, served by the ASGI application (flproject/asgi.py)."""
 
-The experiment stream (ws/experiments/<id>/) is added with the live dashboard.
-"""
+from django.urls import path
 
-websocket_urlpatterns: list = []
+from visualization.consumers import ExperimentConsumer
+
+websocket_urlpatterns = [
+    path("ws/experiments/<int:experiment_id>/", ExperimentConsumer.as_asgi()),
+]

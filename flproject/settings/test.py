@@ -63,6 +63,9 @@ from .base import FEDLENS_DATA_DIR  # noqa: E402
 # A test database of this run's own, so that two runs on one server never collide;
 # pytest-django creates it and drops it at the end.
 DATABASES["default"]["TEST"] = {"NAME": f"test_fedlens_{os.getpid()}"}  # noqa: F405
+# Connections that threads (WebSocket consumers, executors) leave open would keep the test
+# database from being dropped at the end.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 SECRET_KEY = "fedlens-test-key"  # noqa: S105 - only ever used by the test suite
 DEBUG = False
 # Hashing with a real algorithm takes ~0.3 s per user; tests create many users.

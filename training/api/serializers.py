@@ -301,6 +301,26 @@ class ExperimentSerializer(serializers.ModelSerializer):
         return current
 
 
+class ExperimentSummarySerializer(serializers.ModelSerializer):
+    """What a live page needs to know of an experiment's state (events carry it)."""
+
+    class Meta:
+        model = Experiment
+        fields = ["id", "name", "status", "current_round", "num_rounds", "failure_reason",
+                  "started_at", "finished_at"]  # fmt: skip
+
+
+class CheckpointSummarySerializer(serializers.ModelSerializer):
+    """A checkpoint without request-dependent links (sent over the WebSocket)."""
+
+    round_number = serializers.IntegerField(source="round.number", read_only=True, default=None)
+
+    class Meta:
+        model = Checkpoint
+        fields = ["id", "round", "round_number", "sha256", "size_bytes", "num_parameters",
+                  "is_best", "created_at"]  # fmt: skip
+
+
 class CheckpointSerializer(serializers.ModelSerializer):
     round_number = serializers.IntegerField(source="round.number", read_only=True, default=None)
     download_url = serializers.HyperlinkedIdentityField(view_name="checkpoint-download")

@@ -1,0 +1,195 @@
+"""The experiment stream: who may listen, the snapshot first, then events in order."""
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.auth import AuthMiddlewareStack
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.db import connection
+from rest_framework.authtoken.models import Token
+
+from tests.conftest import WorkerProcess, needs_redis, new_experiment
+from tests.factories import ExperimentFactory, RoundFactory, UserFactory
+from training import services
+from visualization.auth import TokenAuthMiddleware
+from visualization.events import publish
+from visualization.routing import websocket_urlpatterns
+
+# The WebSocket half of flproject.asgi.application (without the origin check, which the
+# test client has no Origin header for).
+application = AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+
+
+def connect(path: str, headers=None) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, path, headers=headers or [])
+
+
+async def close_code(communicator: WebsocketCommunicator) -> int:
+    connected, _ = await communicator.connect()
+    assert connected
+    message = await communicator.receive_output(timeout=5)
+    await communicator.disconnect()
+    assert message["type"] == "websocket.close"
+    return message["code"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_visitor_without_login_is_refused_with_4401():
+    experiment = ExperimentFactory()
+
+    code = async_to_sync(close_code)(connect(f"/ws/experiments/{experiment.pk}/"))
+
+    assert code == 4401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_user_who_may_not_see_the_experiment_is_refused_with_4403():
+    experiment = ExperimentFactory()
+    stranger = Token.objects.create(user=UserFactory())
+
+    code = async_to_sync(close_code)(
+        connect(f"/ws/experiments/{experiment.pk}/?token={stranger.key}")
+    )
+
+    assert code == 4403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unknown_experiment_is_refused_with_4403():
+    token = Token.objects.create(user=UserFactory())
+
+    assert async_to_sync(close_code)(connect(f"/ws/experiments/999999/?token={token.key}")) == 4403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wrong_token_is_refused_with_4401():
+    experiment = ExperimentFactory()
+
+    code = async_to_sync(close_code)(connect(f"/ws/experiments/{experiment.pk}/?token=nope"))
+
+    assert code == 4401
+
+
+async def first_message(communicator: WebsocketCommunicator) -> dict:
+    connected, _ = await communicator.connect()
+    assert connected
+    message = await communicator.receive_json_from(timeout=5)
+    await communicator.send_json_to({"type": "ping"})
+    pong = await communicator.receive_json_from(timeout=5)
+    await communicator.disconnect()
+    return {"first": message, "pong": pong}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("how", ["query", "header", "session"])
+def test_a_member_first_receives_a_snapshot_of_the_ledger(how, client):
+    member = UserFactory()
+    experiment = ExperimentFactory(members=[member], status="running", current_round=2)
+    RoundFactory(experiment=experiment, number=1, status="closed", metrics={"global": None})
+    RoundFactory(experiment=experiment, number=2)
+    path, headers = f"/ws/experiments/{experiment.pk}/", []
+    if how == "query":
+        path += f"?token={Token.objects.create(user=member).key}"
+    elif how == "header":
+        headers = [(b"authorization", f"Token {Token.objects.create(user=member).key}".encode())]
+    else:
+        client.force_login(member)
+        headers = [(b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())]
+
+    messages = async_to_sync(first_message)(connect(path, headers))
+
+    snapshot = messages["first"]
+    assert snapshot["type"] == "snapshot"
+    assert snapshot["experiment"]["id"] == experiment.pk
+    assert snapshot["experiment"]["status"] == "running"
+    assert [r["number"] for r in snapshot["rounds"]] == [1, 2]
+    assert messages["pong"] == {"type": "pong"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_published_events_reach_every_listener():
+    owner = UserFactory()
+    experiment = ExperimentFactory(owner=owner)
+    token = Token.objects.create(user=owner)
+
+    async def listen_twice():
+        listeners = [connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+                     for _ in range(2)]  # fmt: skip
+        for listener in listeners:
+            await listener.connect()
+            assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
+        await asyncio.get_running_loop().run_in_executor(
+            None, publish, experiment.pk, {"type": "round.opened", "round": {"number": 1}}
+        )
+        received = [await listener.receive_json_from(timeout=5) for listener in listeners]
+        for listener in listeners:
+            await listener.disconnect()
+        return received
+
+    received = async_to_sync(listen_twice)()
+
+    assert received == [{"type": "round.opened", "round": {"number": 1}}] * 2
+
+
+def start(experiment_id: int) -> None:
+    """Start the experiment from a thread of the executor, closing that thread's connection."""
+    try:
+        services.start_experiment(experiment_id)
+    finally:
+        connection.close()
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_events_arrive_in_order_during_a_real_run(lesions_dataset, worker_env):
+    experiment = new_experiment(lesions_dataset, num_rounds=2, clients_per_round=2, min_clients=2)
+    token = Token.objects.create(user=experiment.owner)
+    worker = WorkerProcess(f"stream-{uuid.uuid4().hex[:6]}@test", worker_env)
+
+    async def watch():
+        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        await listener.connect()
+        received = [await listener.receive_json_from(timeout=10)]
+        await asyncio.get_running_loop().run_in_executor(None, start, experiment.pk)
+        deadline = time.monotonic() + 120
+        while received[-1]["type"] != "experiment.finished":
+            assert time.monotonic() < deadline, [event["type"] for event in received]
+            received.append(await listener.receive_json_from(timeout=60))
+        await listener.disconnect()
+        return received
+
+    try:
+        received = async_to_sync(watch)()
+    finally:
+        worker.stop()
+
+    kinds = [event["type"] for event in received]
+    assert kinds[0] == "snapshot" and kinds[-1] == "experiment.finished"
+    assert kinds.count("round.opened") == kinds.count("round.closed") == 2
+    assert kinds.count("client.started") == kinds.count("client.finished") == 4
+    for number in (1, 2):
+        opened = next(
+            i
+            for i, e in enumerate(received)
+            if e["type"] == "round.opened" and e["round"]["number"] == number
+        )
+        closed = next(
+            i
+            for i, e in enumerate(received)
+            if e["type"] == "round.closed" and e["round"]["number"] == number
+        )
+        clients = [i for i, e in enumerate(received)
+                   if e["type"].startswith("client.")
+                   and e["client_update"]["round_number"] == number]  # fmt: skip
+        assert opened < min(clients) and max(clients) < closed
+        assert received[closed]["round"]["metrics"]["global"]["accuracy"] is not None
+    finished = [e["client_update"] for e in received if e["type"] == "client.finished"]
+    assert all(update["metrics"]["update_norm"] > 0 for update in finished)
+    assert settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("RedisChannelLayer")

@@ -1,0 +1,35 @@
+"""What a browser receives first: the experiment and everything recorded for it so far."""
+
+from training.api.serializers import (
+    CheckpointSummarySerializer,
+    ClientUpdateSerializer,
+    ExperimentSerializer,
+    RoundSerializer,
+)
+from training.models import Checkpoint, ClientUpdate, Experiment, Round
+
+
+def visible_experiment(user, experiment_id: int) -> Experiment | None:
+    return (
+        Experiment.objects.visible_to(user)
+        .select_related("owner", "dataset")
+        .prefetch_related("members", "sites")
+        .filter(pk=experiment_id)
+        .first()
+    )
+
+
+def experiment_snapshot(experiment: Experiment) -> dict:
+    rounds = Round.objects.filter(experiment=experiment).select_related("checkpoint")
+    updates = ClientUpdate.objects.filter(round__experiment=experiment).select_related(
+        "round", "site"
+    )
+    checkpoints = Checkpoint.objects.filter(experiment=experiment).select_related("round")
+    return {
+        "type": "snapshot",
+        "experiment": ExperimentSerializer(experiment).data,
+        "class_names": experiment.dataset.class_names,
+        "rounds": RoundSerializer(rounds, many=True).data,
+        "client_updates": ClientUpdateSerializer(updates, many=True).data,
+        "checkpoints": CheckpointSummarySerializer(checkpoints, many=True).data,
+    }
