@@ -8,7 +8,10 @@ MANAGE := $(BIN)/python manage.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: demo test lint clean
+# Browser libraries come from npm at build time (pinned in package-lock.json), never a CDN.
+CHART_JS := visualization/static/visualization/vendor/chart.umd.min.js
+
+.PHONY: demo test lint browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +26,20 @@ $(VENV)/.dev-installed: requirements/dev.txt $(VENV)/.base-installed
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
+$(CHART_JS): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	mkdir -p $(dir $@)
+	cp node_modules/chart.js/dist/chart.umd.min.js $@
+
 # The synthetic set is generated on first use; each run starts a new 4-site experiment.
-demo: $(VENV)/.base-installed
+demo: $(VENV)/.base-installed $(CHART_JS)
 	$(MANAGE) migrate --noinput
 	$(MANAGE) bootstrap_admin
 	$(MANAGE) collectstatic --noinput --verbosity 0
 	@echo "FedLens on http://$(HOST):$(PORT)/ (API docs at /api/docs/, admin at /admin/)"
 	$(MANAGE) demo --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed $(CHART_JS) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
@@ -39,5 +47,10 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The browser test drives Debian's Chromium; install it when it is missing (needs root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+
 clean:
-	rm -rf $(VENV) test-output .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) node_modules $(dir $(CHART_JS)) test-output .pytest_cache .ruff_cache .mypy_cache

@@ -4,4 +4,7 @@ from visualization import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("experiments/new/", views.new_experiment, name="new-experiment"),
+    path("experiments/<int:experiment_id>/", views.experiment_detail, name="experiment-page"),
+    path("compare/", views.compare, name="compare"),
 ]

@@ -1,0 +1,369 @@
+// The experiment page: a snapshot and then live events from ws/experiments/<id>/ keep one
+// state object; every change redraws from that state, so a reconnect simply starts over.
+"use strict";
+
+(function () {
+  const page = JSON.parse(document.getElementById("page-data").textContent);
+  const PALETTE = ["#3a7bd5", "#e76f51", "#2a9d8f", "#9b5de5", "#f4a261", "#457b9d",
+    "#e63946", "#6a994e", "#b5838d", "#264653"];
+  const STATUS_COLOURS = { succeeded: "#2a9d8f", failed: "#c0392b", late: "#e9a23b",
+    running: "#3a7bd5", pending: "#adb5bd" };
+  const HEARTBEAT_MS = 20000;
+  const PONG_TIMEOUT_MS = 10000;
+
+  const state = { experiment: null, classNames: [], rounds: new Map(), updates: new Map(),
+    checkpoints: new Map() };
+  let chosenRound = null;
+
+  // --- Charts -------------------------------------------------------------------------------
+  Chart.defaults.animation = false;
+  Chart.defaults.maintainAspectRatio = false;
+  const byRound = { type: "linear", title: { display: true, text: "round" }, ticks: { precision: 0 } };
+
+  function lineChart(id, yTitle, extraScales) {
+    return new Chart(document.getElementById(id), {
+      type: "line",
+      data: { datasets: [] },
+      options: {
+        parsing: false,
+        scales: Object.assign({ x: byRound, y: { title: { display: true, text: yTitle } } },
+          extraScales || {}),
+        plugins: { legend: { position: "bottom" } },
+      },
+    });
+  }
+
+  const charts = {
+    global: lineChart("global-chart", "loss", {
+      y1: { position: "right", min: 0, max: 1, title: { display: true, text: "accuracy / AUC" },
+        grid: { drawOnChartArea: false } },
+    }),
+    siteLoss: lineChart("site-loss-chart", "loss"),
+    siteAccuracy: lineChart("site-accuracy-chart", "accuracy"),
+    norm: lineChart("norm-chart", "L2 norm of the update"),
+    distance: lineChart("distance-chart", "L2 distance"),
+    roc: new Chart(document.getElementById("roc-chart"), {
+      type: "line",
+      data: { datasets: [] },
+      options: { parsing: false, scales: {
+        x: { type: "linear", min: 0, max: 1, title: { display: true, text: "1 - specificity" } },
+        y: { min: 0, max: 1, title: { display: true, text: "sensitivity" } } } },
+    }),
+    timeline: new Chart(document.getElementById("timeline-chart"), {
+      type: "bar",
+      data: { datasets: [] },
+      options: {
+        indexAxis: "y",
+        scales: { x: { type: "linear", title: { display: true, text: "seconds" } },
+          y: { type: "category" } },
+        plugins: { legend: { position: "bottom" }, tooltip: { callbacks: {
+          label: (item) => {
+            const raw = item.raw;
+            return `round ${raw.round}: ${raw.status}, ${(raw.x[1] - raw.x[0]).toFixed(2)} s`;
+          } } } },
+      },
+    }),
+  };
+
+  // --- State --------------------------------------------------------------------------------
+  function sortedRounds() {
+    return [...state.rounds.values()].sort((a, b) => a.number - b.number);
+  }
+
+  function sites() {
+    return [...new Set([...state.updates.values()].map((u) => u.site))].sort();
+  }
+
+  function applySnapshot(snapshot) {
+    state.experiment = snapshot.experiment;
+    state.classNames = snapshot.class_names || [];
+    state.rounds = new Map(snapshot.rounds.map((r) => [r.number, r]));
+    state.updates = new Map(snapshot.client_updates.map((u) => [u.id, u]));
+    state.checkpoints = new Map(snapshot.checkpoints.map((c) => [c.id, c]));
+  }
+
+  function applyEvent(event) {
+    switch (event.type) {
+      case "round.opened":
+        state.rounds.set(event.round.number, event.round);
+        event.client_updates.forEach((u) => state.updates.set(u.id, u));
+        state.experiment.current_round = event.round.number;
+        state.experiment.status = "running";
+        break;
+      case "client.started":
+      case "client.finished":
+      case "client.failed":
+        state.updates.set(event.client_update.id, event.client_update);
+        break;
+      case "round.closed":
+        state.rounds.set(event.round.number, event.round);
+        if (event.checkpoint) {
+          if (event.checkpoint.is_best) state.checkpoints.forEach((c) => { c.is_best = false; });
+          state.checkpoints.set(event.checkpoint.id, event.checkpoint);
+        }
+        chosenRound = null; // follow the newest round
+        break;
+      case "experiment.finished":
+      case "experiment.failed":
+      case "experiment.stopped":
+        Object.assign(state.experiment, event.experiment);
+        // Distances and late clients are recorded with the end; take the ledger's word.
+        send({ type: "snapshot" });
+        break;
+      default:
+        return;
+    }
+  }
+
+  // --- Drawing ------------------------------------------------------------------------------
+  const fmt = (value, digits = 3) => (typeof value === "number" ? value.toFixed(digits) : "–");
+  const colour = (index) => PALETTE[index % PALETTE.length];
+
+  function series(label, points, index, extra) {
+    return Object.assign({ label, data: points, borderColor: colour(index),
+      backgroundColor: colour(index), pointRadius: 3, tension: 0.15 }, extra || {});
+  }
+
+  function drawGlobal() {
+    const rounds = sortedRounds().filter((r) => r.metrics && r.metrics.global);
+    const pick = (key) => rounds.filter((r) => typeof r.metrics.global[key] === "number")
+      .map((r) => ({ x: r.number, y: r.metrics.global[key] }));
+    charts.global.data.datasets = [
+      series("loss", pick("loss"), 1),
+      series("accuracy", pick("accuracy"), 0, { yAxisID: "y1" }),
+      series("balanced accuracy", pick("balanced_accuracy"), 3, { yAxisID: "y1", borderDash: [4, 3] }),
+      series("AUC", pick("roc_auc"), 2, { yAxisID: "y1" }),
+    ];
+    charts.global.update();
+  }
+
+  function drawPerSite(chart, metric) {
+    const updates = [...state.updates.values()].filter((u) => u.metrics && typeof u.metrics[metric] === "number");
+    chart.data.datasets = sites().map((site, index) => series(site,
+      updates.filter((u) => u.site === site).sort((a, b) => a.round_number - b.round_number)
+        .map((u) => ({ x: u.round_number, y: u.metrics[metric] })), index));
+    chart.update();
+  }
+
+  function drawTimeline() {
+    const started = state.experiment.started_at ? Date.parse(state.experiment.started_at) : null;
+    const updates = [...state.updates.values()].filter((u) => u.started_at);
+    const now = Date.now();
+    const byStatus = new Map();
+    updates.forEach((u) => {
+      const origin = started || Date.parse(u.started_at);
+      const start = (Date.parse(u.started_at) - origin) / 1000;
+      const end = ((u.finished_at ? Date.parse(u.finished_at) : now) - origin) / 1000;
+      if (!byStatus.has(u.status)) byStatus.set(u.status, []);
+      byStatus.get(u.status).push({ x: [start, Math.max(end, start + 0.01)], y: u.site,
+        round: u.round_number, status: u.status });
+    });
+    charts.timeline.data.labels = sites();
+    charts.timeline.data.datasets = [...byStatus.entries()].map(([status, data]) => ({
+      label: status, data, grouped: false, backgroundColor: STATUS_COLOURS[status] || "#888",
+      borderSkipped: false, barPercentage: 0.7 }));
+    charts.timeline.update();
+  }
+
+  function evaluatedRounds() {
+    return sortedRounds().filter((r) => r.metrics && r.metrics.global);
+  }
+
+  function drawRoundChoice() {
+    const select = document.getElementById("round-choice");
+    const rounds = evaluatedRounds();
+    const current = chosenRound || (rounds.length ? rounds[rounds.length - 1].number : null);
+    select.replaceChildren(...rounds.map((r) => new Option(String(r.number), String(r.number),
+      false, r.number === current)));
+    return current;
+  }
+
+  function drawEvaluation() {
+    const number = drawRoundChoice();
+    const round = state.rounds.get(number);
+    const container = document.getElementById("confusion");
+    const evaluation = round && round.metrics && round.metrics.global;
+    if (!evaluation) {
+      container.innerHTML = '<p class="muted">No evaluated round yet.</p>';
+      charts.roc.data.datasets = [];
+      charts.roc.update();
+      return;
+    }
+    const names = (i) => state.classNames[i] || `class ${i}`;
+    const matrix = evaluation.confusion_matrix || [];
+    const table = document.createElement("table");
+    table.className = "confusion";
+    const head = table.createTHead().insertRow();
+    head.insertCell().textContent = "true \\ predicted";
+    matrix.forEach((_, j) => { head.insertCell().textContent = names(j); });
+    const total = Math.max(1, ...matrix.map((row) => Math.max(...row)));
+    matrix.forEach((row, i) => {
+      const line = table.insertRow();
+      line.insertCell().textContent = names(i);
+      row.forEach((count) => {
+        const cell = line.insertCell();
+        cell.textContent = count;
+        cell.style.background = `rgba(58, 123, 213, ${(0.85 * count / total).toFixed(2)})`;
+      });
+    });
+    container.replaceChildren(table);
+    const curve = evaluation.roc_curve;
+    charts.roc.data.datasets = curve ? [
+      series(`round ${number} (AUC ${fmt(evaluation.roc_auc)})`,
+        curve.fpr.map((x, i) => ({ x, y: curve.tpr[i] })), 0, { pointRadius: 0 }),
+      series("chance", [{ x: 0, y: 0 }, { x: 1, y: 1 }], 9, { pointRadius: 0, borderDash: [4, 4] }),
+    ] : [];
+    charts.roc.update();
+  }
+
+  function cell(row, content) {
+    const td = row.insertCell();
+    if (content instanceof Node) td.append(content); else td.textContent = content;
+    return td;
+  }
+
+  function statusBadge(status) {
+    const badge = document.createElement("span");
+    badge.className = `status status-${status}`;
+    badge.textContent = status;
+    return badge;
+  }
+
+  function drawRoundsTable() {
+    const body = document.querySelector("#rounds-table tbody");
+    body.replaceChildren();
+    sortedRounds().forEach((r) => {
+      const evaluation = (r.metrics && r.metrics.global) || {};
+      const clients = [...state.updates.values()].filter((u) => u.round_number === r.number);
+      const done = clients.filter((u) => ["succeeded", "failed", "late"].includes(u.status)).length;
+      const row = body.insertRow();
+      row.dataset.round = r.number;
+      cell(row, String(r.number));
+      cell(row, statusBadge(r.status));
+      cell(row, `${done}/${clients.length}`);
+      cell(row, fmt(evaluation.loss));
+      cell(row, fmt(evaluation.accuracy));
+      cell(row, fmt(evaluation.balanced_accuracy));
+      cell(row, fmt(evaluation.roc_auc));
+      cell(row, fmt(r.metrics && r.metrics.wall_seconds, 2));
+      cell(row, new Date(r.opened_at).toLocaleTimeString());
+    });
+  }
+
+  function drawCheckpoints() {
+    const body = document.querySelector("#checkpoints-table tbody");
+    body.replaceChildren();
+    [...state.checkpoints.values()].sort((a, b) => (a.round_number || 0) - (b.round_number || 0))
+      .forEach((c) => {
+        const row = body.insertRow();
+        cell(row, c.round_number === null ? "initial" : String(c.round_number));
+        cell(row, c.num_parameters.toLocaleString());
+        cell(row, `${(c.size_bytes / 1024).toFixed(1)} KiB`);
+        const hash = document.createElement("code");
+        hash.textContent = c.sha256.slice(0, 16) + "…";
+        hash.title = c.sha256;
+        cell(row, hash);
+        cell(row, c.is_best ? "★ best" : "");
+        const link = document.createElement("a");
+        link.href = `/api/checkpoints/${c.id}/download/`;
+        link.textContent = "download";
+        cell(row, link);
+      });
+  }
+
+  function drawHeader() {
+    const experiment = state.experiment;
+    const status = document.getElementById("status");
+    status.className = `status status-${experiment.status}`;
+    status.textContent = experiment.status;
+    document.getElementById("round-progress").textContent =
+      `${experiment.current_round}/${experiment.num_rounds}`;
+    const failure = document.getElementById("failure");
+    failure.hidden = !experiment.failure_reason;
+    failure.textContent = experiment.failure_reason || "";
+    const stop = document.getElementById("stop");
+    if (stop) stop.disabled = !["queued", "running"].includes(experiment.status);
+    document.body.dataset.status = experiment.status;
+  }
+
+  function draw() {
+    if (!state.experiment) return;
+    drawHeader();
+    drawGlobal();
+    drawPerSite(charts.siteLoss, "loss");
+    drawPerSite(charts.siteAccuracy, "accuracy");
+    drawPerSite(charts.norm, "update_norm");
+    drawPerSite(charts.distance, "distance_to_aggregate");
+    drawTimeline();
+    drawEvaluation();
+    drawRoundsTable();
+    drawCheckpoints();
+  }
+
+  document.getElementById("round-choice").addEventListener("change", (e) => {
+    chosenRound = Number(e.target.value);
+    drawEvaluation();
+  });
+
+  // --- Stop ---------------------------------------------------------------------------------
+  const stopButton = document.getElementById("stop");
+  if (stopButton) {
+    stopButton.addEventListener("click", async () => {
+      if (!window.confirm("Stop this experiment? Its open round is marked failed.")) return;
+      const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="));
+      const response = await fetch(`/api/experiments/${page.experiment}/stop/`, {
+        method: "POST", credentials: "same-origin",
+        headers: { "X-CSRFToken": csrf ? csrf.split("=")[1] : "" },
+      });
+      if (!response.ok) {
+        const body = await response.json().catch(() => ({}));
+        window.alert(body.detail || `Stopping failed (${response.status}).`);
+      }
+    });
+  }
+
+  // --- WebSocket: reconnects by itself, says when it is disconnected -----------------------
+  let socket = null;
+  let retryDelay = 1000;
+  let heartbeat = null;
+  let pongDeadline = null;
+  const banner = document.getElementById("connection");
+
+  function send(message) {
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(message));
+  }
+
+  function connect() {
+    const scheme = window.location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${window.location.host}/ws/experiments/${page.experiment}/`);
+    socket.addEventListener("open", () => {
+      banner.hidden = true;
+      retryDelay = 1000;
+      heartbeat = setInterval(() => {
+        send({ type: "ping" });
+        pongDeadline = setTimeout(() => socket.close(), PONG_TIMEOUT_MS);
+      }, HEARTBEAT_MS);
+    });
+    socket.addEventListener("message", (message) => {
+      const data = JSON.parse(message.data);
+      if (data.type === "pong") { clearTimeout(pongDeadline); return; }
+      if (data.type === "snapshot") applySnapshot(data); else applyEvent(data);
+      draw();
+    });
+    socket.addEventListener("close", (event) => {
+      clearInterval(heartbeat);
+      clearTimeout(pongDeadline);
+      if (event.code === 4401 || event.code === 4403) {
+        banner.textContent = "You may not watch this experiment (log in again?).";
+        banner.hidden = false;
+        return;
+      }
+      banner.textContent = "Disconnected from the live stream; reconnecting…";
+      banner.hidden = false;
+      setTimeout(connect, retryDelay);
+      retryDelay = Math.min(retryDelay * 2, 15000);
+    });
+  }
+
+  connect();
+}());
