@@ -33,7 +33,7 @@ def pytest_report_header(config):
     if database["ENGINE"].endswith("sqlite3"):
         where = database["NAME"]
     else:
-        where = f"{database['HOST']}:{database['PORT']}, database {database['TEST']['NAME']}"
+        where = f"{database['HOST']}:{database['PORT']}, database {database['TEST'].get('NAME')}"
     broker = settings.REDIS_URL or "memory:// (embedded mode; Redis tests skipped)"
     return [
         f"FedLens database: {database['ENGINE'].rsplit('.', 1)[-1]} {where}",

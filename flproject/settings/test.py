@@ -60,9 +60,10 @@ os.environ.setdefault(
 from .base import *  # noqa: E402, F403
 from .base import FEDLENS_DATA_DIR  # noqa: E402
 
-# A test database of this run's own, so that two runs on one server never collide;
-# pytest-django creates it and drops it at the end.
-DATABASES["default"]["TEST"] = {"NAME": f"test_fedlens_{os.getpid()}"}  # noqa: F405
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
+    # A test database of this run's own, so that two runs on one server never collide;
+    # pytest-django creates it and drops it at the end. (SQLite tests run in memory.)
+    DATABASES["default"]["TEST"] = {"NAME": f"test_fedlens_{os.getpid()}"}  # noqa: F405
 # Connections that threads (WebSocket consumers, executors) leave open would keep the test
 # database from being dropped at the end.
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
