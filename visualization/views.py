@@ -26,6 +26,10 @@ from training.models import (
 )
 
 SPARKLINE_WIDTH, SPARKLINE_HEIGHT = 120, 28
+# The experiment form's single-valued inputs (sites is a list); names as in the REST API.
+FORM_FIELDS = ("name", "description", "dataset", "network", "strategy", "partition",
+               "num_rounds", "clients_per_round", "min_clients", "local_epochs", "batch_size",
+               "learning_rate", "optimizer", "seed", "round_timeout_seconds")  # fmt: skip
 
 
 def accuracy_of(metrics: dict) -> float | None:
@@ -100,13 +104,7 @@ def new_experiment(request):
     """Create (and optionally start) an experiment, validated exactly as the REST API does."""
     values, errors = {}, {}
     if request.method == "POST":
-        values = {
-            key: request.POST.get(key, "")
-            for key in ("name", "description", "dataset", "network", "strategy", "partition",
-                        "num_rounds", "clients_per_round", "min_clients", "local_epochs",
-                        "batch_size", "learning_rate", "optimizer", "seed",
-                        "round_timeout_seconds")  # fmt: skip
-        }
+        values = {key: request.POST.get(key, "") for key in FORM_FIELDS}
         values["sites"] = request.POST.getlist("sites")
         serializer = ExperimentSerializer(
             data={key: value for key, value in values.items() if value not in ("", None)},
@@ -120,8 +118,9 @@ def new_experiment(request):
                 except InvalidTransition as exc:
                     messages.error(request, str(exc))
             return redirect("experiment-page", experiment_id=experiment.pk)
-        errors = {field: " ".join(map(str, problems)) for field, problems in
-                  serializer.errors.items()}  # fmt: skip
+        errors = {
+            field: " ".join(map(str, problems)) for field, problems in serializer.errors.items()
+        }
     return render(
         request,
         "visualization/new_experiment.html",

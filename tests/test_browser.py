@@ -1,0 +1,145 @@
+"""A real browser (Debian's headless Chromium) against a real FedLens server in embedded mode:
+log in, create and start an experiment, watch the charts fill in live until it completes."""
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.conftest import PROJECT_ROOT, free_port, service_env, stop_process
+
+SCREENSHOTS = PROJECT_ROOT / "test-output" / "screenshots"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ROUNDS = 4
+PASSWORD = "a browser test password 42"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="needs Debian's chromium and chromium-driver (`make test` installs them)",
+)
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture
+def server(tmp_path):
+    """FedLens on the embedded default, with a user, a registered dataset and three sites."""
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+        DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+    )
+    dataset_dir = tmp_path / "datasets" / "lesions"
+    manage(env, "migrate", "--noinput")
+    manage(env, "createsuperuser", "--noinput", "--username", "ana", "--email", "ana@x.org")
+    manage(env, "make_synthetic_dataset", "--out", str(dataset_dir), "--sites", "3",
+           "--per-site", "60", "--size", "32")  # fmt: skip
+    manage(env, "register_dataset", "--name", "lesions", "--path", str(dataset_dir))
+    manage(env, "shell", "--no-imports", "-c",
+           "from training.runner import simulated_sites; simulated_sites(3)")  # fmt: skip
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "flproject.asgi:application", "--port", str(port)],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        encoding="utf-8", errors="replace",
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)  # noqa: S310 - local server
+            break
+        except (OSError, urllib.error.URLError):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+    yield base
+    stop_process(process)
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--window-size=1400,2200"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def points_in_global_chart(driver) -> int:
+    return driver.execute_script(
+        "const chart = Chart.getChart('global-chart');"
+        "const accuracy = chart && chart.data.datasets[1];"
+        "return accuracy ? accuracy.data.length : 0;"
+    )
+
+
+def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
+    browser.get(f"{server}/accounts/login/")
+    browser.find_element(By.ID, "id_username").send_keys("ana")
+    browser.find_element(By.ID, "id_password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.LINK_TEXT, "New experiment"))
+
+    browser.get(f"{server}/experiments/new/")
+    browser.find_element(By.ID, "name").send_keys("watched in a browser")
+    sites = Select(browser.find_element(By.ID, "sites"))
+    for index in range(len(sites.options)):
+        sites.select_by_index(index)
+    for field, value in (("num_rounds", ROUNDS), ("clients_per_round", 3), ("min_clients", 3),
+                         ("local_epochs", 2), ("batch_size", 16)):  # fmt: skip
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(str(value))
+    browser.find_element(By.CSS_SELECTOR, "#new-experiment button[type=submit]").click()
+    WebDriverWait(browser, 20).until(lambda d: "/experiments/" in d.current_url
+                                     and d.find_elements(By.ID, "global-chart"))  # fmt: skip
+
+    seen = []  # the number of evaluated rounds on the chart, as the page showed it
+    deadline = time.monotonic() + 240
+    while browser.find_element(By.TAG_NAME, "body").get_attribute("data-status") != "completed":
+        assert time.monotonic() < deadline, f"not completed; chart points seen: {seen}"
+        seen.append(points_in_global_chart(browser))
+        time.sleep(0.1)
+    seen.append(points_in_global_chart(browser))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / "experiment-page.png"))
+
+    assert seen == sorted(seen), "the chart lost points while running"
+    assert any(0 < count < ROUNDS for count in seen), f"no intermediate state seen: {seen}"
+    assert seen[-1] == ROUNDS
+    assert browser.find_element(By.ID, "status").text == "completed"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")) == ROUNDS
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints-table tbody tr")) == ROUNDS + 1
+    assert browser.find_elements(By.CSS_SELECTOR, "#confusion table.confusion")
+    timeline_bars = browser.execute_script(
+        "return Chart.getChart('timeline-chart').data.datasets"
+        ".reduce((n, d) => n + d.data.length, 0);"
+    )
+    assert timeline_bars == 3 * ROUNDS
+    assert browser.find_element(By.ID, "connection").get_attribute("hidden") is not None
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_the_screenshot_directory_is_not_in_git():
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SCREENSHOTS)], cwd=PROJECT_ROOT)
+
+    assert ignored.returncode == 0 or shutil.which("git") is None

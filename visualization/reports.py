@@ -1,0 +1,538 @@
+"""Report figures and metric exports of one experiment, read from its round ledger.
+
+Figures are drawn with matplotlib's object API (a `Figure` on its own Agg canvas), never
+through pyplot: pyplot keeps a global "current figure" that every thread of the web process
+would share.
+
+Every metric in the ledger is optional. Rounds that are open, aggregating or failed carry
+empty metrics, clients that failed carry none, and keys such as ``update_norm`` appear only
+from some version on, so each value is read with a fallback and a panel without data says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from django.db.models import Prefetch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from training.models import ClientUpdate, Dataset, Experiment, Round, RoundStatus
+
+REPORT_CONTENT_TYPES = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
+PNG_DPI = 150
+FIGURE_INCHES = (12.0, 13.5)  # 1800 x 2025 pixels at PNG_DPI
+
+# The columns of `metrics_rows`, in the order the CSV export writes them. One row stands for
+# one client update (one site in one round); the round's held-out evaluation is repeated on
+# each of its rows so that a spreadsheet can plot either without a join.
+METRIC_COLUMNS = (
+    "experiment",  # the experiment's id
+    "round",  # the round's number, from 1
+    "round_status",  # open, aggregating, closed or failed
+    "site",  # the site's slug
+    "client_status",  # pending, running, succeeded, failed or late
+    "worker",  # the Celery worker that trained, empty until one claims the task
+    "num_samples",  # training samples the site used
+    "train_loss",  # the site's mean training loss in the round
+    "train_accuracy",  # the site's training accuracy in the round
+    "train_seconds",  # time spent in local training
+    "update_norm",  # L2 norm of the site's update, when recorded
+    "distance_to_aggregate",  # distance of the site's model to the aggregate, when recorded
+    "started_at",  # ISO 8601, when a worker claimed the task
+    "finished_at",  # ISO 8601, when the result (or the failure) was recorded
+    "global_loss",  # the round's held-out loss of the aggregated model
+    "global_accuracy",  # ... its held-out accuracy
+    "global_balanced_accuracy",  # ... its mean recall over the classes present
+    "global_auc",  # ... its ROC AUC (binary tasks with both classes present)
+)
+
+NO_DATA = "no data yet"
+Series = tuple[list[int], list[float]]  # round numbers and their values
+# Beyond these sizes, cell counts and class names would only overprint each other.
+MAX_ANNOTATED_CLASSES = 12
+MAX_LABELLED_CLASSES = 30
+MAX_SITES_IN_LEGEND = 12
+MAX_CLASS_NAME_CHARACTERS = 18
+
+
+class UnknownRound(ValueError):
+    """A report was asked for a round that the experiment does not have."""
+
+
+# --- Reading the ledger ---------------------------------------------------------------------
+
+
+def ledger_rounds(experiment: Experiment) -> list[Round]:
+    """The experiment's rounds by number, each with its client updates and their sites.
+
+    Two queries whatever the number of rounds and clients.
+    """
+    updates = ClientUpdate.objects.select_related("site").order_by("site__slug")
+    return list(
+        experiment.rounds.order_by("number").prefetch_related(
+            Prefetch("client_updates", queryset=updates)
+        )
+    )
+
+
+def as_mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (metrics may be null or missing)."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_number(value: Any) -> float | None:
+    """A finite number for plotting, or None for anything else (null, text, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def held_out_metrics(fl_round: Round) -> dict[str, Any]:
+    """The round's evaluation of the aggregated model; empty when there is none (yet)."""
+    return as_mapping(as_mapping(fl_round.metrics).get("global"))
+
+
+def iso_time(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def class_names(dataset: Dataset, count: int) -> list[str]:
+    """Names for classes 0..count-1; "class i" where the dataset names none."""
+    named = dataset.class_names if isinstance(dataset.class_names, list) else []
+    return [
+        str(named[index])
+        if index < len(named) and named[index] not in (None, "")
+        else f"class {index}"
+        for index in range(count)
+    ]
+
+
+# --- Metric exports -------------------------------------------------------------------------
+
+
+def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[str, Any]]:
+    rows = []
+    for fl_round in rounds:
+        evaluation = held_out_metrics(fl_round)
+        round_columns = {
+            "global_loss": evaluation.get("loss"),
+            "global_accuracy": evaluation.get("accuracy"),
+            "global_balanced_accuracy": evaluation.get("balanced_accuracy"),
+            "global_auc": evaluation.get("roc_auc"),
+        }
+        for update in fl_round.client_updates.all():
+            training = as_mapping(update.metrics)
+            rows.append(
+                {
+                    "experiment": experiment.pk,
+                    "round": fl_round.number,
+                    "round_status": fl_round.status,
+                    "site": update.site.slug,
+                    "client_status": update.status,
+                    "worker": update.worker,
+                    "num_samples": update.num_samples,
+                    "train_loss": training.get("loss"),
+                    "train_accuracy": training.get("accuracy"),
+                    "train_seconds": training.get("train_seconds"),
+                    "update_norm": training.get("update_norm"),
+                    "distance_to_aggregate": training.get("distance_to_aggregate"),
+                    "started_at": iso_time(update.started_at),
+                    "finished_at": iso_time(update.finished_at),
+                    **round_columns,
+                }
+            )
+    return rows
+
+
+def metrics_rows(experiment: Experiment) -> list[dict[str, Any]]:
+    """One row per client update (a site in a round), keyed by METRIC_COLUMNS.
+
+    Rows run by round number, then site slug. A metric the ledger lacks is None; times are
+    ISO 8601 strings. Two queries, however many rounds and clients.
+    """
+    return client_rows(experiment, ledger_rounds(experiment))
+
+
+def metrics_csv(experiment: Experiment) -> str:
+    """`metrics_rows` as CSV with a header row; a missing value is an empty cell."""
+    output = io.StringIO()
+    writer = csv.DictWriter(output, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(metrics_rows(experiment))
+    return output.getvalue()
+
+
+def metrics_json(experiment: Experiment) -> dict[str, Any]:
+    """The experiment's set-up, each round's aggregated metrics, and `metrics_rows`.
+
+    ``rounds[i]["global"]`` is the round's full held-out evaluation as recorded (confusion
+    matrix and ROC curve included) or None; ``rounds[i]["clients"]`` the sample-weighted
+    means of its clients' training metrics or None.
+    """
+    rounds = ledger_rounds(experiment)
+    dataset = experiment.dataset
+    return {
+        "experiment": {
+            "id": experiment.pk,
+            "name": experiment.name,
+            "status": experiment.status,
+            "failure_reason": experiment.failure_reason,
+            "dataset": {
+                "id": dataset.pk,
+                "name": dataset.name,
+                "num_classes": dataset.num_classes,
+                "class_names": class_names(dataset, dataset.num_classes),
+            },
+            "network": experiment.network,
+            "strategy": experiment.strategy,
+            "strategy_params": experiment.strategy_params,
+            "partition": experiment.partition,
+            "num_rounds": experiment.num_rounds,
+            "clients_per_round": experiment.clients_per_round,
+            "min_clients": experiment.min_clients,
+            "local_epochs": experiment.local_epochs,
+            "batch_size": experiment.batch_size,
+            "learning_rate": experiment.learning_rate,
+            "optimizer": experiment.optimizer,
+            "seed": experiment.seed,
+            "current_round": experiment.current_round,
+            "created_at": iso_time(experiment.created_at),
+            "started_at": iso_time(experiment.started_at),
+            "finished_at": iso_time(experiment.finished_at),
+        },
+        "rounds": [round_summary(fl_round) for fl_round in rounds],
+        "clients": client_rows(experiment, rounds),
+    }
+
+
+def round_summary(fl_round: Round) -> dict[str, Any]:
+    metrics = as_mapping(fl_round.metrics)
+    return {
+        "number": fl_round.number,
+        "status": fl_round.status,
+        "opened_at": iso_time(fl_round.opened_at),
+        "closed_at": iso_time(fl_round.closed_at),
+        "global": held_out_metrics(fl_round) or None,
+        "clients": as_mapping(metrics.get("clients")) or None,
+        "aggregation_seconds": metrics.get("aggregation_seconds"),
+        "evaluation_seconds": metrics.get("evaluation_seconds"),
+        "wall_seconds": metrics.get("wall_seconds"),
+    }
+
+
+# --- The report figure ----------------------------------------------------------------------
+
+
+def render_report(experiment: Experiment, fmt: str, *, round_number: int | None = None) -> bytes:
+    """The experiment's report as one figure in `fmt` (png, svg or pdf).
+
+    Panels: held-out loss and quality (accuracy, balanced accuracy, AUC) per round; each
+    site's training loss and accuracy per round; the confusion matrix and ROC curve (or, for
+    more than two classes, per-class precision and recall) of one round: `round_number`, by
+    default the last closed round with a held-out evaluation. Raises UnknownRound when the
+    experiment has no round `round_number`.
+    """
+    if fmt not in REPORT_CONTENT_TYPES:
+        formats = ", ".join(REPORT_CONTENT_TYPES)
+        raise ValueError(f"Unknown report format {fmt!r}; use one of {formats}.")
+    rounds = ledger_rounds(experiment)
+    shown = chosen_round(experiment, rounds, round_number)
+    dataset = experiment.dataset
+
+    figure = Figure(figsize=FIGURE_INCHES, layout="constrained")
+    FigureCanvasAgg(figure)
+    (loss_axes, quality_axes), (site_loss_axes, site_accuracy_axes), (matrix_axes, curve_axes) = (
+        figure.subplots(3, 2)
+    )
+    figure.suptitle(report_title(experiment, rounds), fontsize=13, parse_math=False)
+    draw_held_out_loss(loss_axes, rounds)
+    draw_held_out_quality(quality_axes, rounds)
+    draw_site_metric(site_loss_axes, rounds, "loss", "Training loss per site")
+    draw_site_metric(site_accuracy_axes, rounds, "accuracy", "Training accuracy per site")
+    draw_confusion_matrix(matrix_axes, shown, dataset)
+    if dataset.num_classes == 2:
+        draw_roc_curve(curve_axes, shown)
+    else:
+        draw_per_class_scores(curve_axes, shown, dataset)
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=PNG_DPI, metadata=file_metadata(fmt, experiment))
+    return buffer.getvalue()
+
+
+def chosen_round(
+    experiment: Experiment, rounds: Sequence[Round], round_number: int | None
+) -> Round | None:
+    """The round whose confusion matrix and ROC curve the report shows, if any."""
+    if round_number is None:
+        evaluated = [r for r in rounds if r.status == RoundStatus.CLOSED and held_out_metrics(r)]
+        return evaluated[-1] if evaluated else None
+    for fl_round in rounds:
+        if fl_round.number == round_number:
+            return fl_round
+    if not rounds:
+        raise UnknownRound(f"Experiment {experiment.pk} has no rounds yet.")
+    raise UnknownRound(
+        f"Experiment {experiment.pk} has no round {round_number}; "
+        f"its rounds are {rounds[0].number} to {rounds[-1].number}."
+    )
+
+
+def report_title(experiment: Experiment, rounds: Sequence[Round]) -> str:
+    closed = sum(1 for r in rounds if r.status == RoundStatus.CLOSED)
+    details = (
+        f"dataset {experiment.dataset.name}  ·  strategy {experiment.strategy}  ·  "
+        f"network {experiment.network}  ·  {experiment.status}, "
+        f"{closed} of {experiment.num_rounds} rounds closed"
+    )
+    title = f"{experiment.name} (experiment {experiment.pk})\n{details}"
+    if experiment.failure_reason:
+        reason = experiment.failure_reason
+        title += "\n" + (reason if len(reason) <= 110 else reason[:107] + "...")
+    return title
+
+
+def file_metadata(fmt: str, experiment: Experiment) -> dict[str, Any]:
+    """The file's title. No creation date: PNG and PDF files of an unchanged ledger stay
+    byte-identical, which suits caches and comparisons."""
+    title = f"FedLens report: {experiment.name}"
+    if fmt == "svg":
+        return {"Title": title, "Date": None}
+    if fmt == "pdf":
+        return {"Title": title, "Creator": "FedLens", "CreationDate": None}
+    return {"Title": title, "Software": "FedLens"}
+
+
+def show_no_data(axes: Axes, message: str = NO_DATA) -> None:
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.text(
+        0.5,
+        0.5,
+        message,
+        ha="center",
+        va="center",
+        color="grey",
+        fontsize="large",
+        transform=axes.transAxes,
+        wrap=True,
+        parse_math=False,
+    )
+
+
+def per_round_series(rounds: Iterable[Round], read: Callable[[Round], Any]) -> Series:
+    """Round numbers and values of `read(round)`, skipping rounds where it is not a number."""
+    numbers, values = [], []
+    for fl_round in rounds:
+        value = as_number(read(fl_round))
+        if value is not None:
+            numbers.append(fl_round.number)
+            values.append(value)
+    return numbers, values
+
+
+def label_round_axis(axes: Axes, ylabel: str) -> None:
+    axes.set_xlabel("round")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+
+
+def clients_mean(fl_round: Round) -> dict[str, Any]:
+    """The sample-weighted means of the round's client training metrics; may be empty."""
+    return as_mapping(as_mapping(fl_round.metrics).get("clients"))
+
+
+def plot_per_round(axes: Axes, lines: Sequence[tuple[str, str, Series]]) -> bool:
+    """Draw each (label, line style, series) that has points; False when none has any."""
+    drawn = [(label, style, series) for label, style, series in lines if series[0]]
+    if not drawn:
+        show_no_data(axes)
+        return False
+    for label, style, (numbers, values) in drawn:
+        axes.plot(numbers, values, linestyle=style, marker="o", markersize=4, label=label)
+    return True
+
+
+def draw_held_out_loss(axes: Axes, rounds: Sequence[Round]) -> None:
+    axes.set_title("Loss per round")
+    held_out = per_round_series(rounds, lambda r: held_out_metrics(r).get("loss"))
+    training = per_round_series(rounds, lambda r: clients_mean(r).get("loss"))
+    lines = [
+        ("held-out loss (global model)", "-", held_out),
+        ("training loss (clients' mean)", "--", training),
+    ]
+    if plot_per_round(axes, lines):
+        label_round_axis(axes, "cross-entropy")
+        axes.legend(loc="upper right", fontsize="small")
+
+
+def draw_held_out_quality(axes: Axes, rounds: Sequence[Round]) -> None:
+    axes.set_title("Held-out accuracy per round")
+    lines = [
+        (label, "-", per_round_series(rounds, lambda r, key=key: held_out_metrics(r).get(key)))
+        for label, key in (
+            ("accuracy", "accuracy"),
+            ("balanced accuracy", "balanced_accuracy"),
+            ("ROC AUC", "roc_auc"),
+        )
+    ]
+    if plot_per_round(axes, lines):
+        label_round_axis(axes, "score")
+        axes.set_ylim(0, 1.02)
+        axes.legend(loc="lower right", fontsize="small")
+
+
+def draw_site_metric(axes: Axes, rounds: Sequence[Round], key: str, title: str) -> None:
+    axes.set_title(title)
+    by_site: dict[str, tuple[list[int], list[float]]] = {}
+    for fl_round in rounds:
+        for update in fl_round.client_updates.all():
+            value = as_number(as_mapping(update.metrics).get(key))
+            if value is not None:
+                numbers, values = by_site.setdefault(update.site.slug, ([], []))
+                numbers.append(fl_round.number)
+                values.append(value)
+    if not by_site:
+        show_no_data(axes)
+        return
+    for slug, (numbers, values) in sorted(by_site.items()):
+        axes.plot(numbers, values, marker="o", markersize=3, linewidth=1.2, label=slug)
+    label_round_axis(axes, key)
+    if key == "accuracy":
+        axes.set_ylim(0, 1.02)
+    if len(by_site) <= MAX_SITES_IN_LEGEND:
+        axes.legend(fontsize="small", ncols=2 if len(by_site) > 6 else 1)
+    else:
+        axes.set_title(f"{title} ({len(by_site)} sites)")
+
+
+def evaluated_round(axes: Axes, shown: Round | None, what: str) -> dict[str, Any] | None:
+    """The held-out metrics of `shown`, or None after saying in `axes` why there are none."""
+    if shown is None:
+        axes.set_title(what)
+        show_no_data(axes, f"{NO_DATA}: no round has a held-out evaluation")
+        return None
+    axes.set_title(f"{what}, round {shown.number}")
+    evaluation = held_out_metrics(shown)
+    if not evaluation:
+        show_no_data(axes, f"{NO_DATA}: round {shown.number} is {shown.status}")
+        return None
+    return evaluation
+
+
+def square_matrix(value: Any) -> np.ndarray | None:
+    try:
+        matrix = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        return None
+    return matrix
+
+
+def shortened(name: str) -> str:
+    limit = MAX_CLASS_NAME_CHARACTERS
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def draw_confusion_matrix(axes: Axes, shown: Round | None, dataset: Dataset) -> None:
+    evaluation = evaluated_round(axes, shown, "Confusion matrix (held-out)")
+    if evaluation is None:
+        return
+    matrix = square_matrix(evaluation.get("confusion_matrix"))
+    if matrix is None:
+        show_no_data(axes, "no confusion matrix recorded")
+        return
+    count = matrix.shape[0]
+    # Colour by the share of each true class, so that rare classes stay readable.
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    axes.figure.colorbar(image, ax=axes, label="share of the true class", shrink=0.85)
+    if count <= MAX_LABELLED_CLASSES:
+        names = [shortened(name) for name in class_names(dataset, count)]
+        axes.set_xticks(range(count), labels=names, rotation=45, ha="right", parse_math=False)
+        axes.set_yticks(range(count), labels=names, parse_math=False)
+    if count <= MAX_ANNOTATED_CLASSES:
+        for (true_class, predicted), cases in np.ndenumerate(matrix):
+            share = shares[true_class, predicted]
+            axes.text(
+                predicted,
+                true_class,
+                f"{int(cases)}",
+                ha="center",
+                va="center",
+                color="white" if share > 0.6 else "black",
+                fontsize="large" if count <= 4 else "small",
+            )
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+
+
+def draw_roc_curve(axes: Axes, shown: Round | None) -> None:
+    evaluation = evaluated_round(axes, shown, "ROC curve (held-out)")
+    if evaluation is None:
+        return
+    curve = as_mapping(evaluation.get("roc_curve"))
+    fpr, tpr = curve.get("fpr"), curve.get("tpr")
+    if not isinstance(fpr, list) or not isinstance(tpr, list) or len(fpr) != len(tpr) or not fpr:
+        show_no_data(axes, "no ROC curve: the held-out set lacks one of the two classes")
+        return
+    auc = as_number(evaluation.get("roc_auc"))
+    auc_text = f"AUC = {auc:.3f}" if auc is not None else "AUC n/a"
+    axes.plot(fpr, tpr, linewidth=2, label=f"round {shown.number} ({auc_text})")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance (AUC = 0.5)")
+    sensitivity = as_number(evaluation.get("sensitivity"))
+    specificity = as_number(evaluation.get("specificity"))
+    if sensitivity is not None and specificity is not None:
+        axes.plot(
+            [1 - specificity],
+            [sensitivity],
+            marker="o",
+            linestyle="none",
+            color="black",
+            label=f"predicted labels (sens. {sensitivity:.2f}, spec. {specificity:.2f})",
+        )
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_aspect("equal")
+    axes.set_xlabel("false positive rate (1 - specificity)")
+    axes.set_ylabel("true positive rate (sensitivity)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+
+
+def draw_per_class_scores(axes: Axes, shown: Round | None, dataset: Dataset) -> None:
+    """Multi-class tasks have no single ROC curve: precision and recall per class instead."""
+    evaluation = evaluated_round(axes, shown, "Precision and recall per class (held-out)")
+    if evaluation is None:
+        return
+    precision = [as_number(v) for v in evaluation.get("precision") or []]
+    recall = [as_number(v) for v in evaluation.get("recall") or []]
+    count = max(len(precision), len(recall))
+    if count == 0:
+        show_no_data(axes, "no per-class metrics recorded")
+        return
+    positions = np.arange(count)
+    for offset, label, values in ((-0.2, "precision", precision), (0.2, "recall", recall)):
+        heights = [
+            values[i] if i < len(values) and values[i] is not None else 0.0 for i in range(count)
+        ]
+        axes.bar(positions + offset, heights, width=0.4, label=label)
+    if count <= MAX_LABELLED_CLASSES:
+        names = [shortened(name) for name in class_names(dataset, count)]
+        axes.set_xticks(positions, labels=names, rotation=45, ha="right", parse_math=False)
+    axes.set_ylim(0, 1.02)
+    axes.set_ylabel("score")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
