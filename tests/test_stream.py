@@ -16,13 +16,14 @@ from rest_framework.authtoken.models import Token
 from tests.conftest import WorkerProcess, needs_redis, new_experiment
 from tests.factories import ExperimentFactory, RoundFactory, UserFactory
 from training import services
-from visualization.auth import TokenAuthMiddleware
+from visualization.auth import TokenAuthMiddleware, allowed_hosts_origin_validator
 from visualization.events import publish
 from visualization.routing import websocket_urlpatterns
 
-# The WebSocket half of flproject.asgi.application (without the origin check, which the
-# test client has no Origin header for).
-application = AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+# The WebSocket half of flproject.asgi.application.
+application = allowed_hosts_origin_validator(
+    AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+)
 
 
 def connect(path: str, headers=None) -> WebsocketCommunicator:
@@ -36,6 +37,32 @@ async def close_code(communicator: WebsocketCommunicator) -> int:
     await communicator.disconnect()
     assert message["type"] == "websocket.close"
     return message["code"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_page_of_another_site_cannot_open_the_stream():
+    owner = UserFactory()
+    experiment = ExperimentFactory(owner=owner)
+    token = Token.objects.create(user=owner)
+    listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}",
+                       [(b"origin", b"https://evil.example.com")])  # fmt: skip
+
+    connected, _ = async_to_sync(listener.connect)()
+
+    assert not connected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_page_of_this_site_may_open_the_stream(client):
+    owner = UserFactory()
+    experiment = ExperimentFactory(owner=owner)
+    client.force_login(owner)
+    headers = [(b"origin", b"http://localhost"),
+               (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())]  # fmt: skip
+
+    messages = async_to_sync(first_message)(connect(f"/ws/experiments/{experiment.pk}/", headers))
+
+    assert messages["first"]["type"] == "snapshot"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -5,6 +5,8 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
+from channels.security.websocket import OriginValidator
+from django.conf import settings
 from rest_framework.authtoken.models import Token
 
 
@@ -38,3 +40,19 @@ class TokenAuthMiddleware(BaseMiddleware):
 
                 scope = {**scope, "user": AnonymousUser()}
         return await super().__call__(scope, receive, send)
+
+
+class BrowserOriginValidator(OriginValidator):
+    """Refuse WebSockets opened by pages of other sites, and only those.
+
+    Browsers always send Origin on a WebSocket, so a page elsewhere cannot ride on a
+    user's session. Scripts send none and sign in with a token, which no other site can make
+    a browser send; Channels' own validator would refuse them.
+    """
+
+    def valid_origin(self, parsed_origin) -> bool:
+        return parsed_origin is None or super().valid_origin(parsed_origin)
+
+
+def allowed_hosts_origin_validator(application):
+    return BrowserOriginValidator(application, settings.ALLOWED_HOSTS)
