@@ -11,7 +11,7 @@ PORT ?= 8000
 # Browser libraries come from npm at build time (pinned in package-lock.json), never a CDN.
 CHART_JS := visualization/static/visualization/vendor/chart.umd.min.js
 
-.PHONY: demo test lint browser clean
+.PHONY: demo test lint system-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ demo: $(VENV)/.base-installed $(CHART_JS)
 	@echo "FedLens on http://$(HOST):$(PORT)/ (API docs at /api/docs/, admin at /admin/)"
 	$(MANAGE) demo --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-installed $(CHART_JS) browser
+test: $(VENV)/.dev-installed $(CHART_JS) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
@@ -47,10 +47,14 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The browser test drives Debian's Chromium; install it when it is missing (needs root).
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+# Programs some tests run, from Debian's packages, installed when missing (needs root):
+# Chromium for the browser test, Prometheus and promtool, docker-compose for `config -q`.
+SYSTEM_PACKAGES := chromium chromium-driver prometheus docker-compose
+system-packages:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
+	( DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) || \
+	  ( apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) ) )
 
 clean:
 	rm -rf $(VENV) node_modules $(dir $(CHART_JS)) test-output .pytest_cache .ruff_cache .mypy_cache

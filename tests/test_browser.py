@@ -1,7 +1,7 @@
 """A real browser (Debian's headless Chromium) against a real FedLens server in embedded mode:
 log in, create and start an experiment, watch the charts fill in live until it completes."""
 
-import shutil
+import os
 import subprocess
 import sys
 import time
@@ -22,9 +22,11 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ROUNDS = 4
 PASSWORD = "a browser test password 42"
 
+# Skipped only on a developer's machine without Chromium; with CI=true it must run.
 pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (`make test` installs them)",
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
+    and os.environ.get("CI", "").lower() != "true",
+    reason="needs Debian's chromium and chromium-driver (`make system-packages` installs them)",
 )
 
 
@@ -137,9 +139,3 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     assert timeline_bars == 3 * ROUNDS
     assert browser.find_element(By.ID, "connection").get_attribute("hidden") is not None
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-
-
-def test_the_screenshot_directory_is_not_in_git():
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(SCREENSHOTS)], cwd=PROJECT_ROOT)
-
-    assert ignored.returncode == 0 or shutil.which("git") is None
