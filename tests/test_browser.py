@@ -35,6 +35,34 @@ def manage(env: dict[str, str], *args: str) -> None:
                    capture_output=True, timeout=300)  # fmt: skip
 
 
+class Server:
+    """uvicorn serving FedLens on a fixed port, which can be stopped and started again."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.port, self.process = env, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "flproject.asgi:application", "--port",
+             str(self.port)],
+            cwd=PROJECT_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            encoding="utf-8", errors="replace",
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)  # noqa: S310 - local
+                return
+            except (OSError, urllib.error.URLError):
+                assert self.process.poll() is None, self.process.stdout.read()
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 @pytest.fixture
 def server(tmp_path):
     """FedLens on the embedded default, with a user, a registered dataset and three sites."""
@@ -53,24 +81,10 @@ def server(tmp_path):
     manage(env, "register_dataset", "--name", "lesions", "--path", str(dataset_dir))
     manage(env, "shell", "--no-imports", "-c",
            "from training.runner import simulated_sites; simulated_sites(3)")  # fmt: skip
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "flproject.asgi:application", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        encoding="utf-8", errors="replace",
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)  # noqa: S310 - local server
-            break
-        except (OSError, urllib.error.URLError):
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.3)
-    yield base
-    stop_process(process)
+    fedlens = Server(env)
+    fedlens.start()
+    yield fedlens
+    fedlens.stop()
 
 
 @pytest.fixture
@@ -95,13 +109,13 @@ def points_in_global_chart(driver) -> int:
 
 
 def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
-    browser.get(f"{server}/accounts/login/")
+    browser.get(f"{server.url}/accounts/login/")
     browser.find_element(By.ID, "id_username").send_keys("ana")
     browser.find_element(By.ID, "id_password").send_keys(PASSWORD)
     browser.find_element(By.CSS_SELECTOR, "form.login button").click()
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.LINK_TEXT, "New experiment"))
 
-    browser.get(f"{server}/experiments/new/")
+    browser.get(f"{server.url}/experiments/new/")
     browser.find_element(By.ID, "name").send_keys("watched in a browser")
     sites = Select(browser.find_element(By.ID, "sites"))
     for index in range(len(sites.options)):
@@ -139,3 +153,12 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     assert timeline_bars == 3 * ROUNDS
     assert browser.find_element(By.ID, "connection").get_attribute("hidden") is not None
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+    # The page says when the stream is gone, and reconnects by itself when it is back.
+    banner = browser.find_element(By.ID, "connection")
+    server.stop()
+    WebDriverWait(browser, 20).until(lambda _: banner.is_displayed())
+    assert "reconnecting" in banner.text
+    server.start()
+    WebDriverWait(browser, 40).until(lambda _: not banner.is_displayed())
+    assert browser.find_element(By.ID, "status").text == "completed"
