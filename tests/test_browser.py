@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -100,6 +101,14 @@ def browser():
     driver.quit()
 
 
+def click_first(driver, selector: str) -> bool:
+    """Click the first match once there is one (lists are redrawn while they load)."""
+    matches = driver.find_elements(By.CSS_SELECTOR, selector)
+    if matches:
+        matches[0].click()
+    return bool(matches)
+
+
 def points_in_global_chart(driver) -> int:
     return driver.execute_script(
         "const chart = Chart.getChart('global-chart');"
@@ -162,3 +171,22 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     server.start()
     WebDriverWait(browser, 40).until(lambda _: not banner.is_displayed())
     assert browser.find_element(By.ID, "status").text == "completed"
+
+    # The dataset's images, from the experiment page: one rendered, with the model's verdict.
+    browser.find_element(By.LINK_TEXT, "Images").click()
+    WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: click_first(d, "#image-list button")
+    )
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "const image = document.getElementById('main-image');"
+        "return !image.hidden && image.complete && image.naturalWidth > 0;"))  # fmt: skip
+    checkpoints = Select(browser.find_element(By.ID, "checkpoint-select"))
+    checkpoints.select_by_index(len(checkpoints.options) - 1)
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "prediction-result").text.strip()
+    )
+    WebDriverWait(browser, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#class-table tr td")
+    )
+    browser.save_screenshot(str(SCREENSHOTS / "image-viewer.png"))
+    assert "class" in browser.find_element(By.ID, "prediction-result").text.lower()

@@ -56,6 +56,12 @@ class StorageFormat(models.TextChoices):
     NPZ = "npz", "MedMNIST .npz"
 
 
+class DatasetQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "DatasetQuerySet":
+        """Staff see every dataset; others the ones they registered."""
+        return self if user.is_staff else self.filter(owner_id=user.pk)
+
+
 class Dataset(models.Model):
     name = models.CharField(max_length=100, unique=True)
     owner = models.ForeignKey(
@@ -84,6 +90,8 @@ class Dataset(models.Model):
         default=dict, blank=True, help_text="Site slug to the data's path on that site's node."
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = DatasetQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -88,9 +88,8 @@ def home(request):
 
 
 def form_choices(user) -> dict:
-    datasets = Dataset.objects.all() if user.is_staff else Dataset.objects.filter(owner=user)
     return {
-        "datasets": datasets.order_by("name"),
+        "datasets": Dataset.objects.visible_to(user).order_by("name"),
         "sites": Site.objects.filter(is_active=True).order_by("name"),
         "networks": available_networks(),
         "strategies": available_strategies(),

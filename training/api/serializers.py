@@ -161,9 +161,7 @@ class VisibleDatasetField(serializers.PrimaryKeyRelatedField):
     """Only datasets the requesting user may use can be chosen."""
 
     def get_queryset(self):
-        user = self.context["request"].user
-        datasets = Dataset.objects.all()
-        return datasets if user.is_staff else datasets.filter(owner=user)
+        return Dataset.objects.visible_to(self.context["request"].user)
 
 
 class ExperimentSerializer(serializers.ModelSerializer):

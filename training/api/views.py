@@ -60,9 +60,7 @@ class DatasetViewSet(viewsets.ModelViewSet):
     ordering_fields = ["name", "created_at", "num_classes"]
 
     def get_queryset(self):
-        datasets = Dataset.objects.select_related("owner")
-        user = self.request.user
-        return datasets if user.is_staff else datasets.filter(owner=user)
+        return Dataset.objects.visible_to(self.request.user).select_related("owner")
 
     def perform_create(self, serializer):
         serializer.save(owner=self.request.user)
