@@ -42,6 +42,25 @@ demo: $(VENV)/.base-installed $(CHART_JS)
 test: $(VENV)/.dev-installed $(CHART_JS) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The suite in three parts, by marker (pyproject.toml); together they are `make test`.
+#   test-unit         fast tests: no real worker process, browser or whole experiment, and none
+#                     that needs PostgreSQL or Redis specifically
+#   test-integration  tests that use PostgreSQL, Redis or real Celery worker processes
+#   test-e2e          the real browser and whole experiments from start to end
+.PHONY: test-unit test-integration test-e2e
+UNIT_TESTS := not (postgres or redis or worker or browser or e2e)
+INTEGRATION_TESTS := (postgres or redis or worker) and not (browser or e2e)
+E2E_TESTS := browser or e2e
+
+test-unit: $(VENV)/.dev-installed $(CHART_JS) system-packages
+	$(BIN)/python -m pytest -m "$(UNIT_TESTS)" $(PYTEST_ARGS)
+
+test-integration: $(VENV)/.dev-installed $(CHART_JS) system-packages
+	$(BIN)/python -m pytest -m "$(INTEGRATION_TESTS)" $(PYTEST_ARGS)
+
+test-e2e: $(VENV)/.dev-installed $(CHART_JS) system-packages
+	$(BIN)/python -m pytest -m "$(E2E_TESTS)" $(PYTEST_ARGS)
+
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
