@@ -24,11 +24,14 @@ ROUNDS = 4
 PASSWORD = "a browser test password 42"
 
 # Skipped only on a developer's machine without Chromium; with CI=true it must run.
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
-    and os.environ.get("CI", "").lower() != "true",
-    reason="needs Debian's chromium and chromium-driver (`make system-packages` installs them)",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
+        and os.environ.get("CI", "").lower() != "true",
+        reason="needs Debian's chromium and chromium-driver (`make system-packages` installs them)",
+    ),
+]
 
 
 def manage(env: dict[str, str], *args: str) -> None:

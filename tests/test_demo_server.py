@@ -7,7 +7,11 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from tests.conftest import PROJECT_ROOT, free_port, service_env, stop_process
+
+pytestmark = pytest.mark.e2e
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -29,6 +29,8 @@ from training.models import (
     RoundStatus,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -171,6 +171,7 @@ def start(experiment_id: int) -> None:
         connection.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.redis
 @pytest.mark.worker
 @needs_redis
