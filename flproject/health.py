@@ -1,4 +1,9 @@
-"""`/health`: what an operator or a load balancer needs to know about this process."""
+"""What an operator, a load balancer or Kubernetes needs to know about this process.
+
+`/health` reports every part in detail; `/healthz` (liveness) only says that the process
+answers, so that a database outage never gets the process restarted; `/readyz` (readiness) says
+whether it can serve: database and broker reachable, no migration left to apply.
+"""
 
 import logging
 import shutil
@@ -7,6 +12,7 @@ import time
 import psutil
 from django.conf import settings
 from django.db import DatabaseError, connection
+from django.db.migrations.executor import MigrationExecutor
 from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -57,6 +63,16 @@ def check_broker() -> dict:
     }
 
 
+def check_migrations() -> dict:
+    """A process that runs code newer than the database schema must not take requests."""
+    try:
+        executor = MigrationExecutor(connection)
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    except DatabaseError as exc:
+        return failure("migrations", exc)
+    return {"ok": not plan, "unapplied": len(plan)}
+
+
 def check_disk() -> dict:
     usage = shutil.disk_usage(settings.FEDLENS_DATA_DIR)
     return {
@@ -77,21 +93,40 @@ def check_memory() -> dict:
     }
 
 
+def verdict(checks: dict[str, dict]) -> tuple[dict, int]:
+    """The reply's body and status for a set of checks: 503 naming the parts that failed."""
+    failed = [name for name, result in checks.items() if not result["ok"]]
+    body = {"status": "fail" if failed else "ok", "failed": failed, "checks": checks}
+    return body, 503 if failed else 200
+
+
 @never_cache
 @require_GET
 def health(request):
-    checks = {
-        "database": check_database(),
-        "broker": check_broker(),
-        "disk": check_disk(),
-        "memory": check_memory(),
-    }
-    failed = [name for name, result in checks.items() if not result["ok"]]
-    body = {
-        "status": "fail" if failed else "ok",
-        "version": flproject.__version__,
-        "mode": "embedded" if settings.FEDLENS_EMBEDDED else "distributed",
-        "failed": failed,
-        "checks": checks,
-    }
-    return JsonResponse(body, status=503 if failed else 200)
+    body, status = verdict(
+        {
+            "database": check_database(),
+            "broker": check_broker(),
+            "disk": check_disk(),
+            "memory": check_memory(),
+        }
+    )
+    body["version"] = flproject.__version__
+    body["mode"] = "embedded" if settings.FEDLENS_EMBEDDED else "distributed"
+    return JsonResponse(body, status=status)
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+@never_cache
+@require_GET
+def readyz(request):
+    checks = {"database": check_database(), "broker": check_broker()}
+    if checks["database"]["ok"]:  # migrations are known only to a database that answers
+        checks["migrations"] = check_migrations()
+    body, status = verdict(checks)
+    return JsonResponse(body, status=status)

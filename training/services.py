@@ -15,7 +15,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from flproject.celery import app as celery_app
-from training import federation
+from flproject.observability import metrics
+from flproject.observability.logs import log_event
+from training import federation, tracking
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -71,6 +73,7 @@ def open_round(experiment: Experiment, number: int) -> Round:
     experiment.current_round = number
     experiment.save(update_fields=["current_round", "updated_at"])
     events.round_opened(new_round, updates)
+    log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
     for update, site in zip(updates, clients, strict=True):
         queue = training_queue(experiment, site)
         transaction.on_commit(
@@ -109,6 +112,7 @@ def start_experiment(experiment_id: int) -> Experiment:
         )
         open_round(experiment, 1)
         experiment.transition_to(ExperimentStatus.RUNNING)
+        log_event(logger, "experiment.started", experiment=experiment.pk)
     return experiment
 
 
@@ -124,6 +128,8 @@ def stop_experiment(experiment_id: int, *, reason: str = "Stopped by a user.") -
         fail_unfinished_rounds(experiment, reason)
         experiment.transition_to(ExperimentStatus.STOPPED, reason=reason)
         events.experiment_ended(experiment)
+        export_to_tracking_after_commit(experiment)
+        log_event(logger, "experiment.stopped", experiment=experiment.pk, reason=reason)
     revoke_unfinished_tasks(experiment)
     return experiment
 
@@ -151,12 +157,26 @@ def revoke_unfinished_tasks(experiment: Experiment) -> None:
         celery_app.control.revoke(task_ids)
 
 
+def export_to_tracking_after_commit(experiment: Experiment) -> None:
+    """Close the experiment's MLflow run when it ends outside an aggregation (which exports
+    itself); a task, so that a slow or absent MLflow never holds a request or a lock."""
+    if tracking.tracking_uri():
+        transaction.on_commit(
+            lambda: celery_app.send_task(
+                "workers.tasks.export_to_tracking", args=[experiment.pk], queue=AGGREGATION_QUEUE
+            )
+        )
+
+
 def fail_experiment(experiment: Experiment, reason: str) -> None:
     """The caller holds the experiment's lock."""
     fail_unfinished_rounds(experiment, reason)
     experiment.transition_to(ExperimentStatus.FAILED, reason=reason)
     events.experiment_ended(experiment)
-    logger.warning("experiment %s failed: %s", experiment.pk, reason)
+    export_to_tracking_after_commit(experiment)
+    log_event(
+        logger, "experiment.failed", level=logging.WARNING, experiment=experiment.pk, reason=reason
+    )
 
 
 # --- Client updates ------------------------------------------------------------------------
@@ -182,7 +202,17 @@ def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate |
     if not federation.is_simulation(update.round.experiment.dataset):
         Site.objects.filter(pk=update.site_id).update(last_seen=now)
     events.client_changed(update)
+    log_event(logger, "client.started", **client_fields(update), worker=worker)
     return update
+
+
+def client_fields(update: ClientUpdate) -> dict:
+    """The ids that a client's log lines carry."""
+    return {
+        "experiment": update.round.experiment_id,
+        "round": update.round.number,
+        "site": update.site.slug,
+    }
 
 
 def record_client_result(
@@ -203,17 +233,25 @@ def record_client_result(
         update.site = claimed.site
         now = timezone.now()
         update.finished_at = now
+        if update.started_at is not None:  # set when the task claimed it
+            metrics.observe_client_task(update.site.slug, (now - update.started_at).total_seconds())
         if fl_round.status != RoundStatus.OPEN or update.status != ClientUpdateStatus.RUNNING:
             # The round closed without this client (deadline, stop): recorded, not counted.
             if update.status in UNFINISHED_CLIENT_STATUSES:
                 update.status = ClientUpdateStatus.LATE
                 update.save(update_fields=["status", "finished_at"])
                 events.client_changed(update)
+                metrics.count_client_late(update.site.slug)
+                log_event(logger, "client.late", level=logging.WARNING, **client_fields(update))
             return update
         if outcome is None:
             update.status = ClientUpdateStatus.FAILED
             update.error = error
             changed = ["status", "finished_at", "error"]
+            metrics.count_client_failure(update.site.slug)
+            log_event(
+                logger, "client.failed", level=logging.WARNING, **client_fields(update), error=error
+            )
         else:
             update.status = ClientUpdateStatus.SUCCEEDED
             update.num_samples = outcome.num_samples
@@ -222,6 +260,7 @@ def record_client_result(
             update.update_sha256 = outcome.stored.sha256
             changed = ["status", "finished_at", "num_samples", "metrics", "update_file",
                        "update_sha256"]  # fmt: skip
+            log_event(logger, "client.finished", **client_fields(update))
         update.save(update_fields=changed)
         events.client_changed(update)
         if not fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).exists():
@@ -243,6 +282,13 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         return
     fl_round.status = RoundStatus.AGGREGATING
     fl_round.save(update_fields=["status"])
+    log_event(
+        logger,
+        "round.aggregating",
+        experiment=experiment.pk,
+        round=fl_round.number,
+        succeeded=succeeded,
+    )
     transaction.on_commit(
         lambda: celery_app.send_task(
             "workers.tasks.aggregate_round", args=[fl_round.pk], queue=AGGREGATION_QUEUE
@@ -275,10 +321,18 @@ def close_overdue_rounds(now=None) -> list[int]:
                 )
                 update.round = fl_round
                 events.client_changed(update)
+                metrics.count_client_late(update.site.slug)
+                log_event(logger, "client.late", level=logging.WARNING, **client_fields(update))
             ClientUpdate.objects.bulk_update(missing, ["status", "finished_at", "error"])
+            log_event(
+                logger,
+                "round.deadline_passed",
+                experiment=experiment_id,
+                round=fl_round.number,
+                late=len(missing),
+            )
             close_round(experiment, fl_round)
             closed.append(round_id)
-            logger.info("round %s closed at its deadline", round_id)
     return closed
 
 
@@ -321,6 +375,17 @@ def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> b
         fl_round.save(update_fields=["status", "closed_at", "metrics"])
         record_distances_to_aggregate(fl_round, outcome.distances)
         events.round_closed(fl_round)
+        metrics.count_round_closed(fl_round.metrics["wall_seconds"])
+        held_out = outcome.metrics.get("global") or {}
+        log_event(
+            logger,
+            "round.closed",
+            experiment=experiment.pk,
+            round=fl_round.number,
+            accuracy=held_out.get("accuracy"),
+            auc=held_out.get("roc_auc"),
+            loss=held_out.get("loss"),
+        )
         if experiment.status != ExperimentStatus.RUNNING:
             return True
         if fl_round.number < experiment.num_rounds:
@@ -328,6 +393,7 @@ def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> b
         else:
             experiment.transition_to(ExperimentStatus.COMPLETED)
             events.experiment_ended(experiment)
+            log_event(logger, "experiment.finished", experiment=experiment.pk)
     return True
 
 

@@ -14,6 +14,7 @@ TASK_QUEUES = {
     "workers.tasks.train_client": TRAINING_QUEUE,
     "workers.tasks.aggregate_round": AGGREGATION_QUEUE,
     "workers.tasks.close_overdue_rounds": AGGREGATION_QUEUE,
+    "workers.tasks.export_to_tracking": AGGREGATION_QUEUE,
 }
 
 

@@ -10,11 +10,12 @@ import os
 
 import torch
 from celery import shared_task
-from celery.signals import task_prerun, worker_process_init
+from celery.signals import task_prerun, worker_process_init, worker_ready
 from django.conf import settings
 from django.db import close_old_connections
 
-from training import federation, services
+from flproject.observability import metrics
+from training import federation, services, tracking
 from training.models import Round, RoundStatus
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ logger = logging.getLogger(__name__)
 def limit_torch_threads(**kwargs) -> None:
     """In each pool process of a `celery worker` (not in the embedded worker's host)."""
     torch.set_num_threads(settings.FEDLENS_TORCH_THREADS)
+
+
+@worker_ready.connect
+def serve_worker_metrics(**kwargs) -> None:
+    """In the main process of a `celery worker`, once it consumes: its metrics port."""
+    metrics.serve_worker_metrics()
 
 
 @task_prerun.connect
@@ -66,7 +73,18 @@ def aggregate_round(round_id: int) -> str:
         logger.exception("aggregation of round %s failed", round_id)
         services.fail_round(round_id, f"Aggregation of round {fl_round.number} failed: {exc}")
         return "failed"
-    return "completed" if services.complete_round(round_id, outcome) else "skipped: duplicate"
+    completed = services.complete_round(round_id, outcome)
+    # After the commit, outside the ledger's locks (MLflow may be slow or down): the round's
+    # metrics, and the best checkpoint once the experiment has ended. Each export logs all
+    # that the MLflow run lacks, so one that was missed is caught up by the next.
+    tracking.export_experiment(fl_round.experiment_id)
+    return "completed" if completed else "skipped: duplicate"
+
+
+@shared_task(name="workers.tasks.export_to_tracking", ignore_result=True)
+def export_to_tracking(experiment_id: int) -> None:
+    """Log a stopped or failed experiment's end to MLflow (see training/tracking.py)."""
+    tracking.export_experiment(experiment_id)
 
 
 @shared_task(name="workers.tasks.close_overdue_rounds", ignore_result=True)

@@ -4,6 +4,7 @@ A missing or malformed variable raises ImproperlyConfigured with one sentence na
 manage.py, asgi.py and wsgi.py print that sentence and exit.
 """
 
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,6 +43,16 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in env.str(name, default=default).split(",") if item.strip()]
 
 
+def create_folder(name: str, folder: Path) -> None:
+    """Create the folder that variable `name` needs, or say why it cannot be created."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"{name}: the folder {folder} cannot be created: {exc.strerror}."
+        ) from exc
+
+
 # --- Core -------------------------------------------------------------------------------------
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
@@ -52,6 +63,16 @@ SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
 if LOG_LEVEL not in LOG_LEVELS:
     raise ImproperlyConfigured(f"LOG_LEVEL must be one of {', '.join(sorted(LOG_LEVELS))}.")
+# JSON lines for log collectors; plain text by default only when a person watches a terminal.
+LOG_FORMAT = env.str("LOG_FORMAT", default="").strip().lower() or (
+    "plain" if sys.stderr.isatty() else "json"
+)
+if LOG_FORMAT not in {"json", "plain"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, not {LOG_FORMAT!r}.")
+# Also write the log to this file, rotated at 10 MB, keeping 10 old files.
+LOG_FILE = env.str("LOG_FILE", default="").strip()
+if LOG_FILE:
+    create_folder("LOG_FILE", Path(LOG_FILE).resolve().parent)
 
 # --- Data folder: model store, uploads and the default SQLite database --------------------------
 FEDLENS_DATA_DIR = Path(env.str("FEDLENS_DATA_DIR", default=str(BASE_DIR / "data"))).resolve()
@@ -96,6 +117,10 @@ else:
     # Reusing connections spares each Celery task a new PostgreSQL backend (about 10 ms).
     DATABASES["default"]["CONN_MAX_AGE"] = env_int("DJANGO_CONN_MAX_AGE", 60, minimum=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# django-prometheus's subclasses of the same engines count queries, their errors and latency.
+DATABASES["default"]["ENGINE"] = DATABASES["default"]["ENGINE"].replace(
+    "django.db.backends.", "django_prometheus.db.backends.", 1
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: unset means embedded mode (in-memory broker and channel layer, in-process worker) --
@@ -118,12 +143,17 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "django_prometheus",
     "training",
     "visualization",
     "workers",
 ]
 
 MIDDLEWARE = [
+    # First and last: django-prometheus times and counts requests between the two.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "flproject.observability.logs.RequestIdMiddleware",
+    "flproject.observability.endpoints.MachineEndpointsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -132,6 +162,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "flproject.urls"
@@ -276,17 +307,56 @@ else:
         }
     }
 
+# --- Metrics ----------------------------------------------------------------------------------
+# See flproject/observability/metrics.py. prometheus-client reads PROMETHEUS_MULTIPROC_DIR
+# itself; the folder is created here, before the first metric writes its file into it.
+if "PROMETHEUS_MULTIPROC_DIR" in env.ENVIRON:
+    prometheus_folder = env.str("PROMETHEUS_MULTIPROC_DIR").strip()
+    if not prometheus_folder:
+        # prometheus-client would write its files into the current folder.
+        raise ImproperlyConfigured("PROMETHEUS_MULTIPROC_DIR is empty: name a folder or unset it.")
+    create_folder("PROMETHEUS_MULTIPROC_DIR", Path(prometheus_folder))
+# A `celery worker` serves its metrics on this port; 0 serves none.
+FEDLENS_WORKER_METRICS_PORT = env_int("FEDLENS_WORKER_METRICS_PORT", 0, minimum=0)
+if FEDLENS_WORKER_METRICS_PORT > 65535:
+    raise ImproperlyConfigured("FEDLENS_WORKER_METRICS_PORT must be a port number, or 0 for none.")
+# /metrics asks for `Authorization: Bearer <token>` only when set: production.py reads it.
+FEDLENS_METRICS_TOKEN = ""
+
 # --- Logging ----------------------------------------------------------------------------------
+# See flproject/observability/logs.py. The filter gives every line its request and task ids.
+LOG_HANDLERS = ["console", "file"] if LOG_FILE else ["console"]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"context": {"()": "flproject.observability.logs.LogContextFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {"()": "flproject.observability.logs.json_formatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        },
+    },
+    "root": {"handlers": LOG_HANDLERS, "level": LOG_LEVEL},
     "loggers": {
-        "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
-        "celery": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "django": {"handlers": LOG_HANDLERS, "level": LOG_LEVEL, "propagate": False},
+        "celery": {"handlers": LOG_HANDLERS, "level": LOG_LEVEL, "propagate": False},
+        # Replaces uvicorn's own handlers (set before it loads the app), so that its access
+        # lines are formatted like every other line.
+        "uvicorn": {"handlers": LOG_HANDLERS, "level": LOG_LEVEL, "propagate": False},
     },
 }
+if LOG_FILE:
+    LOGGING["handlers"]["file"] = {
+        "class": "logging.handlers.RotatingFileHandler",
+        "filename": LOG_FILE,
+        "maxBytes": 10 * 1024 * 1024,
+        "backupCount": 10,
+        "encoding": "utf-8",
+        "formatter": LOG_FORMAT,
+        "filters": ["context"],
+    }

@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import ALLOWED_HOSTS, SECRET_KEY, env_bool, env_int
+from .base import ALLOWED_HOSTS, SECRET_KEY, env, env_bool, env_int
 
 if not SECRET_KEY:
     raise ImproperlyConfigured(
@@ -15,6 +15,14 @@ if not ALLOWED_HOSTS:
     raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must list the host names FedLens serves.")
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
+
+# When set, /metrics answers only to `Authorization: Bearer <token>`. A deployment whose network
+# policy already keeps everyone but Prometheus away from the web port may leave it unset.
+FEDLENS_METRICS_TOKEN = env.str("FEDLENS_METRICS_TOKEN", default="").strip()
+if FEDLENS_METRICS_TOKEN and len(FEDLENS_METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "FEDLENS_METRICS_TOKEN is too weak: use 32 or more random characters."
+    )
 
 # TLS ends at the reverse proxy (nginx or the ingress), which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")

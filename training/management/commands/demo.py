@@ -76,8 +76,8 @@ class Command(BaseCommand):
         # Importing the app sets Django up again, which reapplies LOGGING: quieten after it.
         from flproject.asgi import application
 
-        quiet_task_logs(options["verbosity"])
-        uvicorn.run(application, host=host, port=port)
+        with quiet_task_logs(options["verbosity"]):
+            uvicorn.run(application, host=host, port=port)
 
     def report_progress(self, experiment_id: int) -> None:
         rows = []

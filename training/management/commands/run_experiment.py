@@ -53,8 +53,11 @@ class Command(BaseCommand):
         parser.add_argument("--json", type=Path, help="write the summary to this file")
 
     def handle(self, *args, **options):
+        with quiet_task_logs(options["verbosity"]):
+            self.run_to_the_end(options)
+
+    def run_to_the_end(self, options):
         started = time.perf_counter()
-        quiet_task_logs(options["verbosity"])
         experiment = self.create(options)
         self.stdout.write(f"Experiment {experiment.pk} ({experiment.name}) created.")
         if settings.FEDLENS_EMBEDDED:
