@@ -85,12 +85,8 @@ def open_round(experiment: Experiment, number: int) -> Round:
 
 
 def locked_experiment(experiment_id: int) -> Experiment:
-    # of=("self",): lock the experiment row only, not the dataset joined in with it.
-    return (
-        Experiment.objects.select_for_update(of=("self",))
-        .select_related("dataset")
-        .get(pk=experiment_id)
-    )
+    # The experiment's row only; its dataset is read when a round opens, if at all.
+    return Experiment.objects.select_for_update().get(pk=experiment_id)
 
 
 def start_experiment(experiment_id: int) -> Experiment:

@@ -4,9 +4,11 @@ Workers and requests publish after their transaction commits, so a browser never
 a change that was rolled back; a browser that missed events rebuilds from the snapshot.
 """
 
+import asyncio
 import logging
+import os
+import threading
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -22,6 +24,50 @@ logger = logging.getLogger(__name__)
 
 # The consumer's handler for these messages is ExperimentConsumer.experiment_event.
 MESSAGE_TYPE = "experiment.event"
+PUBLISH_TIMEOUT_SECONDS = 5
+
+
+class BackgroundPublisher:
+    """Sends events from sync code without waiting, in order, on one loop per process.
+
+    async_to_sync would start a new loop per event, and channels_redis keeps its connections
+    per loop: a new Redis connection for every event (2.6 ms against 0.4 ms here). A single
+    coroutine drains a queue, so events leave in the order they were published while the
+    caller (a training task) goes on at once. The loop is made again in a forked child
+    (Celery's prefork pool), where the parent's thread does not exist.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
+        self._pid = 0
+
+    def _start(self) -> None:
+        self._loop, self._pid = asyncio.new_event_loop(), os.getpid()
+        self._queue = asyncio.Queue()
+        threading.Thread(target=self._loop.run_forever, name="fedlens-events", daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._drain(self._queue), self._loop)
+
+    async def _drain(self, queue: asyncio.Queue) -> None:
+        while True:
+            group, message = await queue.get()
+            try:
+                await asyncio.wait_for(
+                    get_channel_layer().group_send(group, message), PUBLISH_TIMEOUT_SECONDS
+                )
+            except Exception:  # the ledger is the truth; the snapshot repairs a lost event
+                logger.exception("could not publish %s to %s", message["event"]["type"], group)
+
+    def send(self, group: str, message: dict) -> None:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():
+                self._start()
+            loop, queue = self._loop, self._queue
+        loop.call_soon_threadsafe(queue.put_nowait, (group, message))
+
+
+publisher = BackgroundPublisher()
 
 
 def experiment_group(experiment_id: int) -> str:
@@ -29,13 +75,8 @@ def experiment_group(experiment_id: int) -> str:
 
 
 def publish(experiment_id: int, event: dict) -> None:
-    """Send `event` to every browser watching the experiment; never fails the caller."""
-    try:
-        async_to_sync(get_channel_layer().group_send)(
-            experiment_group(experiment_id), {"type": MESSAGE_TYPE, "event": event}
-        )
-    except Exception:  # the ledger is the truth; a lost event is repaired by the snapshot
-        logger.exception("could not publish %s for experiment %s", event["type"], experiment_id)
+    """Send `event` to every browser watching the experiment; returns without waiting."""
+    publisher.send(experiment_group(experiment_id), {"type": MESSAGE_TYPE, "event": event})
 
 
 def publish_after_commit(experiment_id: int, event_type: str, **payload) -> None:
