@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 from django.conf import settings
 from django.db import connection
 from rest_framework.test import APIClient
@@ -223,3 +224,20 @@ def new_experiment(dataset, **fields) -> Experiment:
     )  # fmt: skip
     experiment.sites.set(SiteFactory.create_batch(fields["clients_per_round"]))
     return experiment
+
+
+@pytest.fixture
+def in_memory_app():
+    """A Celery app with the project's settings on the in-memory transport (embedded mode)."""
+    embedded = Celery("fedlens-embedded-test", set_as_current=False)
+    embedded.config_from_object("django.conf:settings", namespace="CELERY")
+    embedded.conf.update(
+        broker_url="memory://",
+        result_backend="cache+memory://",
+        broker_transport_options={"polling_interval": 0.005},
+    )
+    yield embedded
+    embedded.close()
+    # The embedded worker makes its app the process's default, as a real worker does.
+    app.set_current()
+    app.set_default()

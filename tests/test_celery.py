@@ -4,7 +4,6 @@ import os
 import uuid
 
 import pytest
-from celery import Celery
 from django.conf import settings
 
 from flproject.celery import app
@@ -40,23 +39,6 @@ def test_ping_is_routed_to_the_training_queue():
 
 def test_site_queues_are_named_after_the_site():
     assert site_queue("st-mary") == "site.st-mary"
-
-
-@pytest.fixture
-def in_memory_app():
-    """A Celery app with the project's settings on the in-memory transport (embedded mode)."""
-    embedded = Celery("fedlens-embedded-test", set_as_current=False)
-    embedded.config_from_object("django.conf:settings", namespace="CELERY")
-    embedded.conf.update(
-        broker_url="memory://",
-        result_backend="cache+memory://",
-        broker_transport_options={"polling_interval": 0.005},
-    )
-    yield embedded
-    embedded.close()
-    # The embedded worker makes its app the process's default, as a real worker does.
-    app.set_current()
-    app.set_default()
 
 
 def test_embedded_worker_runs_tasks_through_celery_in_this_process(in_memory_app):

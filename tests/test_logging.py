@@ -11,7 +11,6 @@ import urllib.request
 import uuid
 
 import pytest
-from celery import Celery
 
 from flproject.celery import app
 from flproject.observability.logs import LogContextFilter, json_formatter
@@ -197,23 +196,6 @@ def test_log_file_adds_a_rotating_file_of_10_mb_kept_10_times(tmp_path):
     assert result.stdout.split() == [str(log_file), str(10 * 1024 * 1024), "10"]
     line = json.loads(log_file.read_text().splitlines()[-1])
     assert line["message"] == "written to the file"
-
-
-@pytest.fixture
-def in_memory_app():
-    """A Celery app with the project's settings on the in-memory transport (embedded mode)."""
-    embedded = Celery("fedlens-logging-test", set_as_current=False)
-    embedded.config_from_object("django.conf:settings", namespace="CELERY")
-    embedded.conf.update(
-        broker_url="memory://",
-        result_backend="cache+memory://",
-        broker_transport_options={"polling_interval": 0.005},
-    )
-    yield embedded
-    embedded.close()
-    # The embedded worker makes its app the process's default, as a real worker does.
-    app.set_current()
-    app.set_default()
 
 
 def test_a_task_log_line_carries_the_task_id_and_name(in_memory_app, json_lines):

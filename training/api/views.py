@@ -42,6 +42,27 @@ from training.models import (
 from visualization import reports
 
 
+def report_schema(fmt: str, content_type: str, description: str):
+    """The OpenAPI description shared by the three report downloads."""
+    return extend_schema(
+        operation_id=f"experiments_report_{fmt}",
+        parameters=[
+            OpenApiParameter(
+                "round",
+                int,
+                description="Show this round's confusion matrix and ROC curve; "
+                "by default the last closed round with a held-out evaluation.",
+            )
+        ],
+        responses={
+            (200, content_type): OpenApiResponse(OpenApiTypes.BINARY, description=description),
+            400: OpenApiResponse(
+                OpenApiTypes.OBJECT, description="`round` names no round of this experiment."
+            ),
+        },
+    )
+
+
 class SiteViewSet(viewsets.ModelViewSet):
     queryset = Site.objects.all()
     serializer_class = SiteSerializer
@@ -123,72 +144,18 @@ class ExperimentViewSet(viewsets.ModelViewSet):
         force = force or self.action in self.download_actions
         return super().perform_content_negotiation(request, force=force)
 
-    @extend_schema(
-        operation_id="experiments_report_png",
-        parameters=[
-            OpenApiParameter(
-                "round",
-                int,
-                description="Show this round's confusion matrix and ROC curve; "
-                "by default the last closed round with a held-out evaluation.",
-            )
-        ],
-        responses={
-            (200, "image/png"): OpenApiResponse(
-                OpenApiTypes.BINARY, description="The report figure, 150 dpi."
-            ),
-            400: OpenApiResponse(
-                OpenApiTypes.OBJECT, description="`round` names no round of this experiment."
-            ),
-        },
-    )
+    @report_schema("png", "image/png", "The report figure, 150 dpi.")
     def report_png(self, request, pk=None):
         """The experiment's report as a PNG image: per-round global and per-site metrics,
         confusion matrix and ROC curve."""
         return self.report_download(request, "png")
 
-    @extend_schema(
-        operation_id="experiments_report_svg",
-        parameters=[
-            OpenApiParameter(
-                "round",
-                int,
-                description="Show this round's confusion matrix and ROC curve; "
-                "by default the last closed round with a held-out evaluation.",
-            )
-        ],
-        responses={
-            (200, "image/svg+xml"): OpenApiResponse(
-                OpenApiTypes.BINARY, description="The report figure."
-            ),
-            400: OpenApiResponse(
-                OpenApiTypes.OBJECT, description="`round` names no round of this experiment."
-            ),
-        },
-    )
+    @report_schema("svg", "image/svg+xml", "The report figure.")
     def report_svg(self, request, pk=None):
         """The experiment's report as an SVG image (see report.png)."""
         return self.report_download(request, "svg")
 
-    @extend_schema(
-        operation_id="experiments_report_pdf",
-        parameters=[
-            OpenApiParameter(
-                "round",
-                int,
-                description="Show this round's confusion matrix and ROC curve; "
-                "by default the last closed round with a held-out evaluation.",
-            )
-        ],
-        responses={
-            (200, "application/pdf"): OpenApiResponse(
-                OpenApiTypes.BINARY, description="The report figure on one page."
-            ),
-            400: OpenApiResponse(
-                OpenApiTypes.OBJECT, description="`round` names no round of this experiment."
-            ),
-        },
-    )
+    @report_schema("pdf", "application/pdf", "The report figure on one page.")
     def report_pdf(self, request, pk=None):
         """The experiment's report as a one-page PDF (see report.png)."""
         return self.report_download(request, "pdf")
