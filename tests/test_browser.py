@@ -133,7 +133,7 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     for index in range(len(sites.options)):
         sites.select_by_index(index)
     for field, value in (("num_rounds", ROUNDS), ("clients_per_round", 3), ("min_clients", 3),
-                         ("local_epochs", 2), ("batch_size", 16)):  # fmt: skip
+                         ("local_epochs", 10), ("batch_size", 16)):  # fmt: skip
         element = browser.find_element(By.ID, field)
         element.clear()
         element.send_keys(str(value))
