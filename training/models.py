@@ -257,9 +257,6 @@ class RoundStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
-TERMINAL_ROUND_STATUSES = frozenset({RoundStatus.CLOSED, RoundStatus.FAILED})
-
-
 class Round(models.Model):
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="rounds")
     number = models.PositiveIntegerField()
