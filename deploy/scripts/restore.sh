@@ -110,33 +110,7 @@ fi
 [[ -n ${DATABASE_URL:-} ]] || fail 1 "DATABASE_URL is not set: it names the database to restore into"
 # libpq's PG* variables rather than a URL on the command line, which `ps` would show with
 # its password.
-libpq_environment=$("$python" - "$DATABASE_URL" <<'PYTHON'
-import shlex
-import sys
-from urllib.parse import parse_qsl, unquote, urlsplit
-
-url = urlsplit(sys.argv[1])
-if url.scheme not in {"postgres", "postgresql", "pgsql"}:
-    sys.exit(f"DATABASE_URL must be a postgres:// URL, not {url.scheme}://")
-values = {
-    "PGHOST": unquote(url.hostname or ""),
-    "PGPORT": str(url.port or ""),
-    "PGUSER": unquote(url.username or ""),
-    "PGPASSWORD": unquote(url.password or ""),
-    "PGDATABASE": unquote(url.path.lstrip("/")),
-}
-libpq_options = {"sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT",
-                 "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT"}
-for key, value in parse_qsl(url.query):
-    if key in libpq_options:
-        values[libpq_options[key]] = value
-if not values["PGDATABASE"]:
-    sys.exit("DATABASE_URL names no database")
-for name, value in values.items():
-    if value:
-        print(f"export {name}={shlex.quote(value)}")
-PYTHON
-) || fail 1 "cannot read DATABASE_URL"
+libpq_environment=$("$python" "$project_root/deploy/scripts/libpq_environment.py" "$DATABASE_URL") || fail 1 "cannot read DATABASE_URL"
 eval "$libpq_environment"
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-10}
 

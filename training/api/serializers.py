@@ -319,25 +319,14 @@ class CheckpointSummarySerializer(serializers.ModelSerializer):
                   "is_best", "created_at"]  # fmt: skip
 
 
-class CheckpointSerializer(serializers.ModelSerializer):
-    round_number = serializers.IntegerField(source="round.number", read_only=True, default=None)
+class CheckpointSerializer(CheckpointSummarySerializer):
+    """The REST API's checkpoint: the summary plus its experiment, metrics and download link."""
+
     download_url = serializers.HyperlinkedIdentityField(view_name="checkpoint-download")
 
-    class Meta:
-        model = Checkpoint
-        fields = [
-            "id",
-            "experiment",
-            "round",
-            "round_number",
-            "sha256",
-            "size_bytes",
-            "num_parameters",
-            "metrics",
-            "is_best",
-            "created_at",
-            "download_url",
-        ]
+    class Meta(CheckpointSummarySerializer.Meta):
+        fields = [*CheckpointSummarySerializer.Meta.fields, "experiment", "metrics",
+                  "download_url"]  # fmt: skip
 
 
 class RoundSerializer(serializers.ModelSerializer):
