@@ -101,6 +101,16 @@ def simulated_split(
     return by_site, held_out
 
 
+@lru_cache(maxsize=64)
+def experiment_configuration(experiment_id: int) -> Experiment:
+    """An experiment with its dataset, read once per worker process for its clients' tasks.
+
+    Use it for the configuration only, which is frozen once the experiment has started;
+    its status and current round move on without this copy.
+    """
+    return Experiment.objects.select_related("dataset").get(pk=experiment_id)
+
+
 def experiment_site_ids(experiment: Experiment) -> tuple[int, ...]:
     return site_ids_of(experiment.pk)
 
@@ -168,6 +178,19 @@ def network_with_weights(experiment: Experiment, weights: dict[str, torch.Tensor
 
 
 @lru_cache(maxsize=2)
+def training_network(experiment_id: int) -> nn.Module:
+    """The network that a worker process trains an experiment's clients in, built once.
+
+    Each task loads its round's starting weights into it, which resets every parameter and
+    buffer: building the modules again for every client cost more than a tiny model's
+    training step.
+    """
+    experiment = experiment_configuration(experiment_id)
+    # Seeded so as to leave the global random state alone; the weights are replaced anyway.
+    return build_experiment_network(experiment, seed=experiment.seed)
+
+
+@lru_cache(maxsize=2)
 def global_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
     """A round's starting weights, read once per worker process rather than once per client.
 
@@ -200,9 +223,9 @@ def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
     fl_round = update.round
     experiment = fl_round.experiment
     shared = global_weights(*starting_checkpoint(experiment.pk, fl_round.number))
-    # Training changes the weights in place, so the network gets its own copy of them.
-    starting = {key: tensor.clone() for key, tensor in shared.items()}
-    network = network_with_weights(experiment, starting)
+    network = training_network(experiment.pk)
+    # Copied into the network's own tensors: training must not change the shared weights.
+    network.load_state_dict(shared)
     site_ids = experiment_site_ids(experiment)
     data = client_data(update, site_ids)
     client_index = site_ids.index(update.site_id)

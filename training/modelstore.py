@@ -4,6 +4,7 @@ It goes through Django's storage API (STORAGES["models"]), so a deployment can p
 shared volume or an object store; the ledger keeps each file's name and SHA-256.
 """
 
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,7 +32,13 @@ def global_weights_name(experiment_id: int, round_number: int) -> str:
 
 
 def client_update_name(experiment_id: int, round_number: int, site_slug: str) -> str:
-    return f"experiments/{experiment_id}/round-{round_number:04d}/site-{site_slug}.safetensors"
+    """A new name for each delivery of a client's task: a duplicate that runs at the same
+    time never replaces the file whose hash the ledger recorded."""
+    delivery = uuid.uuid4().hex[:8]
+    return (
+        f"experiments/{experiment_id}/round-{round_number:04d}/"
+        f"site-{site_slug}-{delivery}.safetensors"
+    )
 
 
 def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeights:
@@ -47,6 +54,10 @@ def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeight
         size_bytes=len(data),
         num_parameters=sum(tensor.numel() for tensor in weights.values()),
     )
+
+
+def delete_weights(name: str) -> None:
+    model_store().delete(name)
 
 
 def load_stored_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:

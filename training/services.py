@@ -17,7 +17,7 @@ from django.utils import timezone
 from flproject.celery import app as celery_app
 from flproject.observability import metrics
 from flproject.observability.logs import log_event
-from training import federation, tracking
+from training import federation, modelstore, tracking
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -179,22 +179,24 @@ def fail_experiment(experiment: Experiment, reason: str) -> None:
 
 
 def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate | None:
-    """Mark a client's training as running, or return None if it must not run: its round
-    is no longer open or it already finished (a duplicate delivery of the task)."""
+    """Mark a client's training as running, or return None if it must not run: it already
+    finished (a duplicate delivery of the task), or its round closed without it.
+
+    The returned update carries its round, its site and the experiment's configuration.
+    """
     now = timezone.now()
     # One conditional UPDATE: PostgreSQL re-checks the status on the row it locks, so a
-    # watchdog or a stop that finished this client first always wins. RUNNING may be
-    # claimed again: the worker that had it died and the broker delivered it anew.
+    # watchdog or a stop that finished this client first always wins. The client's own
+    # status is enough: a round leaves "open" only in a transaction that finishes all its
+    # unfinished clients. RUNNING may be claimed again: the worker that had it died and the
+    # broker delivered it anew.
     claimed = ClientUpdate.objects.filter(
-        pk=client_update_id,
-        status__in=UNFINISHED_CLIENT_STATUSES,
-        round__status=RoundStatus.OPEN,
+        pk=client_update_id, status__in=UNFINISHED_CLIENT_STATUSES
     ).update(status=ClientUpdateStatus.RUNNING, worker=worker, started_at=now)
     if not claimed:
         return None
-    update = ClientUpdate.objects.select_related("round__experiment__dataset", "site").get(
-        pk=client_update_id
-    )
+    update = ClientUpdate.objects.select_related("round", "site").get(pk=client_update_id)
+    update.round.experiment = federation.experiment_configuration(update.round.experiment_id)
     if not federation.is_simulation(update.round.experiment.dataset):
         Site.objects.filter(pk=update.site_id).update(last_seen=now)
     events.client_changed(update)
@@ -216,52 +218,66 @@ def record_client_result(
     *,
     outcome: "federation.LocalTrainingOutcome | None" = None,
     error: str = "",
-) -> ClientUpdate:
-    """Store a client's update (or its failure) and close the round if it was the last.
+) -> bool:
+    """Store a client's update (or its failure), and close the round if it was the last.
 
-    `claimed` is what claim_client_update returned; the rows are locked and read afresh.
+    `claimed` is what claim_client_update returned. Returns False when the client was no
+    longer running: the round's deadline or a stop finished it first (it stays late or
+    failed), or another delivery of the task recorded it. Such a report is not counted.
     """
+    now = timezone.now()
+    if claimed.started_at is not None:
+        metrics.observe_client_task(claimed.site.slug, (now - claimed.started_at).total_seconds())
+    if outcome is None:
+        result = {"status": ClientUpdateStatus.FAILED, "error": error}
+    else:
+        result = {
+            "status": ClientUpdateStatus.SUCCEEDED,
+            "num_samples": outcome.num_samples,
+            "metrics": outcome.metrics,
+            "update_file": outcome.stored.name,
+            "update_sha256": outcome.stored.sha256,
+        }
+    result["finished_at"] = now
+    # Without locks: the row's own status decides (see claim_client_update), and whichever
+    # report comes last sees every other one committed and closes the round.
+    recorded = ClientUpdate.objects.filter(pk=claimed.pk, status=ClientUpdateStatus.RUNNING).update(
+        **result
+    )
+    if not recorded:
+        if outcome is not None:  # nobody will read this delivery's weights
+            modelstore.delete_weights(outcome.stored.name)
+        log_event(logger, "client.not_counted", level=logging.WARNING, **client_fields(claimed))
+        return False
+    for name, value in result.items():
+        setattr(claimed, name, value)
+    events.client_changed(claimed)
+    if outcome is None:
+        metrics.count_client_failure(claimed.site.slug)
+        log_event(
+            logger, "client.failed", level=logging.WARNING, **client_fields(claimed), error=error
+        )
+    else:
+        log_event(logger, "client.finished", **client_fields(claimed))
+    if not unfinished_clients(claimed.round_id).exists():
+        close_complete_round(claimed.round.experiment_id, claimed.round_id)
+    return True
+
+
+def unfinished_clients(round_id: int):
+    return ClientUpdate.objects.filter(round_id=round_id, status__in=UNFINISHED_CLIENT_STATUSES)
+
+
+def close_complete_round(experiment_id: int, round_id: int) -> bool:
+    """Close an open round whose clients have all reported. Two last reports may both get
+    here, or the watchdog with them: the locks and the check let one of them close it."""
     with transaction.atomic():
-        experiment = locked_experiment(claimed.round.experiment_id)
-        fl_round = Round.objects.select_for_update().get(pk=claimed.round_id)
-        update = ClientUpdate.objects.select_for_update().get(pk=claimed.pk)
-        update.round = fl_round
-        update.site = claimed.site
-        now = timezone.now()
-        update.finished_at = now
-        if update.started_at is not None:  # set when the task claimed it
-            metrics.observe_client_task(update.site.slug, (now - update.started_at).total_seconds())
-        if fl_round.status != RoundStatus.OPEN or update.status != ClientUpdateStatus.RUNNING:
-            # The round closed without this client (deadline, stop): recorded, not counted.
-            if update.status in UNFINISHED_CLIENT_STATUSES:
-                update.status = ClientUpdateStatus.LATE
-                update.save(update_fields=["status", "finished_at"])
-                events.client_changed(update)
-                metrics.count_client_late(update.site.slug)
-                log_event(logger, "client.late", level=logging.WARNING, **client_fields(update))
-            return update
-        if outcome is None:
-            update.status = ClientUpdateStatus.FAILED
-            update.error = error
-            changed = ["status", "finished_at", "error"]
-            metrics.count_client_failure(update.site.slug)
-            log_event(
-                logger, "client.failed", level=logging.WARNING, **client_fields(update), error=error
-            )
-        else:
-            update.status = ClientUpdateStatus.SUCCEEDED
-            update.num_samples = outcome.num_samples
-            update.metrics = outcome.metrics
-            update.update_file = outcome.stored.name
-            update.update_sha256 = outcome.stored.sha256
-            changed = ["status", "finished_at", "num_samples", "metrics", "update_file",
-                       "update_sha256"]  # fmt: skip
-            log_event(logger, "client.finished", **client_fields(update))
-        update.save(update_fields=changed)
-        events.client_changed(update)
-        if not fl_round.client_updates.filter(status__in=UNFINISHED_CLIENT_STATUSES).exists():
-            close_round(experiment, fl_round)
-    return update
+        experiment = locked_experiment(experiment_id)
+        fl_round = Round.objects.select_for_update().get(pk=round_id)
+        if fl_round.status != RoundStatus.OPEN or unfinished_clients(round_id).exists():
+            return False
+        close_round(experiment, fl_round)
+    return True
 
 
 def close_round(experiment: Experiment, fl_round: Round) -> None:
@@ -293,9 +309,17 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
 
 
 def close_overdue_rounds(now=None) -> list[int]:
-    """The watchdog: close each open round past its deadline; unfinished clients are late."""
+    """The watchdog: close each open round past its deadline (unfinished clients are late),
+    and each open round whose clients have all reported but that nobody closed (the last
+    report's worker died between recording its result and closing the round)."""
     now = now or timezone.now()
     closed = []
+    complete = Round.objects.filter(status=RoundStatus.OPEN).exclude(
+        client_updates__status__in=UNFINISHED_CLIENT_STATUSES
+    )
+    for round_id, experiment_id in complete.values_list("pk", "experiment_id"):
+        if close_complete_round(experiment_id, round_id):
+            closed.append(round_id)
     overdue = Round.objects.filter(status=RoundStatus.OPEN, deadline__lt=now)
     for round_id, experiment_id in overdue.values_list("pk", "experiment_id"):
         with transaction.atomic():

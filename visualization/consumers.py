@@ -54,5 +54,8 @@ class ExperimentConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "error", "detail": "Send {\"type\": \"ping\"} or "
                                   "{\"type\": \"snapshot\"}."})  # fmt: skip
 
-    async def experiment_event(self, message):
-        await self.send_json(message["event"])
+    async def experiment_events(self, message):
+        """Events published together (see visualization.events) still reach the page one by
+        one, in order."""
+        for event in message["events"]:
+            await self.send_json(event)

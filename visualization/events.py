@@ -22,9 +22,12 @@ from training.models import ClientUpdate, ClientUpdateStatus, Experiment, Round
 
 logger = logging.getLogger(__name__)
 
-# The consumer's handler for these messages is ExperimentConsumer.experiment_event.
-MESSAGE_TYPE = "experiment.event"
+# The consumer's handler for these messages is ExperimentConsumer.experiment_events.
+MESSAGE_TYPE = "experiment.events"
 PUBLISH_TIMEOUT_SECONDS = 5
+# A process sends to the channel layer at most this often; what is published meanwhile
+# waits and leaves together, one message per experiment.
+BATCH_INTERVAL_SECONDS = 0.05
 
 
 class BackgroundPublisher:
@@ -35,6 +38,11 @@ class BackgroundPublisher:
     coroutine drains a queue, so events leave in the order they were published while the
     caller (a training task) goes on at once. The loop is made again in a forked child
     (Celery's prefork pool), where the parent's thread does not exist.
+
+    A lone event leaves at once. Events that follow within BATCH_INTERVAL_SECONDS wait for
+    it to pass and go as one channel-layer message per experiment: a group send costs
+    0.2-0.6 ms of this process's CPU whatever it carries, and a worker finishing a client
+    every few milliseconds would otherwise spend as much on its two events as on its ledger.
     """
 
     def __init__(self) -> None:
@@ -50,24 +58,45 @@ class BackgroundPublisher:
         asyncio.run_coroutine_threadsafe(self._drain(self._queue), self._loop)
 
     async def _drain(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        next_send = loop.time()
         while True:
-            group, message = await queue.get()
-            try:
-                await asyncio.wait_for(
-                    get_channel_layer().group_send(group, message), PUBLISH_TIMEOUT_SECONDS
-                )
-            except Exception:  # the ledger is the truth; the snapshot repairs a lost event
-                logger.exception("could not publish %s to %s", message["event"]["type"], group)
+            waiting = [await queue.get()]
+            await asyncio.sleep(next_send - loop.time())  # returns at once when it is due
+            while not queue.empty():
+                waiting.append(queue.get_nowait())
+            next_send = loop.time() + BATCH_INTERVAL_SECONDS
+            by_group: dict[str, list[dict]] = {}
+            for group, event in waiting:
+                by_group.setdefault(group, []).append(event)
+            for group, events in by_group.items():
+                await self._send(group, events)
 
-    def send(self, group: str, message: dict) -> None:
+    async def _send(self, group: str, events: list[dict]) -> None:
+        try:
+            await asyncio.wait_for(
+                get_channel_layer().group_send(group, {"type": MESSAGE_TYPE, "events": events}),
+                PUBLISH_TIMEOUT_SECONDS,
+            )
+        except Exception:  # the ledger is the truth; the snapshot repairs a lost event
+            logger.exception("could not publish %d events to %s", len(events), group)
+
+    def send(self, group: str, event: dict) -> None:
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 self._start()
             loop, queue = self._loop, self._queue
-        loop.call_soon_threadsafe(queue.put_nowait, (group, message))
+        loop.call_soon_threadsafe(queue.put_nowait, (group, event))
 
 
 publisher = BackgroundPublisher()
+
+# One serializer of each kind, bound once: a serializer builds its fields when it is made,
+# which costs some forty times what turning one row into an event does.
+CLIENT_UPDATE = ClientUpdateSerializer()
+ROUND = RoundSerializer()
+CHECKPOINT = CheckpointSummarySerializer()
+EXPERIMENT = ExperimentSummarySerializer()
 
 
 def experiment_group(experiment_id: int) -> str:
@@ -76,7 +105,7 @@ def experiment_group(experiment_id: int) -> str:
 
 def publish(experiment_id: int, event: dict) -> None:
     """Send `event` to every browser watching the experiment; returns without waiting."""
-    publisher.send(experiment_group(experiment_id), {"type": MESSAGE_TYPE, "event": event})
+    publisher.send(experiment_group(experiment_id), event)
 
 
 def publish_after_commit(experiment_id: int, event_type: str, **payload) -> None:
@@ -88,8 +117,8 @@ def round_opened(fl_round: Round, updates: list[ClientUpdate]) -> None:
     publish_after_commit(
         fl_round.experiment_id,
         "round.opened",
-        round=RoundSerializer(fl_round).data,
-        client_updates=ClientUpdateSerializer(updates, many=True).data,
+        round=ROUND.to_representation(fl_round),
+        client_updates=[CLIENT_UPDATE.to_representation(update) for update in updates],
     )
 
 
@@ -97,8 +126,8 @@ def round_closed(fl_round: Round) -> None:
     publish_after_commit(
         fl_round.experiment_id,
         "round.closed",
-        round=RoundSerializer(fl_round).data,
-        checkpoint=CheckpointSummarySerializer(fl_round.checkpoint).data,
+        round=ROUND.to_representation(fl_round),
+        checkpoint=CHECKPOINT.to_representation(fl_round.checkpoint),
     )
 
 
@@ -109,7 +138,9 @@ def client_changed(update: ClientUpdate) -> None:
         ClientUpdateStatus.SUCCEEDED: "client.finished",
     }.get(update.status, "client.failed")
     publish_after_commit(
-        update.round.experiment_id, event_type, client_update=ClientUpdateSerializer(update).data
+        update.round.experiment_id,
+        event_type,
+        client_update=CLIENT_UPDATE.to_representation(update),
     )
 
 
@@ -119,5 +150,5 @@ def experiment_ended(experiment: Experiment) -> None:
         experiment.status, f"experiment.{experiment.status}"
     )
     publish_after_commit(
-        experiment.pk, event_type, experiment=ExperimentSummarySerializer(experiment).data
+        experiment.pk, event_type, experiment=EXPERIMENT.to_representation(experiment)
     )

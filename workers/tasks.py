@@ -55,10 +55,10 @@ def train_client(self, client_update_id: int) -> str:
         outcome = federation.run_local_training(update)
     except Exception as exc:  # any failure of a client is recorded, not fatal to the round
         logger.exception("client update %s failed", client_update_id)
-        services.record_client_result(update, error=f"{type(exc).__name__}: {exc}")
-        return "failed"
-    services.record_client_result(update, outcome=outcome)
-    return "succeeded"
+        recorded = services.record_client_result(update, error=f"{type(exc).__name__}: {exc}")
+        return "failed" if recorded else "failed: not counted, the round closed without it"
+    recorded = services.record_client_result(update, outcome=outcome)
+    return "succeeded" if recorded else "not counted: the round closed without it"
 
 
 @shared_task(name="workers.tasks.aggregate_round", ignore_result=True)
