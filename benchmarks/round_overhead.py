@@ -28,13 +28,14 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
-ROUNDS = 4
+ROUNDS = 6
 
 
 def child_env(mode: str, data_dir: Path, database: str | None) -> dict[str, str]:
+    # Debug off, as in production: Django's debug cursor would log every query.
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "flproject.settings.local",
-           "FEDLENS_DATA_DIR": str(data_dir), "PYTHONPATH": str(PROJECT_ROOT),
-           "LOG_LEVEL": "WARNING"}  # fmt: skip
+           "DJANGO_DEBUG": "false", "FEDLENS_DATA_DIR": str(data_dir),
+           "PYTHONPATH": str(PROJECT_ROOT), "LOG_LEVEL": "WARNING"}  # fmt: skip
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     if mode == "redis":

@@ -276,8 +276,9 @@ def l2_distance(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor])
 class AggregationOutcome:
     stored: modelstore.StoredWeights
     metrics: dict[str, Any]
-    # Client update id to the distance of its weights from the new global weights.
-    distances: dict[int, float] = field(default_factory=dict)
+    # Client update id to that update's metrics, now with the distance of its weights from
+    # the new global weights ("distance_to_aggregate").
+    client_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_aggregation(fl_round: Round) -> AggregationOutcome:
@@ -301,11 +302,14 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
         modelstore.global_weights_name(experiment.pk, fl_round.number), new_weights
     )
     # A second pass, one update at a time again, for each site's distance from the result.
-    distances = {
-        update.pk: l2_distance(
-            modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
-            new_weights,
-        )
+    client_metrics = {
+        update.pk: {
+            **update.metrics,
+            "distance_to_aggregate": l2_distance(
+                modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
+                new_weights,
+            ),
+        }
         for update in updates
     }
     aggregated = time.perf_counter()
@@ -318,7 +322,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     evaluated = time.perf_counter()
     return AggregationOutcome(
         stored=stored,
-        distances=distances,
+        client_metrics=client_metrics,
         metrics={
             "global": evaluation,
             "clients": dict(strategy.round_metrics),

@@ -12,6 +12,7 @@ import uuid
 from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from flproject.celery import app as celery_app
@@ -53,7 +54,27 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
 
 def training_queue(experiment: Experiment, site: Site) -> str:
     """Simulated clients share the training queue; a real site trains on its own node."""
-    return TRAINING_QUEUE if federation.is_simulation(experiment.dataset) else site.queue
+    dataset = federation.experiment_configuration(experiment.pk).dataset
+    return TRAINING_QUEUE if federation.is_simulation(dataset) else site.queue
+
+
+def send_task(name: str, *, args: list, queue: str, **options) -> None:
+    """Queue one of the ledger's tasks. Their outcome is in the ledger, not in a Celery
+    result: a sender that expected one would subscribe to it in Redis for nothing."""
+    celery_app.send_task(name, args=args, queue=queue, ignore_result=True, **options)
+
+
+def enqueue_training(updates: list[ClientUpdate], queues: list[str]) -> None:
+    """Send the round's training tasks through one producer (one broker connection)."""
+    with celery_app.producer_or_acquire() as producer:
+        for update, queue in zip(updates, queues, strict=True):
+            send_task(
+                "workers.tasks.train_client",
+                args=[update.pk],
+                queue=queue,
+                task_id=update.task_id,
+                producer=producer,
+            )
 
 
 def open_round(experiment: Experiment, number: int) -> Round:
@@ -72,15 +93,12 @@ def open_round(experiment: Experiment, number: int) -> Round:
     )
     experiment.current_round = number
     experiment.save(update_fields=["current_round", "updated_at"])
+    # A new round has no checkpoint: said here, its event need not ask the database.
+    Round.checkpoint.related.set_cached_value(new_round, None)
     events.round_opened(new_round, updates)
     log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
-    for update, site in zip(updates, clients, strict=True):
-        queue = training_queue(experiment, site)
-        transaction.on_commit(
-            lambda update=update, queue=queue: celery_app.send_task(
-                "workers.tasks.train_client", args=[update.pk], task_id=update.task_id, queue=queue
-            )
-        )
+    queues = [training_queue(experiment, site) for site in clients]
+    transaction.on_commit(lambda: enqueue_training(updates, queues))
     return new_round
 
 
@@ -158,7 +176,7 @@ def export_to_tracking_after_commit(experiment: Experiment) -> None:
     itself); a task, so that a slow or absent MLflow never holds a request or a lock."""
     if tracking.tracking_uri():
         transaction.on_commit(
-            lambda: celery_app.send_task(
+            lambda: send_task(
                 "workers.tasks.export_to_tracking", args=[experiment.pk], queue=AGGREGATION_QUEUE
             )
         )
@@ -259,13 +277,12 @@ def record_client_result(
         )
     else:
         log_event(logger, "client.finished", **client_fields(claimed))
-    if not unfinished_clients(claimed.round_id).exists():
+    unfinished = ClientUpdate.objects.filter(
+        round_id=claimed.round_id, status__in=UNFINISHED_CLIENT_STATUSES
+    )
+    if not unfinished.exists():
         close_complete_round(claimed.round.experiment_id, claimed.round_id)
     return True
-
-
-def unfinished_clients(round_id: int):
-    return ClientUpdate.objects.filter(round_id=round_id, status__in=UNFINISHED_CLIENT_STATUSES)
 
 
 def close_complete_round(experiment_id: int, round_id: int) -> bool:
@@ -274,18 +291,30 @@ def close_complete_round(experiment_id: int, round_id: int) -> bool:
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
         fl_round = Round.objects.select_for_update().get(pk=round_id)
-        if fl_round.status != RoundStatus.OPEN or unfinished_clients(round_id).exists():
+        if fl_round.status != RoundStatus.OPEN:
             return False
-        close_round(experiment, fl_round)
+        counts = client_counts(round_id)
+        if counts["unfinished"]:
+            return False
+        close_round(experiment, fl_round, counts)
     return True
 
 
-def close_round(experiment: Experiment, fl_round: Round) -> None:
-    """Move an open round to aggregation, or fail it (and its experiment) if too few clients
-    succeeded. The caller holds both locks; this happens exactly once per round."""
-    succeeded = fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).count()
+def client_counts(round_id: int) -> dict[str, int]:
+    """How many of a round's clients there are, how many succeeded, how many are unfinished."""
+    return ClientUpdate.objects.filter(round_id=round_id).aggregate(
+        total=Count("pk"),
+        succeeded=Count("pk", filter=Q(status=ClientUpdateStatus.SUCCEEDED)),
+        unfinished=Count("pk", filter=Q(status__in=UNFINISHED_CLIENT_STATUSES)),
+    )
+
+
+def close_round(experiment: Experiment, fl_round: Round, counts: dict[str, int]) -> None:
+    """Move an open round whose clients have all finished (`counts`, from client_counts) to
+    aggregation, or fail it (and its experiment) if too few clients succeeded. The caller
+    holds both locks; this happens exactly once per round."""
+    succeeded, total = counts["succeeded"], counts["total"]
     if succeeded < experiment.min_clients:
-        total = fl_round.client_updates.count()
         reason = (
             f"Round {fl_round.number}: {succeeded} of {total} clients succeeded, "
             f"fewer than the minimum of {experiment.min_clients}."
@@ -302,7 +331,7 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         succeeded=succeeded,
     )
     transaction.on_commit(
-        lambda: celery_app.send_task(
+        lambda: send_task(
             "workers.tasks.aggregate_round", args=[fl_round.pk], queue=AGGREGATION_QUEUE
         )
     )
@@ -351,7 +380,7 @@ def close_overdue_rounds(now=None) -> list[int]:
                 round=fl_round.number,
                 late=len(missing),
             )
-            close_round(experiment, fl_round)
+            close_round(experiment, fl_round, client_counts(round_id))
             closed.append(round_id)
     return closed
 
@@ -359,13 +388,14 @@ def close_overdue_rounds(now=None) -> list[int]:
 # --- Aggregation ---------------------------------------------------------------------------
 
 
-def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> bool:
+def complete_round(
+    experiment_id: int, round_id: int, outcome: "federation.AggregationOutcome"
+) -> bool:
     """Record the new global model, then open the next round or finish the experiment.
 
     Returns False when the round was already completed (a duplicate aggregation task).
     """
     with transaction.atomic():
-        experiment_id = Round.objects.values_list("experiment_id", flat=True).get(pk=round_id)
         experiment = locked_experiment(experiment_id)
         fl_round = Round.objects.select_for_update().get(pk=round_id)
         if fl_round.status != RoundStatus.AGGREGATING:
@@ -393,7 +423,12 @@ def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> b
             "wall_seconds": (now - fl_round.opened_at).total_seconds(),
         }
         fl_round.save(update_fields=["status", "closed_at", "metrics"])
-        record_distances_to_aggregate(fl_round, outcome.distances)
+        # The updates are final once their round closed: their metrics as aggregation read
+        # them, with the distances added, can be written back without reading them again.
+        ClientUpdate.objects.bulk_update(
+            [ClientUpdate(pk=pk, metrics=values) for pk, values in outcome.client_metrics.items()],
+            ["metrics"],
+        )
         events.round_closed(fl_round)
         metrics.count_round_closed(fl_round.metrics["wall_seconds"])
         held_out = outcome.metrics.get("global") or {}
@@ -415,13 +450,6 @@ def complete_round(round_id: int, outcome: "federation.AggregationOutcome") -> b
             events.experiment_ended(experiment)
             log_event(logger, "experiment.finished", experiment=experiment.pk)
     return True
-
-
-def record_distances_to_aggregate(fl_round: Round, distances: dict[int, float]) -> None:
-    updates = list(fl_round.client_updates.filter(pk__in=distances))
-    for update in updates:
-        update.metrics = {**update.metrics, "distance_to_aggregate": distances[update.pk]}
-    ClientUpdate.objects.bulk_update(updates, ["metrics"])
 
 
 def fail_round(round_id: int, reason: str) -> None:

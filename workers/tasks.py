@@ -64,16 +64,17 @@ def train_client(self, client_update_id: int) -> str:
 @shared_task(name="workers.tasks.aggregate_round", ignore_result=True)
 def aggregate_round(round_id: int) -> str:
     """Aggregate a closed round's updates, evaluate, and move the experiment on."""
-    fl_round = Round.objects.select_related("experiment__dataset").get(pk=round_id)
+    fl_round = Round.objects.get(pk=round_id)
     if fl_round.status != RoundStatus.AGGREGATING:
         return "skipped: not waiting for aggregation"
+    fl_round.experiment = federation.experiment_configuration(fl_round.experiment_id)
     try:
         outcome = federation.run_aggregation(fl_round)
     except Exception as exc:
         logger.exception("aggregation of round %s failed", round_id)
         services.fail_round(round_id, f"Aggregation of round {fl_round.number} failed: {exc}")
         return "failed"
-    completed = services.complete_round(round_id, outcome)
+    completed = services.complete_round(fl_round.experiment_id, round_id, outcome)
     # After the commit, outside the ledger's locks (MLflow may be slow or down): the round's
     # metrics, and the best checkpoint once the experiment has ended. Each export logs all
     # that the MLflow run lacks, so one that was missed is caught up by the next.

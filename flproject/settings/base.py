@@ -273,8 +273,10 @@ CELERY_TASK_SOFT_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT - 30
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_QUEUES = (Queue("training"), Queue("aggregation"))
 CELERY_TASK_ROUTES = ("workers.routing.route_task",)
-CELERY_TASK_SEND_SENT_EVENT = True
-CELERY_WORKER_SEND_TASK_EVENTS = True
+# Workers report each task's progress to Flower. Senders do not add a "task-sent" event:
+# it costs as much as the task message itself, and the ledger already shows pending clients.
+CELERY_TASK_SEND_SENT_EVENT = False
+CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Celery's Django fixup otherwise closes the database connection around every task, and a
 # new PostgreSQL backend costs more than a small task; workers/tasks.py still drops a broken
