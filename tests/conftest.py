@@ -19,6 +19,7 @@ from rest_framework.test import APIClient
 
 from flproject.celery import app
 from tests.factories import SiteFactory, UserFactory
+from training import federation
 from training.fl.data import generate_synthetic_dataset
 from training.models import Dataset, Experiment
 
@@ -65,6 +66,21 @@ def model_store_in_tmp(settings, tmp_path):
             "OPTIONS": {"location": str(tmp_path / "models")},
         },
     }
+
+
+@pytest.fixture(autouse=True)
+def forget_ledger_reads_cached_by_id():
+    """A worker process keeps what it read of an experiment by its id; a test's rolled-back
+    rows free their ids for the next test (SQLite hands them out again)."""
+    yield
+    for cached in (
+        federation.experiment_configuration,
+        federation.training_network,
+        federation.site_ids_of,
+        federation.starting_checkpoint,
+        federation.simulated_split,
+    ):
+        cached.cache_clear()
 
 
 @pytest.fixture

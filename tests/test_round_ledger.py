@@ -3,17 +3,20 @@
 from datetime import timedelta
 
 import pytest
+import torch
 from django.utils import timezone
 
 from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory
-from training import services
+from training import modelstore, services
 from training.federation import AggregationOutcome, LocalTrainingOutcome
 from training.models import (
     Checkpoint,
+    ClientUpdate,
     ClientUpdateStatus,
     ExperimentStatus,
     Round,
     RoundStatus,
+    model_store,
 )
 from training.modelstore import StoredWeights
 
@@ -216,3 +219,69 @@ def test_the_last_round_completes_the_experiment_and_best_follows_accuracy(open_
             "round__number", flat=True
         )
     ) == [1]
+
+
+def test_the_watchdog_closes_a_round_whose_clients_all_reported_but_nobody_closed(open_round):
+    # The last client's worker died between recording its result and closing the round.
+    _, fl_round, _ = open_round
+    ClientUpdate.objects.filter(round=fl_round).update(status=ClientUpdateStatus.SUCCEEDED)
+
+    closed = services.close_overdue_rounds()
+
+    assert closed == [fl_round.pk]
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+
+
+def test_of_two_last_reports_trying_to_close_the_round_only_one_does(open_round):
+    experiment, fl_round, _ = open_round
+    ClientUpdate.objects.filter(round=fl_round).update(status=ClientUpdateStatus.SUCCEEDED)
+
+    first = services.close_complete_round(experiment.pk, fl_round.pk)
+    second = services.close_complete_round(experiment.pk, fl_round.pk)
+
+    assert (first, second) == (True, False)
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+
+
+def test_a_round_with_a_client_still_running_is_not_closed_as_complete(open_round):
+    experiment, fl_round, updates = open_round
+    report(updates[0], trained())
+    report(updates[1], trained())
+    services.claim_client_update(updates[2].pk, worker="busy@test")
+
+    assert services.close_complete_round(experiment.pk, fl_round.pk) is False
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.OPEN
+
+
+def stored_update(experiment, fl_round, site) -> StoredWeights:
+    """What one delivery of a client's task writes to the model store."""
+    weights = {"weight": torch.full((3,), float(len(site.slug)))}
+    name = modelstore.client_update_name(experiment.pk, fl_round.number, site.slug)
+    return modelstore.save_weights(name, weights)
+
+
+def test_two_deliveries_of_a_task_keep_the_file_the_ledger_recorded(open_round):
+    experiment, fl_round, updates = open_round
+    first = services.claim_client_update(updates[0].pk, worker="slow@test")
+    second = services.claim_client_update(updates[0].pk, worker="redelivered@test")
+    first_weights = stored_update(experiment, fl_round, updates[0].site)
+    second_weights = stored_update(experiment, fl_round, updates[0].site)
+
+    recorded = services.record_client_result(
+        second, outcome=LocalTrainingOutcome(stored=second_weights, num_samples=5, metrics={})
+    )
+    not_counted = services.record_client_result(
+        first, outcome=LocalTrainingOutcome(stored=first_weights, num_samples=7, metrics={})
+    )
+
+    assert (recorded, not_counted) == (True, False)
+    assert first_weights.name != second_weights.name
+    updates[0].refresh_from_db()
+    assert (updates[0].update_file.name, updates[0].num_samples) == (second_weights.name, 5)
+    store = model_store()
+    assert store.exists(second_weights.name) and not store.exists(first_weights.name)
+    loaded = modelstore.load_stored_weights(updates[0].update_file.name, updates[0].update_sha256)
+    assert set(loaded) == {"weight"}

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from asgiref.sync import async_to_sync
 from channels.auth import AuthMiddlewareStack
+from channels.layers import get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
@@ -161,6 +162,38 @@ def test_published_events_reach_every_listener():
     received = async_to_sync(listen_twice)()
 
     assert received == [{"type": "round.opened", "round": {"number": 1}}] * 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_events_arrives_whole_and_in_order_in_fewer_layer_messages(monkeypatch):
+    owner = UserFactory()
+    experiment = ExperimentFactory(owner=owner)
+    token = Token.objects.create(user=owner)
+    layer_messages = []
+    layer = get_channel_layer()
+    original_group_send = layer.group_send
+
+    async def counting_group_send(group, message):
+        layer_messages.append(len(message["events"]))
+        await original_group_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", counting_group_send)
+
+    async def listen():
+        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        await listener.connect()
+        assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
+        for sequence in range(30):
+            publish(experiment.pk, {"type": "client.finished", "sequence": sequence})
+        received = [await listener.receive_json_from(timeout=5) for _ in range(30)]
+        await listener.disconnect()
+        return received
+
+    received = async_to_sync(listen)()
+
+    assert [event["sequence"] for event in received] == list(range(30))
+    assert sum(layer_messages) == 30
+    assert len(layer_messages) < 30
 
 
 def start(experiment_id: int) -> None:

@@ -273,8 +273,9 @@ CELERY_TASK_SOFT_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT - 30
 CELERY_TASK_DEFAULT_QUEUE = "training"
 CELERY_TASK_QUEUES = (Queue("training"), Queue("aggregation"))
 CELERY_TASK_ROUTES = ("workers.routing.route_task",)
-# Workers report each task's progress to Flower. Senders do not add a "task-sent" event:
-# it costs as much as the task message itself, and the ledger already shows pending clients.
+# Task events cost a Redis message each, as much as the task itself. Workers send them only
+# while Flower watches: Flower switches them on at its start and every 5 s after (its
+# enable_events option). Senders never add "task-sent": the ledger shows pending clients.
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
