@@ -1,9 +1,12 @@
 """State transitions of the ledger: start and stop an experiment, open and close rounds.
 
-Every function runs in one transaction and takes row locks in one order, experiment, then
-round, then client update, so that requests, workers and the watchdog never interleave
-their changes or deadlock. Tasks are enqueued only after the transaction commits, and
-carry ids, never weights.
+Every change of an experiment's rounds runs in one transaction that first locks the
+experiment's row: requests, workers and the watchdog take their turns on it, so that a
+round is opened, closed and completed exactly once, and they never deadlock, as nothing
+else is locked before it. The rounds read under that lock need no lock of their own. A
+client's claim and its report are single conditional UPDATEs of its own row, without
+other locks: the hot path of a round. Tasks are enqueued only after the transaction
+commits, and carry ids, never weights.
 """
 
 import logging
@@ -290,7 +293,7 @@ def close_complete_round(experiment_id: int, round_id: int) -> bool:
     here, or the watchdog with them: the locks and the check let one of them close it."""
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
-        fl_round = Round.objects.select_for_update().get(pk=round_id)
+        fl_round = Round.objects.get(pk=round_id)
         if fl_round.status != RoundStatus.OPEN:
             return False
         counts = client_counts(round_id)
@@ -312,7 +315,7 @@ def client_counts(round_id: int) -> dict[str, int]:
 def close_round(experiment: Experiment, fl_round: Round, counts: dict[str, int]) -> None:
     """Move an open round whose clients have all finished (`counts`, from client_counts) to
     aggregation, or fail it (and its experiment) if too few clients succeeded. The caller
-    holds both locks; this happens exactly once per round."""
+    holds the experiment's lock; this happens exactly once per round."""
     succeeded, total = counts["succeeded"], counts["total"]
     if succeeded < experiment.min_clients:
         reason = (
@@ -353,7 +356,7 @@ def close_overdue_rounds(now=None) -> list[int]:
     for round_id, experiment_id in overdue.values_list("pk", "experiment_id"):
         with transaction.atomic():
             experiment = locked_experiment(experiment_id)
-            fl_round = Round.objects.select_for_update().get(pk=round_id)
+            fl_round = Round.objects.get(pk=round_id)
             if fl_round.status != RoundStatus.OPEN:
                 continue
             missing = list(
@@ -397,7 +400,7 @@ def complete_round(
     """
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
-        fl_round = Round.objects.select_for_update().get(pk=round_id)
+        fl_round = Round.objects.get(pk=round_id)
         if fl_round.status != RoundStatus.AGGREGATING:
             return False
         score = federation.score(outcome.metrics)
