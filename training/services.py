@@ -57,8 +57,7 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
 
 def training_queue(experiment: Experiment, site: Site) -> str:
     """Simulated clients share the training queue; a real site trains on its own node."""
-    dataset = federation.experiment_configuration(experiment.pk).dataset
-    return TRAINING_QUEUE if federation.is_simulation(dataset) else site.queue
+    return TRAINING_QUEUE if federation.is_simulation(experiment.dataset) else site.queue
 
 
 def send_task(name: str, *, args: list, queue: str, **options) -> None:
@@ -290,7 +289,8 @@ def record_client_result(
 
 def close_complete_round(experiment_id: int, round_id: int) -> bool:
     """Close an open round whose clients have all reported. Two last reports may both get
-    here, or the watchdog with them: the locks and the check let one of them close it."""
+    here, or the watchdog with them: the experiment's lock and the check under it let one
+    of them close it."""
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
         fl_round = Round.objects.get(pk=round_id)
