@@ -162,7 +162,7 @@ def aggregation_benchmark(num_updates: int = 32, parameters: int = 10_000_000) -
         import torch
 
         from training.fl.strategies import build_strategy
-        from training.modelstore import load_stored_weights, save_weights
+        from training.modelstore import save_weights, stream_stored_weights
 
         # A model of `parameters` float32 values in a few layers, like a small ResNet's.
         shapes = {"conv.weight": (parameters // 2,), "fc.weight": (parameters // 4,),
@@ -192,10 +192,8 @@ def aggregation_benchmark(num_updates: int = 32, parameters: int = 10_000_000) -
         started = time.perf_counter()
         strategy = build_strategy("fedavg")
         strategy.begin_round(global_weights)
-        for item in stored:
-            strategy.accumulate(
-                load_stored_weights(item.name, item.sha256), num_samples=100, metrics={}
-            )
+        for weights in stream_stored_weights((item.name, item.sha256) for item in stored):
+            strategy.accumulate(weights, num_samples=100, metrics={})
         result = strategy.finish_round()
         seconds = time.perf_counter() - started
         sampling = False

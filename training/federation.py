@@ -289,11 +289,14 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     strategy.begin_round(
         modelstore.load_stored_weights(*starting_checkpoint(experiment.pk, fl_round.number))
     )
-    updates = fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
-    for update in updates:
-        # One update in memory at a time: the strategy keeps only its running sum.
+    updates = list(
+        fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
+    )
+    files = [(update.update_file.name, update.update_sha256) for update in updates]
+    # One update in memory at a time: the strategy keeps only its running sum.
+    for update, weights in zip(updates, modelstore.stream_stored_weights(files), strict=True):
         strategy.accumulate(
-            modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
+            weights,
             num_samples=update.num_samples,
             metrics={key: update.metrics[key] for key in ("loss", "accuracy")},
         )
@@ -303,14 +306,8 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     )
     # A second pass, one update at a time again, for each site's distance from the result.
     client_metrics = {
-        update.pk: {
-            **update.metrics,
-            "distance_to_aggregate": l2_distance(
-                modelstore.load_stored_weights(update.update_file.name, update.update_sha256),
-                new_weights,
-            ),
-        }
-        for update in updates
+        update.pk: {**update.metrics, "distance_to_aggregate": l2_distance(weights, new_weights)}
+        for update, weights in zip(updates, modelstore.stream_stored_weights(files), strict=True)
     }
     aggregated = time.perf_counter()
 

@@ -5,7 +5,7 @@ shared volume or an object store; the ledger keeps each file's name and SHA-256.
 """
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +60,29 @@ def delete_weights(name: str) -> None:
     model_store().delete(name)
 
 
-def load_stored_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
-    """Read weights back, refusing a file whose hash is not the one the ledger recorded."""
+def load_stored_weights(
+    name: str, sha256: str, *, into: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read weights back, refusing a file whose hash is not the one the ledger recorded.
+
+    `into`: tensors to read into where they fit (see load_weights_file); local files only.
+    """
     storage = model_store()
     try:
         path = storage.path(name)
     except NotImplementedError:  # a remote store (object storage): no local file to map
         with storage.open(name, "rb") as handle:
             return load_weights(handle.read(), expected_sha256=sha256)
-    return load_weights_file(path, expected_sha256=sha256)
+    return load_weights_file(path, expected_sha256=sha256, into=into)
+
+
+def stream_stored_weights(
+    files: Iterable[tuple[str, str]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights of each (name, SHA-256) in turn, each read into the tensors of the one
+    before: memory for one model, however many files. A consumer must be done with one
+    before it asks for the next."""
+    received: dict[str, torch.Tensor] | None = None
+    for name, sha256 in files:
+        received = load_stored_weights(name, sha256, into=received)
+        yield received

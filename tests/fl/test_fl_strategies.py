@@ -65,6 +65,29 @@ def test_fedavg_keeps_the_largest_integer_buffer() -> None:
     assert int(result["bn.num_batches_tracked"]) == expected
 
 
+def test_fedavg_of_updates_arriving_in_one_reused_set_of_tensors_equals_the_mean() -> None:
+    # Given updates delivered as aggregation reads them: each into the previous one's tensors
+    rng = np.random.default_rng(2)
+    updates = [random_update(rng) for _ in range(4)]
+    for counter, update in zip([7, 1, 2, 3], updates, strict=True):
+        update["bn.num_batches_tracked"] = torch.tensor(counter)  # the first one is the largest
+    expected = run_round(FedAvg(), updates, [1, 2, 3, 4])
+    received = {name: torch.empty_like(tensor) for name, tensor in updates[0].items()}
+    strategy = FedAvg()
+    strategy.begin_round(updates[0])
+
+    # When every update overwrites the same tensors before it is accumulated
+    for update, count in zip(updates, [1, 2, 3, 4], strict=True):
+        for name, tensor in update.items():
+            received[name].copy_(tensor)
+        strategy.accumulate(received, num_samples=count)
+    result = strategy.finish_round()
+
+    # Then nothing the strategy kept was overwritten: the result is the same
+    for name, tensor in expected.items():
+        assert torch.equal(result[name], tensor), name
+
+
 def test_fedavg_streams_without_keeping_any_update() -> None:
     # Given a round in progress
     strategy = FedAvg()

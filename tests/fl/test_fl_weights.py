@@ -151,6 +151,36 @@ def test_load_weights_file_reads_back_every_dtype_and_shape(tmp_path: Path) -> N
         assert torch.equal(loaded[name], tensor)
 
 
+def test_load_weights_file_reads_into_the_tensors_it_is_lent(tmp_path: Path) -> None:
+    first, second = _all_kinds_of_tensors(), _all_kinds_of_tensors()
+    for tensor in second.values():
+        if tensor.dtype.is_floating_point:
+            tensor.add_(1)
+    first_info = save_weights(first, tmp_path / "first.safetensors")
+    second_info = save_weights(second, tmp_path / "second.safetensors")
+    lent = load_weights_file(tmp_path / "first.safetensors", expected_sha256=first_info.sha256)
+    addresses = {name: tensor.data_ptr() for name, tensor in lent.items()}
+
+    loaded = load_weights_file(
+        tmp_path / "second.safetensors", expected_sha256=second_info.sha256, into=lent
+    )
+
+    assert_same_state(loaded, second)
+    assert {name: tensor.data_ptr() for name, tensor in loaded.items()} == addresses
+
+
+def test_load_weights_file_allocates_where_a_lent_tensor_does_not_fit(tmp_path: Path) -> None:
+    weights = _all_kinds_of_tensors()
+    info = save_weights(weights, tmp_path / "w.safetensors")
+    name = next(iter(weights))
+    misfit = {name: torch.zeros(1, dtype=torch.float64)}
+
+    loaded = load_weights_file(tmp_path / "w.safetensors", expected_sha256=info.sha256, into=misfit)
+
+    assert_same_state(loaded, weights)
+    assert torch.equal(misfit[name], torch.zeros(1, dtype=torch.float64))
+
+
 def test_load_weights_file_refuses_a_file_whose_hash_differs(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     info = save_weights(_all_kinds_of_tensors(), path)

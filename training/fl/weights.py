@@ -92,14 +92,21 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def load_weights_file(
-    path: str | os.PathLike[str], *, expected_sha256: str
+    path: str | os.PathLike[str],
+    *,
+    expected_sha256: str,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file in one pass, hashing it while each tensor is read into place.
 
     Aggregation loads one update after another; reading straight into the tensors holds
     the weights once, where the bytes-then-decode path (or a memory map) holds them twice.
+    ``into`` (an earlier result) lends its tensors to those of the same name, dtype and
+    shape, which are overwritten: a stream of updates then allocates memory only once,
+    rather than leaving the allocator a freed model to reuse or not for every update.
     The header is checked as the format requires before anything is allocated.
     """
+    reusable = into or {}
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
@@ -114,7 +121,9 @@ def load_weights_file(
             entries = _parse_header(path, header_bytes, data_length=size - 8 - header_length)
             tensors: dict[str, torch.Tensor] = {}
             for name, dtype, shape in entries:
-                tensor = torch.empty(shape, dtype=dtype)
+                tensor = reusable.get(name)
+                if tensor is None or tensor.dtype != dtype or list(tensor.shape) != shape:
+                    tensor = torch.empty(shape, dtype=dtype)
                 view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 filled = 0
                 while filled < len(view):

@@ -64,7 +64,8 @@ class FedAvg(Strategy):
         add_weighted_(self._weighted_sum, floating, float(num_samples))
         for name, tensor in update.items():
             if not tensor.dtype.is_floating_point:
-                value = tensor.detach().to("cpu")
+                # A copy: the update's tensors may be reused for the next one.
+                value = tensor.detach().to("cpu", copy=True)
                 previous = self._buffer_max.get(name)
                 self._buffer_max[name] = (
                     value if previous is None else torch.maximum(previous, value)
