@@ -76,7 +76,8 @@ def forget_ledger_reads_cached_by_id():
     for cached in (
         federation.experiment_configuration,
         federation.training_network,
-        federation.site_ids_of,
+        federation.experiment_sites,
+        federation.round_for_clients,
         federation.starting_checkpoint,
         federation.simulated_split,
     ):

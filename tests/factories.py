@@ -6,6 +6,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from training import services
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -87,9 +88,16 @@ class RoundFactory(factory.django.DjangoModelFactory):
 class ClientUpdateFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = ClientUpdate
+        skip_postgeneration_save = True  # the hook below changes another table only
 
     round = factory.SubFactory(RoundFactory)
     site = factory.SubFactory(SiteFactory)
+
+    @factory.post_generation
+    def site_in_experiment(self, create, extracted, **kwargs):
+        """A round's clients are among its experiment's sites, as open_round picks them."""
+        if create:
+            self.round.experiment.sites.add(self.site)
 
 
 class CheckpointFactory(factory.django.DjangoModelFactory):
@@ -102,3 +110,10 @@ class CheckpointFactory(factory.django.DjangoModelFactory):
     sha256 = "0" * 64
     size_bytes = 7
     num_parameters = 1
+
+
+def claim(update: ClientUpdate, *, worker: str) -> ClientUpdate | None:
+    """What a worker's train_client task does first, with the ids its message carries."""
+    return services.claim_client_update(
+        update.pk, update.round_id, update.site_id, worker=worker, task_id=update.task_id
+    )

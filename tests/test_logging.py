@@ -23,7 +23,7 @@ from tests.conftest import (
     stop_process,
     wait_for_worker,
 )
-from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory
+from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, claim
 from training import services
 from training.models import ExperimentStatus
 from workers.embedded import EmbeddedWorker
@@ -103,7 +103,7 @@ def test_a_federated_event_line_carries_event_experiment_round_and_site(
     update = ClientUpdateFactory(round=RoundFactory(experiment=experiment, number=1))
 
     with django_capture_on_commit_callbacks(execute=True):
-        claimed = services.claim_client_update(update.pk, worker="gpu0@node")
+        claimed = claim(update, worker="gpu0@node")
         services.record_client_result(claimed, error="RuntimeError: CUDA out of memory")
 
     events = {line["event"]: line for line in lines()}
@@ -126,7 +126,7 @@ def test_a_federated_event_is_not_logged_when_its_transaction_rolls_back(json_li
     experiment = ExperimentFactory(status=ExperimentStatus.RUNNING, current_round=1)
     update = ClientUpdateFactory(round=RoundFactory(experiment=experiment, number=1))
 
-    services.claim_client_update(update.pk, worker="gpu0@node")  # the test never commits
+    claim(update, worker="gpu0@node")  # the test never commits
 
     assert lines() == []
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from django.utils import timezone
 
-from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory
+from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory, claim
 from training import modelstore, services
 from training.federation import AggregationOutcome, LocalTrainingOutcome
 from training.models import (
@@ -52,7 +52,7 @@ def open_round():
 
 
 def report(update, outcome=None, error=""):
-    claimed = services.claim_client_update(update.pk, worker="w@test")
+    claimed = claim(update, worker="w@test")
     assert claimed is not None
     return services.record_client_result(claimed, outcome=outcome, error=error)
 
@@ -99,7 +99,7 @@ def test_a_duplicate_delivery_is_not_claimed_and_not_counted_twice(open_round):
     _, _, updates = open_round
     report(updates[0], trained(samples=10))
 
-    assert services.claim_client_update(updates[0].pk, worker="other@test") is None
+    assert claim(updates[0], worker="other@test") is None
     services.record_client_result(updates[0], outcome=trained(samples=99))
 
     updates[0].refresh_from_db()
@@ -110,9 +110,9 @@ def test_a_duplicate_delivery_is_not_claimed_and_not_counted_twice(open_round):
 
 def test_a_redelivered_task_of_a_dead_worker_may_run_again(open_round):
     _, _, updates = open_round
-    services.claim_client_update(updates[0].pk, worker="dead@test")
+    claim(updates[0], worker="dead@test")
 
-    claimed = services.claim_client_update(updates[0].pk, worker="alive@test")
+    claimed = claim(updates[0], worker="alive@test")
 
     assert claimed is not None and claimed.worker == "alive@test"
 
@@ -130,7 +130,7 @@ def test_the_watchdog_closes_an_overdue_round_marking_missing_clients_late(open_
     _, fl_round, updates = open_round
     report(updates[0], trained())
     report(updates[1], trained())
-    services.claim_client_update(updates[2].pk, worker="slow@test")
+    claim(updates[2], worker="slow@test")
 
     closed = services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
 
@@ -146,7 +146,7 @@ def test_a_report_after_the_deadline_is_recorded_as_late_and_not_counted(open_ro
     _, fl_round, updates = open_round
     report(updates[0], trained())
     report(updates[1], trained())
-    slow = services.claim_client_update(updates[2].pk, worker="slow@test")
+    slow = claim(updates[2], worker="slow@test")
     services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
 
     services.record_client_result(slow, outcome=trained())
@@ -249,7 +249,7 @@ def test_a_round_with_a_client_still_running_is_not_closed_as_complete(open_roun
     experiment, fl_round, updates = open_round
     report(updates[0], trained())
     report(updates[1], trained())
-    services.claim_client_update(updates[2].pk, worker="busy@test")
+    claim(updates[2], worker="busy@test")
 
     assert services.close_complete_round(experiment.pk, fl_round.pk) is False
     fl_round.refresh_from_db()
@@ -265,8 +265,8 @@ def stored_update(experiment, fl_round, site) -> StoredWeights:
 
 def test_two_deliveries_of_a_task_keep_the_file_the_ledger_recorded(open_round):
     experiment, fl_round, updates = open_round
-    first = services.claim_client_update(updates[0].pk, worker="slow@test")
-    second = services.claim_client_update(updates[0].pk, worker="redelivered@test")
+    first = claim(updates[0], worker="slow@test")
+    second = claim(updates[0], worker="redelivered@test")
     first_weights = stored_update(experiment, fl_round, updates[0].site)
     second_weights = stored_update(experiment, fl_round, updates[0].site)
 

@@ -60,7 +60,7 @@ def run_in_process(experiment: Experiment) -> Experiment:
     while not experiment.is_terminal:
         fl_round = experiment.rounds.get(number=experiment.current_round)
         for update in fl_round.client_updates.all():
-            assert tasks.train_client(update.pk) == "succeeded"
+            assert tasks.train_client(update.pk, update.round_id, update.site_id) == "succeeded"
         assert tasks.aggregate_round(fl_round.pk) == "completed"
         experiment.refresh_from_db()
     return experiment
@@ -161,7 +161,7 @@ def test_a_round_missed_by_an_export_is_caught_up_by_the_next(
     services.start_experiment(draft_experiment.pk)
     first_round = draft_experiment.rounds.get(number=1)
     for update in first_round.client_updates.all():
-        tasks.train_client(update.pk)
+        tasks.train_client(update.pk, update.round_id, update.site_id)
     tasks.aggregate_round(first_round.pk)
 
     settings.MLFLOW_TRACKING_URI = tracked_uri

@@ -26,6 +26,7 @@ from training.models import (
     Dataset,
     Experiment,
     Round,
+    Site,
     StorageFormat,
 )
 
@@ -112,17 +113,23 @@ def experiment_configuration(experiment_id: int) -> Experiment:
 
 
 def experiment_site_ids(experiment: Experiment) -> tuple[int, ...]:
-    return site_ids_of(experiment.pk)
+    return tuple(experiment_sites(experiment.pk))
 
 
 @lru_cache(maxsize=64)
-def site_ids_of(experiment_id: int) -> tuple[int, ...]:
-    # Cached per process: an experiment's sites are frozen once it has started.
-    return tuple(
-        Experiment.sites.through.objects.filter(experiment_id=experiment_id)
-        .order_by("site_id")
-        .values_list("site_id", flat=True)
-    )
+def experiment_sites(experiment_id: int) -> dict[int, Site]:
+    """An experiment's sites by id, in id order. Cached per process: the sites are frozen
+    once the experiment has started (a site's slug names its queue, so it stays too)."""
+    return {site.pk: site for site in Site.objects.filter(experiments=experiment_id).order_by("pk")}
+
+
+@lru_cache(maxsize=16)
+def round_for_clients(round_id: int) -> Round:
+    """A round as its clients' tasks use it: its experiment's configuration and its number,
+    which never change. Read once per worker process, not once per client."""
+    fl_round = Round.objects.get(pk=round_id)
+    fl_round.experiment = experiment_configuration(fl_round.experiment_id)
+    return fl_round
 
 
 def client_data(update: ClientUpdate, site_ids: tuple[int, ...]) -> ClientData:

@@ -26,6 +26,7 @@ from training.models import (
     Checkpoint,
     ClientUpdate,
     ClientUpdateStatus,
+    Dataset,
     Experiment,
     ExperimentStatus,
     InvalidTransition,
@@ -55,9 +56,9 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
     return sorted(chooser.sample(candidates, wanted), key=lambda site: site.pk)
 
 
-def training_queue(experiment: Experiment, site: Site) -> str:
+def training_queue(dataset: Dataset, site: Site) -> str:
     """Simulated clients share the training queue; a real site trains on its own node."""
-    return TRAINING_QUEUE if federation.is_simulation(experiment.dataset) else site.queue
+    return TRAINING_QUEUE if federation.is_simulation(dataset) else site.queue
 
 
 def send_task(name: str, *, args: list, queue: str, **options) -> None:
@@ -72,7 +73,7 @@ def enqueue_training(updates: list[ClientUpdate], queues: list[str]) -> None:
         for update, queue in zip(updates, queues, strict=True):
             send_task(
                 "workers.tasks.train_client",
-                args=[update.pk],
+                args=[update.pk, update.round_id, update.site_id],
                 queue=queue,
                 task_id=update.task_id,
                 producer=producer,
@@ -99,7 +100,12 @@ def open_round(experiment: Experiment, number: int) -> Round:
     Round.checkpoint.related.set_cached_value(new_round, None)
     events.round_opened(new_round, updates)
     log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
-    queues = [training_queue(experiment, site) for site in clients]
+    # Once running, the experiment's configuration is frozen: a worker's copy spares a query.
+    if experiment.status == ExperimentStatus.RUNNING:
+        dataset = federation.experiment_configuration(experiment.pk).dataset
+    else:
+        dataset = experiment.dataset
+    queues = [training_queue(dataset, site) for site in clients]
     transaction.on_commit(lambda: enqueue_training(updates, queues))
     return new_round
 
@@ -198,9 +204,12 @@ def fail_experiment(experiment: Experiment, reason: str) -> None:
 # --- Client updates ------------------------------------------------------------------------
 
 
-def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate | None:
+def claim_client_update(
+    client_update_id: int, round_id: int, site_id: int, *, worker: str, task_id: str
+) -> ClientUpdate | None:
     """Mark a client's training as running, or return None if it must not run: it already
-    finished (a duplicate delivery of the task), or its round closed without it.
+    finished (a duplicate delivery of the task), or its round closed without it. The ids
+    and the task id are those of the task's message (see enqueue_training).
 
     The returned update carries its round, its site and the experiment's configuration.
     """
@@ -211,14 +220,28 @@ def claim_client_update(client_update_id: int, *, worker: str) -> ClientUpdate |
     # unfinished clients. RUNNING may be claimed again: the worker that had it died and the
     # broker delivered it anew.
     claimed = ClientUpdate.objects.filter(
-        pk=client_update_id, status__in=UNFINISHED_CLIENT_STATUSES
+        pk=client_update_id,
+        round_id=round_id,
+        site_id=site_id,
+        status__in=UNFINISHED_CLIENT_STATUSES,
     ).update(status=ClientUpdateStatus.RUNNING, worker=worker, started_at=now)
     if not claimed:
         return None
-    update = ClientUpdate.objects.select_related("round", "site").get(pk=client_update_id)
-    update.round.experiment = federation.experiment_configuration(update.round.experiment_id)
-    if not federation.is_simulation(update.round.experiment.dataset):
-        Site.objects.filter(pk=update.site_id).update(last_seen=now)
+    # Not read back (a query with two joins cost as much as the UPDATE): the UPDATE matched
+    # this site's row of this round, and an unfinished row holds nothing but what the claim
+    # just wrote and the id of the task it was sent with.
+    fl_round = federation.round_for_clients(round_id)
+    update = ClientUpdate(
+        pk=client_update_id,
+        round=fl_round,
+        site=federation.experiment_sites(fl_round.experiment_id)[site_id],
+        status=ClientUpdateStatus.RUNNING,
+        worker=worker,
+        started_at=now,
+        task_id=task_id,
+    )
+    if not federation.is_simulation(fl_round.experiment.dataset):
+        Site.objects.filter(pk=site_id).update(last_seen=now)
     events.client_changed(update)
     log_event(logger, "client.started", **client_fields(update), worker=worker)
     return update
@@ -293,30 +316,36 @@ def close_complete_round(experiment_id: int, round_id: int) -> bool:
     of them close it."""
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
-        fl_round = Round.objects.get(pk=round_id)
-        if fl_round.status != RoundStatus.OPEN:
+        fl_round = counted_round_if_open(round_id)
+        if fl_round is None or fl_round.unfinished:
             return False
-        counts = client_counts(round_id)
-        if counts["unfinished"]:
-            return False
-        close_round(experiment, fl_round, counts)
+        close_round(experiment, fl_round)
     return True
 
 
-def client_counts(round_id: int) -> dict[str, int]:
-    """How many of a round's clients there are, how many succeeded, how many are unfinished."""
-    return ClientUpdate.objects.filter(round_id=round_id).aggregate(
-        total=Count("pk"),
-        succeeded=Count("pk", filter=Q(status=ClientUpdateStatus.SUCCEEDED)),
-        unfinished=Count("pk", filter=Q(status__in=UNFINISHED_CLIENT_STATUSES)),
+def counted_round_if_open(round_id: int) -> Round | None:
+    """The round if it is still open, with the number of its clients (`total`), of those
+    that succeeded and of those unfinished, in one query; None once it has closed."""
+    clients = "client_updates"
+    return (
+        Round.objects.filter(pk=round_id, status=RoundStatus.OPEN)
+        .annotate(
+            total=Count(clients),
+            succeeded=Count(clients, filter=Q(client_updates__status=ClientUpdateStatus.SUCCEEDED)),
+            unfinished=Count(
+                clients, filter=Q(client_updates__status__in=UNFINISHED_CLIENT_STATUSES)
+            ),
+        )
+        .first()
     )
 
 
-def close_round(experiment: Experiment, fl_round: Round, counts: dict[str, int]) -> None:
-    """Move an open round whose clients have all finished (`counts`, from client_counts) to
-    aggregation, or fail it (and its experiment) if too few clients succeeded. The caller
-    holds the experiment's lock; this happens exactly once per round."""
-    succeeded, total = counts["succeeded"], counts["total"]
+def close_round(experiment: Experiment, fl_round: Round) -> None:
+    """Move an open round whose clients have all finished (`fl_round` as counted by
+    counted_round_if_open) to aggregation, or fail it (and its experiment) if too few
+    clients succeeded. The caller holds the experiment's lock; this happens exactly once
+    per round."""
+    succeeded, total = fl_round.succeeded, fl_round.total
     if succeeded < experiment.min_clients:
         reason = (
             f"Round {fl_round.number}: {succeeded} of {total} clients succeeded, "
@@ -383,7 +412,7 @@ def close_overdue_rounds(now=None) -> list[int]:
                 round=fl_round.number,
                 late=len(missing),
             )
-            close_round(experiment, fl_round, client_counts(round_id))
+            close_round(experiment, counted_round_if_open(round_id))
             closed.append(round_id)
     return closed
 

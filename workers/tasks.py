@@ -55,9 +55,15 @@ def ping(self) -> dict[str, str | int]:
 
 
 @shared_task(name="workers.tasks.train_client", bind=True, ignore_result=True)
-def train_client(self, client_update_id: int) -> str:
+def train_client(self, client_update_id: int, round_id: int, site_id: int) -> str:
     """One client's local training for one round."""
-    update = services.claim_client_update(client_update_id, worker=self.request.hostname or "")
+    update = services.claim_client_update(
+        client_update_id,
+        round_id,
+        site_id,
+        worker=self.request.hostname or "",
+        task_id=self.request.id or "",
+    )
     if update is None:
         return "skipped: already finished or its round is closed"
     try:
