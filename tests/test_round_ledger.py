@@ -172,10 +172,7 @@ def test_completing_a_round_stores_the_checkpoint_and_opens_the_next(open_round)
     for update in updates:
         report(update, trained())
 
-    assert (
-        services.complete_round(fl_round.experiment_id, fl_round.pk, aggregated(accuracy=0.7))
-        is True
-    )
+    assert services.complete_round(fl_round, aggregated(accuracy=0.7)) is True
 
     fl_round.refresh_from_db()
     experiment.refresh_from_db()
@@ -190,12 +187,9 @@ def test_a_duplicate_aggregation_changes_nothing(open_round):
     _, fl_round, updates = open_round
     for update in updates:
         report(update, trained())
-    services.complete_round(fl_round.experiment_id, fl_round.pk, aggregated(accuracy=0.7))
+    services.complete_round(fl_round, aggregated(accuracy=0.7))
 
-    assert (
-        services.complete_round(fl_round.experiment_id, fl_round.pk, aggregated(accuracy=0.9))
-        is False
-    )
+    assert services.complete_round(fl_round, aggregated(accuracy=0.9)) is False
 
     assert Checkpoint.objects.filter(round=fl_round).count() == 1
     assert Round.objects.filter(experiment=fl_round.experiment).count() == 2
@@ -205,12 +199,12 @@ def test_the_last_round_completes_the_experiment_and_best_follows_accuracy(open_
     experiment, fl_round, updates = open_round
     for update in updates:
         report(update, trained())
-    services.complete_round(fl_round.experiment_id, fl_round.pk, aggregated(accuracy=0.9))
+    services.complete_round(fl_round, aggregated(accuracy=0.9))
     second = Round.objects.get(experiment=experiment, number=2)
     for update in second.client_updates.all():
         report(update, trained())
 
-    services.complete_round(second.experiment_id, second.pk, aggregated(accuracy=0.6))
+    services.complete_round(second, aggregated(accuracy=0.6))
 
     experiment.refresh_from_db()
     assert experiment.status == ExperimentStatus.COMPLETED

@@ -420,18 +420,31 @@ def close_overdue_rounds(now=None) -> list[int]:
 # --- Aggregation ---------------------------------------------------------------------------
 
 
-def complete_round(
-    experiment_id: int, round_id: int, outcome: "federation.AggregationOutcome"
-) -> bool:
+def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") -> bool:
     """Record the new global model, then open the next round or finish the experiment.
 
-    Returns False when the round was already completed (a duplicate aggregation task).
+    `fl_round` is the round as the aggregation task read it: its number and opening time
+    never change. Returns False when the round was already completed (a duplicate
+    aggregation task).
     """
     with transaction.atomic():
-        experiment = locked_experiment(experiment_id)
-        fl_round = Round.objects.get(pk=round_id)
-        if fl_round.status != RoundStatus.AGGREGATING:
+        experiment = locked_experiment(fl_round.experiment_id)
+        now = timezone.now()
+        closing = {
+            "status": RoundStatus.CLOSED,
+            "closed_at": now,
+            "metrics": {
+                **outcome.metrics,
+                "wall_seconds": (now - fl_round.opened_at).total_seconds(),
+            },
+        }
+        # Conditional: a duplicate aggregation task finds the round closed and writes nothing.
+        if not Round.objects.filter(pk=fl_round.pk, status=RoundStatus.AGGREGATING).update(
+            **closing
+        ):
             return False
+        for name, value in closing.items():
+            setattr(fl_round, name, value)
         score = federation.score(outcome.metrics)
         best = Checkpoint.objects.filter(experiment=experiment, is_best=True).first()
         is_best = best is None or score > federation.score(best.metrics)
@@ -447,14 +460,6 @@ def complete_round(
             metrics=outcome.metrics,
             is_best=is_best,
         )
-        now = timezone.now()
-        fl_round.status = RoundStatus.CLOSED
-        fl_round.closed_at = now
-        fl_round.metrics = {
-            **outcome.metrics,
-            "wall_seconds": (now - fl_round.opened_at).total_seconds(),
-        }
-        fl_round.save(update_fields=["status", "closed_at", "metrics"])
         # The updates are final once their round closed: their metrics as aggregation read
         # them, with the distances added, can be written back without reading them again.
         ClientUpdate.objects.bulk_update(

@@ -89,7 +89,7 @@ def aggregate_round(round_id: int) -> str:
         logger.exception("aggregation of round %s failed", round_id)
         services.fail_round(round_id, f"Aggregation of round {fl_round.number} failed: {exc}")
         return "failed"
-    completed = services.complete_round(fl_round.experiment_id, round_id, outcome)
+    completed = services.complete_round(fl_round, outcome)
     # After the commit, outside the ledger's locks (MLflow may be slow or down): the round's
     # metrics, and the best checkpoint once the experiment has ended. Each export logs all
     # that the MLflow run lacks, so one that was missed is caught up by the next.
