@@ -106,6 +106,19 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def _seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the generators this training draws from: the CPU's and, on a GPU, that GPU's.
+
+    Not torch.manual_seed: it seeds every kind of accelerator as well, and for each one
+    that is absent or not yet initialised it queues the seed with a stack trace of the
+    caller, which cost more than a tiny model's training step inside a Celery task.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -148,7 +161,7 @@ def train_local(
     with torch.random.fork_rng(devices=_rng_devices(device)):
         for epoch in range(start_epoch, start_epoch + config.epochs):
             epoch_seed = derive_seed(config.seed, epoch)
-            torch.manual_seed(epoch_seed)
+            _seed_generators(epoch_seed, device)
             order = torch.randperm(
                 len(index_list), generator=torch.Generator().manual_seed(epoch_seed)
             )

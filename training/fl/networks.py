@@ -231,6 +231,7 @@ def build_network(
     }
     if seed is None:
         return builder(**arguments)
+    # Modules are initialised on the CPU: its generator alone is seeded (and restored after).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return builder(**arguments)
