@@ -30,6 +30,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+# The model store goes where a default installation keeps it (FEDLENS_DATA_DIR is data/),
+# not in /tmp: creating a file in this machine's /tmp took 0.55 ms, elsewhere 0.02-0.06 ms.
+DATA_ROOT = PROJECT_ROOT / "data"
 ROUNDS = 7
 
 
@@ -51,7 +54,8 @@ def run_mode(mode: str, clients: list[int]) -> list[dict]:
     import psycopg2
     import redis
 
-    with tempfile.TemporaryDirectory(prefix=f"fedlens-bench-{mode}-") as data_dir:
+    DATA_ROOT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{mode}-", dir=DATA_ROOT) as data_dir:
         database = f"fedlens_bench_{uuid.uuid4().hex[:8]}" if mode == "redis" else None
         admin = None
         if database:
@@ -163,7 +167,8 @@ def aggregation_benchmark(num_updates: int = 32, parameters: int = 10_000_000) -
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flproject.settings.local")
-    with tempfile.TemporaryDirectory(prefix="fedlens-bench-agg-") as data_dir:
+    DATA_ROOT.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-agg-", dir=DATA_ROOT) as data_dir:
         os.environ["FEDLENS_DATA_DIR"] = data_dir
         django.setup()
         import psutil
