@@ -27,6 +27,10 @@ application = allowed_hosts_origin_validator(
 )
 
 
+# Longer than two of the channel layer's 5 s blocking pops.
+QUIET_SECONDS = 11
+
+
 def connect(path: str, headers=None) -> WebsocketCommunicator:
     return WebsocketCommunicator(application, path, headers=headers or [])
 
@@ -162,6 +166,33 @@ def test_published_events_reach_every_listener():
     received = async_to_sync(listen_twice)()
 
     assert received == [{"type": "round.opened", "round": {"number": 1}}] * 2
+
+
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_a_listener_still_hears_events_after_a_quiet_spell():
+    """The Redis channel layer waits for messages in 5 s blocking pops; a client socket
+    timeout no longer than that (redis-py 8's default is 5 s) broke quiet connections."""
+    owner = UserFactory()
+    experiment = ExperimentFactory(owner=owner)
+    token = Token.objects.create(user=owner)
+
+    async def listen_after_silence():
+        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        await listener.connect()
+        assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
+        assert await listener.receive_nothing(timeout=QUIET_SECONDS, interval=0.5)
+        await asyncio.get_running_loop().run_in_executor(
+            None, publish, experiment.pk, {"type": "round.opened", "round": {"number": 1}}
+        )
+        received = await listener.receive_json_from(timeout=5)
+        await listener.disconnect()
+        return received
+
+    assert async_to_sync(listen_after_silence)() == {
+        "type": "round.opened",
+        "round": {"number": 1},
+    }
 
 
 @pytest.mark.django_db(transaction=True)

@@ -306,7 +306,9 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # The layer waits for messages in blocking pops of 5 s; redis-py's default socket
+            # timeout (5 s since redis-py 8) cut them off and closed every quiet WebSocket.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
         }
     }
 
