@@ -1,6 +1,7 @@
 """The experiment stream: who may listen, the snapshot first, then events in order."""
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -193,6 +194,28 @@ def test_a_listener_still_hears_events_after_a_quiet_spell():
         "type": "round.opened",
         "round": {"number": 1},
     }
+
+
+@needs_redis
+def test_a_cancelled_receive_on_the_channel_layer_stops_at_once():
+    """A consumer's receive is cancelled when its browser goes; with a read timeout on the
+    layer's connections, some cancellations early in a receive were lost and the receive
+    went on polling Redis for ever (a test's event loop then never closed)."""
+
+    async def cancel_receives() -> list[float]:
+        layer = get_channel_layer()
+        seconds = []
+        for attempt in range(40):
+            receive = asyncio.ensure_future(layer.receive(await layer.new_channel()))
+            await asyncio.sleep(attempt % 4 * 0.0005)
+            receive.cancel()
+            started = time.monotonic()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(receive), timeout=8)
+            seconds.append(time.monotonic() - started)
+        return seconds
+
+    assert max(async_to_sync(cancel_receives)()) < 1
 
 
 @pytest.mark.django_db(transaction=True)

@@ -306,9 +306,10 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # The layer waits for messages in blocking pops of 5 s; redis-py's default socket
-            # timeout (5 s since redis-py 8) cut them off and closed every quiet WebSocket.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+            # No socket timeout: the layer waits for messages in blocking pops of 5 s, which
+            # redis-py 8's default of 5 s cut off, closing every quiet WebSocket; and any read
+            # timeout made some cancelled receives ignore their cancellation and poll forever.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
         }
     }
 
