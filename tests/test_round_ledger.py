@@ -108,6 +108,23 @@ def test_a_duplicate_delivery_is_not_claimed_and_not_counted_twice(open_round):
     )  # fmt: skip
 
 
+def test_a_message_whose_ids_do_not_match_the_ledger_claims_nothing(open_round):
+    _, fl_round, updates = open_round
+    other_site = updates[1].site_id
+    other_round = RoundFactory(experiment=fl_round.experiment, number=2).pk
+
+    for round_id, site_id in ((fl_round.pk, other_site), (other_round, updates[0].site_id)):
+        assert (
+            services.claim_client_update(
+                updates[0].pk, round_id, site_id, worker="w@test", task_id=updates[0].task_id
+            )
+            is None
+        )
+
+    updates[0].refresh_from_db()
+    assert (updates[0].status, updates[0].worker) == ("pending", "")
+
+
 def test_a_redelivered_task_of_a_dead_worker_may_run_again(open_round):
     _, _, updates = open_round
     claim(updates[0], worker="dead@test")
