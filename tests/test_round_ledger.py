@@ -57,6 +57,13 @@ def report(update, outcome=None, error=""):
     return services.record_client_result(claimed, outcome=outcome, error=error)
 
 
+def two_reported_and_one_running(updates):
+    """The first two clients report; the third is claimed and still training."""
+    report(updates[0], trained())
+    report(updates[1], trained())
+    return claim(updates[2], worker="slow@test")
+
+
 def test_the_round_waits_until_every_client_has_reported(open_round):
     _, fl_round, updates = open_round
 
@@ -145,9 +152,7 @@ def test_the_watchdog_leaves_rounds_before_their_deadline_alone(open_round):
 
 def test_the_watchdog_closes_an_overdue_round_marking_missing_clients_late(open_round):
     _, fl_round, updates = open_round
-    report(updates[0], trained())
-    report(updates[1], trained())
-    claim(updates[2], worker="slow@test")
+    two_reported_and_one_running(updates)
 
     closed = services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
 
@@ -161,9 +166,7 @@ def test_the_watchdog_closes_an_overdue_round_marking_missing_clients_late(open_
 
 def test_a_report_after_the_deadline_is_recorded_as_late_and_not_counted(open_round):
     _, fl_round, updates = open_round
-    report(updates[0], trained())
-    report(updates[1], trained())
-    slow = claim(updates[2], worker="slow@test")
+    slow = two_reported_and_one_running(updates)
     services.close_overdue_rounds(now=fl_round.deadline + timedelta(seconds=1))
 
     services.record_client_result(slow, outcome=trained())
@@ -258,9 +261,7 @@ def test_of_two_last_reports_trying_to_close_the_round_only_one_does(open_round)
 
 def test_a_round_with_a_client_still_running_is_not_closed_as_complete(open_round):
     experiment, fl_round, updates = open_round
-    report(updates[0], trained())
-    report(updates[1], trained())
-    claim(updates[2], worker="busy@test")
+    two_reported_and_one_running(updates)
 
     assert services.close_complete_round(experiment.pk, fl_round.pk) is False
     fl_round.refresh_from_db()

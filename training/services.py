@@ -80,9 +80,10 @@ def enqueue_training(updates: list[ClientUpdate], queues: list[str]) -> None:
             )
 
 
-def open_round(experiment: Experiment, number: int) -> Round:
+def open_round(experiment: Experiment, number: int, dataset: Dataset) -> Round:
     """Create round `number` with one pending ClientUpdate per picked client, and queue
-    their training once the transaction commits. The caller holds the experiment's lock."""
+    their training once the transaction commits. The caller holds the experiment's lock;
+    `dataset` is the experiment's, which decides the clients' queues."""
     clients = pick_clients(experiment, number)
     now = timezone.now()
     new_round = Round.objects.create(
@@ -100,11 +101,6 @@ def open_round(experiment: Experiment, number: int) -> Round:
     Round.checkpoint.related.set_cached_value(new_round, None)
     events.round_opened(new_round, updates)
     log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
-    # Once running, the experiment's configuration is frozen: a worker's copy spares a query.
-    if experiment.status == ExperimentStatus.RUNNING:
-        dataset = federation.experiment_configuration(experiment.pk).dataset
-    else:
-        dataset = experiment.dataset
     queues = [training_queue(dataset, site) for site in clients]
     transaction.on_commit(lambda: enqueue_training(updates, queues))
     return new_round
@@ -132,7 +128,7 @@ def start_experiment(experiment_id: int) -> Experiment:
             size_bytes=stored.size_bytes,
             num_parameters=stored.num_parameters,
         )
-        open_round(experiment, 1)
+        open_round(experiment, 1, experiment.dataset)
         experiment.transition_to(ExperimentStatus.RUNNING)
         log_event(logger, "experiment.started", experiment=experiment.pk)
     return experiment
@@ -481,7 +477,8 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
         if experiment.status != ExperimentStatus.RUNNING:
             return True
         if fl_round.number < experiment.num_rounds:
-            open_round(experiment, fl_round.number + 1)
+            # The aggregation task's copy of the configuration spares reading the dataset.
+            open_round(experiment, fl_round.number + 1, fl_round.experiment.dataset)
         else:
             experiment.transition_to(ExperimentStatus.COMPLETED)
             events.experiment_ended(experiment)
