@@ -71,17 +71,9 @@ def model_store_in_tmp(settings, tmp_path):
 @pytest.fixture(autouse=True)
 def forget_ledger_reads_cached_by_id():
     """A worker process keeps what it read of an experiment by its id; a test's rolled-back
-    rows free their ids for the next test (SQLite hands them out again)."""
+    rows free their ids for the next test."""
     yield
-    for cached in (
-        federation.experiment_configuration,
-        federation.training_network,
-        federation.experiment_sites,
-        federation.round_for_clients,
-        federation.starting_checkpoint,
-        federation.simulated_split,
-    ):
-        cached.cache_clear()
+    federation.forget_ledger_reads()
 
 
 @pytest.fixture

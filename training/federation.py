@@ -6,9 +6,10 @@ so that only the first round of an experiment pays for reading them.
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,29 @@ from training.models import (
 )
 
 logger = logging.getLogger(__name__)
+
+Cached = TypeVar("Cached", bound=Callable[..., Any])
+# Every per-process cache keyed by ledger ids, so that they can all be forgotten at once.
+_CACHES_BY_LEDGER_ID: list[Any] = []
+
+
+def cached_by_ledger_id(maxsize: int) -> Callable[[Cached], Cached]:
+    """lru_cache for reads keyed by ledger ids, registered for forget_ledger_reads()."""
+
+    def decorate(function: Cached) -> Cached:
+        cached = lru_cache(maxsize=maxsize)(function)
+        _CACHES_BY_LEDGER_ID.append(cached)
+        return cached  # type: ignore[return-value]
+
+    return decorate
+
+
+def forget_ledger_reads() -> None:
+    """Drop what this process cached by id. Ids are never reused in PostgreSQL, but a test's
+    rolled-back rows free theirs for the next test (SQLite hands them out again)."""
+    for cached in _CACHES_BY_LEDGER_ID:
+        cached.cache_clear()
+
 
 # Share of a server-side image folder kept back to evaluate the global model.
 HOLDOUT_FRACTION = 0.2
@@ -72,7 +96,7 @@ def is_simulation(dataset: Dataset) -> bool:
     return not dataset.site_paths
 
 
-@lru_cache(maxsize=16)
+@cached_by_ledger_id(maxsize=16)
 def simulated_split(
     experiment_id: int, site_ids: tuple[int, ...]
 ) -> tuple[dict[int, list[int]], list[int] | None]:
@@ -102,7 +126,7 @@ def simulated_split(
     return by_site, held_out
 
 
-@lru_cache(maxsize=64)
+@cached_by_ledger_id(maxsize=64)
 def experiment_configuration(experiment_id: int) -> Experiment:
     """An experiment with its dataset, read once per worker process for its clients' tasks.
 
@@ -116,14 +140,14 @@ def experiment_site_ids(experiment: Experiment) -> tuple[int, ...]:
     return tuple(experiment_sites(experiment.pk))
 
 
-@lru_cache(maxsize=64)
+@cached_by_ledger_id(maxsize=64)
 def experiment_sites(experiment_id: int) -> dict[int, Site]:
     """An experiment's sites by id, in id order. Cached per process: the sites are frozen
     once the experiment has started (a site's slug names its queue, so it stays too)."""
     return {site.pk: site for site in Site.objects.filter(experiments=experiment_id).order_by("pk")}
 
 
-@lru_cache(maxsize=16)
+@cached_by_ledger_id(maxsize=16)
 def round_for_clients(round_id: int) -> Round:
     """A round as its clients' tasks use it: its experiment's configuration and its number,
     which never change. Read once per worker process, not once per client."""
@@ -184,7 +208,7 @@ def network_with_weights(experiment: Experiment, weights: dict[str, torch.Tensor
     return network
 
 
-@lru_cache(maxsize=2)
+@cached_by_ledger_id(maxsize=2)
 def training_network(experiment_id: int) -> nn.Module:
     """The network that a worker process trains an experiment's clients in, built once.
 
@@ -206,7 +230,7 @@ def global_weights(name: str, sha256: str) -> dict[str, torch.Tensor]:
     return modelstore.load_stored_weights(name, sha256)
 
 
-@lru_cache(maxsize=64)
+@cached_by_ledger_id(maxsize=64)
 def starting_checkpoint(experiment_id: int, round_number: int) -> tuple[str, str]:
     """File name and SHA-256 of the global model a round starts from (checkpoints never
     change once written, so each worker process asks once per round)."""
