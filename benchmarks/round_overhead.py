@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,6 +224,25 @@ def aggregation_benchmark(num_updates: int = 32, parameters: int = 10_000_000) -
         }
 
 
+def overhead_split(rows: list[dict]) -> list[dict]:
+    """Per mode, a round's overhead fitted as a fixed part plus a part per client task.
+
+    The table's overhead per task divides a round's fixed cost (closing it, the aggregation
+    task's ledger work, opening the next one) among its clients, so it grows as they get
+    fewer; the fit tells the two apart (least squares over the client counts run).
+    """
+    split = []
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        counts = [row["clients"] for row in rows if row["mode"] == mode]
+        if len(set(counts)) < 2:
+            continue
+        per_round = [row["overhead_per_task_ms"] * row["clients"] for row in rows
+                     if row["mode"] == mode]  # fmt: skip
+        per_task, fixed = statistics.linear_regression(counts, per_round)
+        split.append({"mode": mode, "per_round_ms": fixed, "per_task_ms": per_task})
+    return split
+
+
 def print_tables(rows: list[dict], aggregation: dict | None) -> None:
     if rows:
         print(f"Round overhead (tiny network, one task at a time; mean of rounds 2..{ROUNDS - 1})")
@@ -236,6 +256,14 @@ def print_tables(rows: list[dict], aggregation: dict | None) -> None:
                 f"{row['local_training_s']:>16.3f} {row['aggregation_and_eval_s']:>18.3f} "
                 f"{row['overhead_per_task_ms']:>16.1f} {row['inside_task_ms']:>16.1f}"
             )
+        split = overhead_split(rows)
+        if split:
+            print()
+            print("Overhead split: a round's overhead = fixed part + part per client task (fit)")
+            print(f"{'mode':<9} {'fixed per round ms':>18} {'per client task ms':>18}")
+            for part in split:
+                fixed, per_task = part["per_round_ms"], part["per_task_ms"]
+                print(f"{part['mode']:<9} {fixed:>18.1f} {per_task:>18.1f}")
     if aggregation:
         print()
         print("Aggregation (FedAvg, streamed from the model store)")
