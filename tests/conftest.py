@@ -193,11 +193,18 @@ def worker_env(tmp_path):
 class WorkerProcess:
     """A real `celery worker` in its own process group, so SIGKILL takes its children too."""
 
-    def __init__(self, name: str, env: dict[str, str], *, beat: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        *,
+        beat: bool = False,
+        queues: str = "training,aggregation",
+    ) -> None:
         self.name = name
         command = [
             sys.executable, "-m", "celery", "-A", "flproject", "worker", "--pool", "prefork",
-            "--concurrency", "1", "--queues", "training,aggregation", "--hostname", name,
+            "--concurrency", "1", "--queues", queues, "--hostname", name,
             "--loglevel", "INFO", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         if beat:

@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
+from tests.broker import tasks_waiting_in_the_broker
 from tests.conftest import (
     PROJECT_ROOT,
     WorkerProcess,
@@ -26,6 +28,7 @@ from training.models import (
     ClientUpdate,
     ClientUpdateStatus,
     ExperimentStatus,
+    Round,
     RoundStatus,
 )
 
@@ -189,3 +192,42 @@ def test_an_experiment_completes_after_a_worker_is_killed_in_the_middle_of_a_rou
             "status", "worker"
         )
     ) == {("succeeded", survivor.name)}
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_an_experiment_completes_after_the_broker_lost_a_rounds_aggregation_task(
+    lesions_dataset, worker_env
+):
+    experiment = new_experiment(lesions_dataset, num_rounds=2, clients_per_round=2, min_clients=2)
+    # Nobody consumes the aggregation queue at first, so its message can be taken away.
+    trainer = WorkerProcess(f"trainer-{uuid.uuid4().hex[:6]}@test", worker_env, queues="training")
+    watchdog = None
+    try:
+        services.start_experiment(experiment.pk)
+        deadline = time.monotonic() + 120
+        while not Round.objects.filter(
+            experiment=experiment, number=1, status=RoundStatus.AGGREGATING
+        ).exists():
+            assert time.monotonic() < deadline, "round 1 never closed for aggregation"
+            time.sleep(0.1)
+        first_round = experiment.rounds.get(number=1)
+        lost = tasks_waiting_in_the_broker("aggregation", "workers.tasks.aggregate_round")
+        assert lost == [[first_round.pk]]
+        # As if the broker's redelivery wait (an hour by default) had passed since it closed.
+        Round.objects.filter(pk=first_round.pk).update(aggregation_deadline=timezone.now())
+        watchdog = WorkerProcess(
+            f"watchdog-{uuid.uuid4().hex[:6]}@test", worker_env, queues="aggregation", beat=True
+        )
+        wait_until_finished(experiment)
+    finally:
+        trainer.stop()
+        if watchdog is not None:
+            watchdog.stop()
+
+    assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
+    rounds = list(experiment.rounds.order_by("number"))
+    assert [(r.number, r.status) for r in rounds] == [(1, "closed"), (2, "closed")]
+    assert Checkpoint.objects.filter(experiment=experiment, round__number=1).count() == 1

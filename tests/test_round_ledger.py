@@ -6,6 +6,7 @@ import pytest
 import torch
 from django.utils import timezone
 
+from tests.broker import tasks_waiting_in_the_broker
 from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, SiteFactory, claim
 from training import modelstore, services
 from training.federation import AggregationOutcome, LocalTrainingOutcome
@@ -297,3 +298,113 @@ def test_two_deliveries_of_a_task_keep_the_file_the_ledger_recorded(open_round):
     assert store.exists(second_weights.name) and not store.exists(first_weights.name)
     loaded = modelstore.load_stored_weights(updates[0].update_file.name, updates[0].update_sha256)
     assert set(loaded) == {"weight"}
+
+
+# --- Aggregations that never came ----------------------------------------------------------
+
+
+def closed_for_aggregation(fl_round, updates):
+    for update in updates:
+        report(update, trained())
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+    return fl_round
+
+
+def aggregations_waiting_in_the_broker() -> list[int]:
+    waiting = tasks_waiting_in_the_broker("aggregation", "workers.tasks.aggregate_round")
+    return [arguments[0] for arguments in waiting]
+
+
+def test_a_round_closed_for_aggregation_is_due_back_after_the_brokers_redelivery_wait(
+    open_round, settings
+):
+    _, fl_round, updates = open_round
+    before = timezone.now()
+
+    closed_for_aggregation(fl_round, updates)
+
+    wait = timedelta(seconds=settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"])
+    assert before + wait <= fl_round.aggregation_deadline <= timezone.now() + wait
+
+
+def test_the_watchdog_sends_again_the_aggregation_of_a_round_stalled_past_its_deadline(
+    open_round, django_capture_on_commit_callbacks
+):
+    _, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    aggregations_waiting_in_the_broker()  # start from an empty queue (drops the first send)
+    later = fl_round.aggregation_deadline + timedelta(seconds=1)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        resent = services.resend_stalled_aggregations(now=later)
+
+    assert resent == [fl_round.pk]
+    assert aggregations_waiting_in_the_broker() == [fl_round.pk]
+    fl_round.refresh_from_db()
+    assert fl_round.status == RoundStatus.AGGREGATING
+    assert fl_round.aggregation_deadline > later  # the next try waits as long again
+
+
+def test_the_watchdog_leaves_a_round_within_its_aggregation_deadline_alone(
+    open_round, django_capture_on_commit_callbacks
+):
+    _, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    aggregations_waiting_in_the_broker()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        resent = services.resend_stalled_aggregations(
+            now=fl_round.aggregation_deadline - timedelta(seconds=1)
+        )
+
+    assert resent == []
+    assert aggregations_waiting_in_the_broker() == []
+
+
+def test_two_watchdog_runs_past_the_deadline_send_the_aggregation_once(open_round):
+    _, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    later = fl_round.aggregation_deadline + timedelta(seconds=1)
+
+    first = services.resend_stalled_aggregations(now=later)
+    second = services.resend_stalled_aggregations(now=later)
+
+    assert (first, second) == ([fl_round.pk], [])
+
+
+def global_weights(experiment, fl_round, value) -> StoredWeights:
+    """What one aggregation of the round writes to the model store."""
+    name = modelstore.global_weights_name(experiment.pk, fl_round.number)
+    return modelstore.save_weights(name, {"weight": torch.full((3,), value)})
+
+
+def test_of_two_aggregations_of_a_round_one_completes_it_and_its_file_is_kept(open_round):
+    experiment, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    first_weights = global_weights(experiment, fl_round, 1.0)
+    second_weights = global_weights(experiment, fl_round, 1.0)
+    outcome = {"global": {"accuracy": 0.7}, "clients": {}}
+
+    completed = services.complete_round(fl_round, AggregationOutcome(first_weights, outcome))
+    duplicate = services.complete_round(fl_round, AggregationOutcome(second_weights, outcome))
+
+    assert (completed, duplicate) == (True, False)
+    assert first_weights.name != second_weights.name
+    checkpoint = Checkpoint.objects.get(round=fl_round)
+    assert (checkpoint.file.name, checkpoint.sha256) == (first_weights.name, first_weights.sha256)
+    store = model_store()
+    assert store.exists(first_weights.name) and not store.exists(second_weights.name)
+
+
+def test_a_failed_second_aggregation_leaves_the_experiment_whose_round_completed_running(
+    open_round,
+):
+    experiment, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    services.complete_round(fl_round, aggregated(accuracy=0.7))
+
+    services.fail_round(fl_round.pk, "Aggregation of round 1 failed: out of memory")
+
+    experiment.refresh_from_db()
+    assert experiment.status == ExperimentStatus.RUNNING and experiment.failure_reason == ""

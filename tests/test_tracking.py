@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from flproject.celery import app as celery_app
+from tests.broker import tasks_waiting_in_the_broker
 from tests.conftest import new_experiment, service_env
 from tests.factories import ExperimentFactory
 from training import services, tracking
@@ -227,20 +227,9 @@ def test_an_unreachable_tracking_server_fails_neither_the_export_nor_the_rounds(
 
 
 def exports_waiting_in_the_broker() -> list[int]:
-    """The export_to_tracking messages in the aggregation queue (others are dropped)."""
-    experiments = []
-    with celery_app.connection_for_read() as connection:
-        queue = connection.SimpleQueue("aggregation")
-        while True:
-            try:
-                message = queue.get(timeout=0.5)
-            except queue.Empty:
-                break
-            message.ack()
-            if message.headers.get("task") == "workers.tasks.export_to_tracking":
-                experiments.append(message.payload[0][0])
-        queue.close()
-    return experiments
+    """The experiments of the export_to_tracking messages in the aggregation queue."""
+    waiting = tasks_waiting_in_the_broker("aggregation", "workers.tasks.export_to_tracking")
+    return [arguments[0] for arguments in waiting]
 
 
 @pytest.mark.parametrize("tracked", [True, False])

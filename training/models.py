@@ -266,6 +266,9 @@ class Round(models.Model):
     opened_at = models.DateTimeField(default=timezone.now)
     closed_at = models.DateTimeField(null=True, blank=True)
     deadline = models.DateTimeField(db_index=True)
+    # Set when the round closes for aggregation. If it is still aggregating then, its task
+    # was lost or ended without a trace, and the watchdog sends it again.
+    aggregation_deadline = models.DateTimeField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True, help_text="Aggregated round metrics.")
 
     class Meta:

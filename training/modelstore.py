@@ -28,17 +28,21 @@ def initial_weights_name(experiment_id: int) -> str:
 
 
 def global_weights_name(experiment_id: int, round_number: int) -> str:
-    return f"experiments/{experiment_id}/round-{round_number:04d}/global.safetensors"
+    """A new name for each aggregation of a round, for the same reason as a client's."""
+    return f"experiments/{experiment_id}/round-{round_number:04d}/global-{_delivery()}.safetensors"
 
 
 def client_update_name(experiment_id: int, round_number: int, site_slug: str) -> str:
     """A new name for each delivery of a client's task: a duplicate that runs at the same
     time never replaces the file whose hash the ledger recorded."""
-    delivery = uuid.uuid4().hex[:8]
     return (
         f"experiments/{experiment_id}/round-{round_number:04d}/"
-        f"site-{site_slug}-{delivery}.safetensors"
+        f"site-{site_slug}-{_delivery()}.safetensors"
     )
+
+
+def _delivery() -> str:
+    return uuid.uuid4().hex[:8]
 
 
 def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeights:

@@ -14,6 +14,7 @@ import random
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
@@ -350,7 +351,8 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         fail_experiment(experiment, reason)
         return
     fl_round.status = RoundStatus.AGGREGATING
-    fl_round.save(update_fields=["status"])
+    fl_round.aggregation_deadline = aggregation_deadline(timezone.now())
+    fl_round.save(update_fields=["status", "aggregation_deadline"])
     log_event(
         logger,
         "round.aggregating",
@@ -358,10 +360,19 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         round=fl_round.number,
         succeeded=succeeded,
     )
+    send_aggregation_after_commit(fl_round.pk)
+
+
+def aggregation_deadline(now):
+    """When the watchdog sends a round's aggregation again if the round still waits for it.
+    By then a delivered task has ended or met its time limit, and the broker has handed
+    back a message that a dead worker held (its visibility timeout is the same wait)."""
+    return now + timedelta(seconds=settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"])
+
+
+def send_aggregation_after_commit(round_id: int) -> None:
     transaction.on_commit(
-        lambda: send_task(
-            "workers.tasks.aggregate_round", args=[fl_round.pk], queue=AGGREGATION_QUEUE
-        )
+        lambda: send_task("workers.tasks.aggregate_round", args=[round_id], queue=AGGREGATION_QUEUE)
     )
 
 
@@ -413,6 +424,35 @@ def close_overdue_rounds(now=None) -> list[int]:
     return closed
 
 
+def resend_stalled_aggregations(now=None) -> list[int]:
+    """The watchdog: send the aggregation of each round still aggregating past its
+    aggregation deadline again. Its task was lost (the process that closed the round died
+    before sending it, or the broker lost it) or ended without completing the round (a
+    database error after aggregating). A second aggregation of the same round is harmless:
+    it writes a file of its own, and only one completes the round."""
+    now = now or timezone.now()
+    resent = []
+    stalled = Round.objects.filter(status=RoundStatus.AGGREGATING, aggregation_deadline__lt=now)
+    for round_id, experiment_id in stalled.values_list("pk", "experiment_id"):
+        with transaction.atomic():
+            locked_experiment(experiment_id)
+            fl_round = Round.objects.get(pk=round_id)
+            if fl_round.status != RoundStatus.AGGREGATING or fl_round.aggregation_deadline >= now:
+                continue  # completed, or sent again by another watchdog run meanwhile
+            fl_round.aggregation_deadline = aggregation_deadline(now)
+            fl_round.save(update_fields=["aggregation_deadline"])
+            log_event(
+                logger,
+                "round.aggregation_resent",
+                level=logging.WARNING,
+                experiment=experiment_id,
+                round=fl_round.number,
+            )
+            send_aggregation_after_commit(round_id)
+        resent.append(round_id)
+    return resent
+
+
 # --- Aggregation ---------------------------------------------------------------------------
 
 
@@ -438,6 +478,7 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
         if not Round.objects.filter(pk=fl_round.pk, status=RoundStatus.AGGREGATING).update(
             **closing
         ):
+            modelstore.delete_weights(outcome.stored.name)  # nobody will read this one
             return False
         for name, value in closing.items():
             setattr(fl_round, name, value)
@@ -487,8 +528,11 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
 
 
 def fail_round(round_id: int, reason: str) -> None:
+    """A round's aggregation failed: so does its experiment, unless another aggregation of
+    the round (see resend_stalled_aggregations) completed it meanwhile."""
     with transaction.atomic():
         experiment_id = Round.objects.values_list("experiment_id", flat=True).get(pk=round_id)
         experiment = locked_experiment(experiment_id)
-        if experiment.status == ExperimentStatus.RUNNING:
+        still_aggregating = Round.objects.filter(pk=round_id, status=RoundStatus.AGGREGATING)
+        if experiment.status == ExperimentStatus.RUNNING and still_aggregating.exists():
             fail_experiment(experiment, reason)

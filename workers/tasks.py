@@ -104,6 +104,10 @@ def export_to_tracking(experiment_id: int) -> None:
 
 
 @shared_task(name="workers.tasks.close_overdue_rounds", ignore_result=True)
-def close_overdue_rounds() -> list[int]:
-    """The round watchdog (Celery beat): close rounds whose deadline has passed."""
-    return services.close_overdue_rounds()
+def close_overdue_rounds() -> dict[str, list[int]]:
+    """The round watchdog (Celery beat): close rounds whose deadline has passed, and send
+    again the aggregation of rounds that waited for it past their aggregation deadline."""
+    return {
+        "closed": services.close_overdue_rounds(),
+        "aggregation_resent": services.resend_stalled_aggregations(),
+    }
