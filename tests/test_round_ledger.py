@@ -408,3 +408,14 @@ def test_a_failed_second_aggregation_leaves_the_experiment_whose_round_completed
 
     experiment.refresh_from_db()
     assert experiment.status == ExperimentStatus.RUNNING and experiment.failure_reason == ""
+
+
+def test_a_round_aggregating_since_before_aggregation_deadlines_existed_is_due(open_round):
+    # Rounds closed by a version without the field have none: after the upgrade they are due.
+    _, fl_round, updates = open_round
+    closed_for_aggregation(fl_round, updates)
+    Round.objects.filter(pk=fl_round.pk).update(aggregation_deadline=None)
+
+    assert services.resend_stalled_aggregations() == [fl_round.pk]
+    fl_round.refresh_from_db()
+    assert fl_round.aggregation_deadline > timezone.now()

@@ -432,12 +432,14 @@ def resend_stalled_aggregations(now=None) -> list[int]:
     it writes a file of its own, and only one completes the round."""
     now = now or timezone.now()
     resent = []
-    stalled = Round.objects.filter(status=RoundStatus.AGGREGATING, aggregation_deadline__lt=now)
+    # A round that closed before rounds had an aggregation deadline (an upgrade) is due.
+    due = Q(aggregation_deadline__lt=now) | Q(aggregation_deadline__isnull=True)
+    stalled = Round.objects.filter(due, status=RoundStatus.AGGREGATING)
     for round_id, experiment_id in stalled.values_list("pk", "experiment_id"):
         with transaction.atomic():
             locked_experiment(experiment_id)
-            fl_round = Round.objects.get(pk=round_id)
-            if fl_round.status != RoundStatus.AGGREGATING or fl_round.aggregation_deadline >= now:
+            fl_round = stalled.filter(pk=round_id).first()
+            if fl_round is None:
                 continue  # completed, or sent again by another watchdog run meanwhile
             fl_round.aggregation_deadline = aggregation_deadline(now)
             fl_round.save(update_fields=["aggregation_deadline"])
