@@ -12,7 +12,7 @@ commits, and carry ids, never weights.
 import logging
 import random
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -363,7 +363,7 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
     send_aggregation_after_commit(fl_round.pk)
 
 
-def aggregation_deadline(now):
+def aggregation_deadline(now: datetime) -> datetime:
     """When the watchdog sends a round's aggregation again if the round still waits for it.
     By then a delivered task has ended or met its time limit, and the broker has handed
     back a message that a dead worker held (its visibility timeout is the same wait)."""
