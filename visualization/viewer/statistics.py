@@ -4,7 +4,8 @@ Federated training suffers when sites' images differ in ways the network should 
 to learn (scanner gain, pixel spacing, image size) or when their class balance differs a
 lot; these numbers and flags show where. Intensities come from at most `SAMPLES_PER_SITE`
 images per site, so that the answer stays quick on large datasets; class counts use every
-label.
+label. The per-image and per-site measurements are training/fl/data/statistics.py's, which
+site agents also use to describe their datasets.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from training.fl.data import ImageArray
+from training.fl.data.statistics import (
+    SiteSummary,
+    measure_image,
+    summarise_site,
+)
 from training.models import Dataset
 from visualization.viewer.cache import ProcessCache
 from visualization.viewer.images import (
@@ -31,79 +37,10 @@ from visualization.viewer.images import (
 
 SAMPLES_PER_SITE = 200
 HISTOGRAM_BINS = 64
-# Pixels drawn from each sampled image for the histograms and the dataset-wide range.
-PIXELS_PER_IMAGE = 4096
 # A site's mean intensity this many pooled standard deviations from the typical site's.
 INTENSITY_FLAG_STDS = 2.0
 # Total variation distance between a site's class proportions and the other sites'.
 CLASS_BALANCE_FLAG_DISTANCE = 0.25
-
-
-@dataclass(frozen=True)
-class ImageMeasurement:
-    shape: tuple[int, ...]  # array order: (slices,) rows, columns
-    spacing: tuple[float, ...]  # same order as shape, in mm
-    count: int  # finite intensities
-    mean: float
-    sum_squared_deviations: float
-    pixel_sample: npt.NDArray[np.float64]
-
-
-def measure_image(image: ImageArray, rng: np.random.Generator) -> ImageMeasurement:
-    values = image.array.reshape(-1).astype(np.float64)
-    values = values[np.isfinite(values)]
-    count = int(values.size)
-    mean = float(values.mean()) if count else 0.0
-    sample = values[rng.integers(0, count, min(count, PIXELS_PER_IMAGE))] if count else values
-    return ImageMeasurement(
-        shape=tuple(int(n) for n in image.array.shape[: image.spatial_dims]),
-        spacing=tuple(float(f"{step:.4g}") for step in reversed(image.spacing)),
-        count=count,
-        mean=mean,
-        sum_squared_deviations=float(((values - mean) ** 2).sum()) if count else 0.0,
-        pixel_sample=sample,
-    )
-
-
-@dataclass
-class SiteSummary:
-    site: str
-    class_counts: list[int]
-    num_sampled: int = 0
-    num_unreadable: int = 0
-    first_error: str = ""
-    pixel_count: int = 0
-    mean: float = 0.0
-    variance: float = 0.0
-    shapes: Counter[tuple[int, ...]] = field(default_factory=Counter)
-    spacings: Counter[tuple[float, ...]] = field(default_factory=Counter)
-    pixel_sample: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.class_counts)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.variance)
-
-
-def summarise_site(
-    site: str, class_counts: list[int], measurements: Sequence[ImageMeasurement]
-) -> SiteSummary:
-    """Combine per-image measurements: exact mean and variance over all their pixels."""
-    summary = SiteSummary(site=site, class_counts=class_counts, num_sampled=len(measurements))
-    counted = [m for m in measurements if m.count]
-    total = sum(m.count for m in counted)
-    if total:
-        mean = sum(m.mean * m.count for m in counted) / total
-        # Within-image spread plus the spread of the image means around the site's mean.
-        squares = sum(m.sum_squared_deviations + m.count * (m.mean - mean) ** 2 for m in counted)
-        summary.pixel_count, summary.mean, summary.variance = total, mean, squares / total
-        summary.pixel_sample = np.concatenate([m.pixel_sample for m in counted])
-    summary.shapes.update(m.shape for m in measurements)
-    summary.spacings.update(m.spacing for m in measurements)
-    return summary
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""Per-image and per-site measurements of a dataset's images, without Django.
+
+The server's image viewer compares sites with these numbers, and a site agent computes
+the same ones next to its data and declares them with its dataset, so the two agree.
+Means and variances combine exactly over images (each image's count, mean and sum of
+squared deviations); histograms use a random sample of each image's pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from training.fl.data.readers import ImageArray
+
+__all__ = ["PIXELS_PER_IMAGE", "ImageMeasurement", "SiteSummary", "measure_image", "summarise_site"]
+
+# Pixels drawn from each sampled image for the histograms and the dataset-wide range.
+PIXELS_PER_IMAGE = 4096
+
+
+@dataclass(frozen=True)
+class ImageMeasurement:
+    shape: tuple[int, ...]  # array order: (slices,) rows, columns
+    spacing: tuple[float, ...]  # same order as shape, in mm
+    count: int  # finite intensities
+    mean: float
+    sum_squared_deviations: float
+    pixel_sample: npt.NDArray[np.float64]
+
+
+def measure_image(image: ImageArray, rng: np.random.Generator) -> ImageMeasurement:
+    values = image.array.reshape(-1).astype(np.float64)
+    values = values[np.isfinite(values)]
+    count = int(values.size)
+    mean = float(values.mean()) if count else 0.0
+    sample = values[rng.integers(0, count, min(count, PIXELS_PER_IMAGE))] if count else values
+    return ImageMeasurement(
+        shape=tuple(int(n) for n in image.array.shape[: image.spatial_dims]),
+        spacing=tuple(float(f"{step:.4g}") for step in reversed(image.spacing)),
+        count=count,
+        mean=mean,
+        sum_squared_deviations=float(((values - mean) ** 2).sum()) if count else 0.0,
+        pixel_sample=sample,
+    )
+
+
+def _empty_sample() -> npt.NDArray[np.float64]:
+    return np.empty(0)
+
+
+@dataclass
+class SiteSummary:
+    site: str
+    class_counts: list[int]
+    num_sampled: int = 0
+    num_unreadable: int = 0
+    first_error: str = ""
+    pixel_count: int = 0
+    mean: float = 0.0
+    variance: float = 0.0
+    shapes: Counter[tuple[int, ...]] = field(default_factory=Counter)
+    spacings: Counter[tuple[float, ...]] = field(default_factory=Counter)
+    pixel_sample: npt.NDArray[np.float64] = field(default_factory=_empty_sample)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.class_counts)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.variance)
+
+
+def summarise_site(
+    site: str, class_counts: list[int], measurements: Sequence[ImageMeasurement]
+) -> SiteSummary:
+    """Combine per-image measurements: exact mean and variance over all their pixels."""
+    summary = SiteSummary(site=site, class_counts=class_counts, num_sampled=len(measurements))
+    counted = [m for m in measurements if m.count]
+    total = sum(m.count for m in counted)
+    if total:
+        mean = sum(m.mean * m.count for m in counted) / total
+        # Within-image spread plus the spread of the image means around the site's mean.
+        squares = sum(m.sum_squared_deviations + m.count * (m.mean - mean) ** 2 for m in counted)
+        summary.pixel_count, summary.mean, summary.variance = total, mean, squares / total
+        summary.pixel_sample = np.concatenate([m.pixel_sample for m in counted])
+    summary.shapes.update(m.shape for m in measurements)
+    summary.spacings.update(m.spacing for m in measurements)
+    return summary
