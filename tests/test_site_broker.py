@@ -4,6 +4,7 @@ Against a redis-server of the test's own (the suite's Redis has no ACL users to 
 """
 
 import contextlib
+import hashlib
 import json
 import secrets
 import shutil
@@ -33,6 +34,14 @@ pytestmark = [
 ]
 
 PASSWORD = {"a": secrets.token_hex(16), "b": secrets.token_hex(16), "a-b": secrets.token_hex(16)}
+
+
+def user_rules(slug: str) -> list[str]:
+    # Site b's user is made from the password's hash, the way the server stores it.
+    if slug == "b":
+        digest = hashlib.sha256(PASSWORD[slug].encode()).hexdigest()
+        return acl_user_rules(slug, password_sha256=digest)
+    return acl_user_rules(slug, PASSWORD[slug])
 
 
 class OwnRedis:
@@ -71,10 +80,8 @@ class OwnRedis:
 @pytest.fixture(scope="module")
 def broker() -> Iterator[OwnRedis]:
     server = OwnRedis()
-    for slug, password in PASSWORD.items():
-        server.admin.execute_command(
-            "ACL", "SETUSER", broker_username(slug), *acl_user_rules(slug, password)
-        )
+    for slug in PASSWORD:
+        server.admin.execute_command("ACL", "SETUSER", broker_username(slug), *user_rules(slug))
     yield server
     server.stop()
 
@@ -232,6 +239,12 @@ def test_a_script_runs_with_the_site_users_permissions(broker):
         broker.as_site("a").evalsha(undeclared, 0)
     assert broker.as_site("a").evalsha(sha, 1, "site.a") is None
     assert broker.admin.lrange("site.b", 0, -1) == [b"secret"]
+
+
+def test_a_user_made_from_the_password_hash_logs_in_with_the_password(broker):
+    assert broker.as_site("b").ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=broker.port, username="site.b", password=PASSWORD["a"]).ping()
 
 
 def test_the_site_user_subscribes_to_no_channel(broker):

@@ -144,9 +144,20 @@ def acl_rules(slug: str) -> list[str]:
     ]
 
 
-def acl_user_rules(slug: str, password: str) -> list[str]:
-    """The complete ACL SETUSER rules for the site's user: ``reset`` first, so that a
-    rotated password or a narrower rule set replaces what the user had before."""
-    if not password:
-        raise ValueError("a site's broker password must not be empty")
-    return ["reset", "on", f">{password}", *acl_rules(slug)]
+def acl_user_rules(
+    slug: str, password: str | None = None, *, password_sha256: str | None = None
+) -> list[str]:
+    """The complete ACL SETUSER rules for the site's user, with its password given in clear
+    or as the SHA-256 hex digest Redis also accepts (so the server need not keep it).
+    ``reset`` comes first, so that a rotated password replaces the old one at once."""
+    if (password is None) == (password_sha256 is None):
+        raise ValueError("give the site's broker password or its SHA-256, not both or neither")
+    if password is not None:
+        if not password:
+            raise ValueError("a site's broker password must not be empty")
+        secret = f">{password}"
+    else:
+        if not re.fullmatch(r"[0-9a-f]{64}", password_sha256 or ""):
+            raise ValueError("password_sha256 must be 64 lower-case hex digits")
+        secret = f"#{password_sha256}"
+    return ["reset", "on", secret, *acl_rules(slug)]
