@@ -12,11 +12,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import redis as redis_client
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +39,7 @@ TMP = "/tmp"  # noqa: S108 - a path inside the containers, not used by the tests
 SECRET_KEYS = {
     "DJANGO_SECRET_KEY",
     "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
     "FLOWER_BASIC_AUTH",
     "FEDLENS_METRICS_TOKEN",
 }
@@ -292,13 +296,54 @@ def test_the_secret_template_holds_placeholders_only():
     )
 
 
-def test_every_app_pod_gets_the_settings_and_the_database_url():
+def test_every_app_pod_gets_the_settings_and_the_database_and_redis_urls():
+    assert "REDIS_URL" not in objects("ConfigMap")["fedlens-config"]["data"]
     for name, workload in workloads().items():
         if component(workload) not in APP_COMPONENTS:
             continue
         for container in all_containers(workload):
             assert {"configMapRef": {"name": "fedlens-config"}} in container["envFrom"], name
-            assert {"DJANGO_SECRET_KEY", "DATABASE_URL"} <= set(env_of(container)), name
+            environment = env_of(container)
+            assert {"DJANGO_SECRET_KEY", "DATABASE_URL", "REDIS_URL"} <= set(environment), name
+            # Redis admits no anonymous client: every process logs in as `fedlens`. $(VAR)
+            # only expands a variable defined before it.
+            url = environment["REDIS_URL"]["value"]
+            assert url == "redis://fedlens:$(REDIS_PASSWORD)@redis:6379/0", name
+            assert list(environment).index("REDIS_PASSWORD") < list(environment).index(
+                "REDIS_URL"
+            ), name
+
+
+def test_redis_admits_only_logged_in_users_and_offers_tls_to_sites():
+    redis = objects("StatefulSet")["redis"]
+    spec = pod_spec(redis)
+    (container,) = spec["containers"]
+    script = container["command"][2]
+    assert "user default off" in script and "user fedlens on #$hash" in script
+    # The server's user may manage the sites' users (ACL SETUSER/DELUSER): +@all.
+    assert "~* &* +@all" in script
+    assert "tls-port 6380" in script and "tls-auth-clients no" in script
+    assert container["args"][-2:] == ["--include", f"{TMP}/fedlens.conf"]
+    assert env_of(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fedlens-secrets",
+        "key": "REDIS_PASSWORD",
+    }
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert "--user fedlens" in probe["exec"]["command"][-1]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (tls,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tls"]
+    assert tls["readOnly"] is True
+    assert volumes[tls["name"]]["secret"]["secretName"] == "fedlens-redis-tls"
+    assert {"name": "redis-tls", "containerPort": 6380} in container["ports"]
+    service = objects("Service")["redis-tls"]["spec"]
+    assert service["type"] == "LoadBalancer"
+    assert service["ports"] == [{"name": "redis-tls", "port": 6380, "targetPort": "redis-tls"}]
+    # Only the TLS port is reachable from outside the namespace.
+    policy = objects("NetworkPolicy")["redis-from-app"]
+    (outside,) = ingress_sources(policy, 6380)
+    assert "ipBlock" in outside
+    site_broker = objects("ConfigMap")["fedlens-config"]["data"]["FEDLENS_SITE_BROKER_URL"]
+    assert site_broker.startswith("rediss://") and ":6380/" in site_broker
 
 
 def test_services_select_pods_and_name_their_ports():
@@ -724,6 +769,140 @@ def test_the_env_example_defines_every_variable_compose_requires():
     defined = set(re.findall(r"^(\w+)=", (ROOT / ".env.prod.example").read_text(), re.MULTILINE))
     assert {"FEDLENS_METRICS_TOKEN", "GRAFANA_ADMIN_PASSWORD"} <= required
     assert required <= defined, required - defined
+
+
+def test_compose_redis_admits_only_logged_in_users_and_offers_tls_to_sites(tmp_path):
+    program = [required_program("docker-compose")]
+    result = run(compose_command(program, compose_project(tmp_path), "config"), ROOT)
+    services = yaml.safe_load(result.stdout)["services"]
+    redis = services["redis"]
+    script = redis["entrypoint"][2]
+    assert "user default off" in script and "~* &* +@all" in script
+    assert "tls-port 6380" in script
+    assert redis["command"][-2:] == ["--include", "/run/fedlens-redis/fedlens.conf"]
+    assert "--user fedlens" in redis["healthcheck"]["test"][-1]
+    assert any(volume.endswith(":/tls:ro") for volume in redis["volumes"])
+    # The sites' TLS port is published; the plain port never is.
+    published = [
+        str(port["published"]) if isinstance(port, dict) else str(port).split(":")[-2]
+        for port in redis["ports"]
+    ]
+    assert published == ["6380"]
+    users = [
+        name for name, service in services.items() if "REDIS_URL" in service.get("environment", {})
+    ]
+    assert {"web", "worker", "beat", "flower", "migrate"} <= set(users)
+    for name in users:
+        environment = services[name]["environment"]
+        assert environment["REDIS_URL"] == "redis://fedlens:change-me@redis:6379/0", name
+    site_broker = services["web"]["environment"]["FEDLENS_SITE_BROKER_URL"]
+    assert site_broker.startswith("rediss://") and ":6380/" in site_broker
+
+
+def free_port() -> int:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+def redis_start_scripts() -> dict[str, tuple[str, list[str]]]:
+    """The script and the redis-server arguments of docker-compose.yml and deploy/k8s."""
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    compose_script = service["entrypoint"][2].replace("$$", "$")
+    compose_script = compose_script.replace("exec docker-entrypoint.sh", "exec")
+    (container,) = pod_spec(objects("StatefulSet")["redis"])["containers"]
+    return {
+        "compose": (compose_script, service["command"]),
+        "k8s": (container["command"][2], container["args"]),
+    }
+
+
+def start_script_here(script: str, folder: Path, tls_port: int) -> str:
+    """The script with its container paths moved under folder and its TLS port moved."""
+    for container_path in ("/run/fedlens-redis/fedlens.conf", "/tmp/fedlens.conf"):  # noqa: S108
+        script = script.replace(container_path, str(folder / "fedlens.conf"))
+    return script.replace("/tls/", f"{folder}/tls/").replace("6380", str(tls_port))
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_redis_start_script_locks_out_anonymous_clients_and_serves_sites_over_tls(source, tmp_path):
+    """Runs the real script and a real redis-server: nobody gets in without logging in, the
+    server's user can create a site's user, and that user reaches its own queue over TLS only."""
+    redis_server, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if redis_server is None or openssl is None:
+        pytest.skip("redis-server and openssl are needed to run Redis's start script")
+    script, arguments = redis_start_scripts()[source]
+    (tmp_path / "tls").mkdir()
+    run(
+        [
+            openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+            "-keyout", "tls/tls.key", "-out", "tls/tls.crt",
+        ],
+        tmp_path,
+    )  # fmt: skip
+    port, tls_port = free_port(), free_port()
+    arguments = [start_script_here(a, tmp_path, tls_port) for a in arguments]
+    arguments = [a for a in arguments if a not in ("--dir", "/data")]
+    arguments += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    password = "server-password"
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", start_script_here(script, tmp_path, tls_port), "redis", *arguments],
+        env={**os.environ, "REDIS_PASSWORD": password},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        server = redis_client.Redis(port=port, username="fedlens", password=password)
+        for _ in range(100):
+            try:
+                server.ping()
+                break
+            except redis_client.ConnectionError:
+                time.sleep(0.05)
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port).ping()
+        site_password = "site-password"
+        assert server.acl_setuser(
+            "site-st-mary",
+            enabled=True,
+            passwords=[f"+{site_password}"],
+            keys=["site.st-mary"],
+            commands=["+lpush", "+brpop", "+ping"],
+        )
+        site = redis_client.Redis(
+            host="localhost",
+            port=tls_port,
+            ssl=True,
+            ssl_ca_certs=str(tmp_path / "tls" / "tls.crt"),
+            username="site-st-mary",
+            password=site_password,
+        )
+        assert site.lpush("site.st-mary", "task") == 1
+        with pytest.raises(redis_client.exceptions.NoPermissionError):
+            site.lpush("site.other", "task")
+        server.close()
+        site.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_redis_start_script_keeps_the_tls_port_closed_without_a_certificate(source, tmp_path):
+    script, _ = redis_start_scripts()[source]
+    result = subprocess.run(
+        ["/bin/sh", "-c", start_script_here(script, tmp_path, 6380), "redis", "true"],
+        env={**os.environ, "REDIS_PASSWORD": "pw"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "TLS port 6380 stays closed" in result.stderr
+    config = (tmp_path / "fedlens.conf").read_text()
+    assert "tls-port" not in config
+    assert "user default off" in config
+    assert (tmp_path / "fedlens.conf").stat().st_mode & 0o077 == 0, "the file is private"
 
 
 # --- GitHub Actions -----------------------------------------------------------------------------
