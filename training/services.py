@@ -21,8 +21,8 @@ from django.utils import timezone
 
 from flproject.celery import app as celery_app
 from flproject.observability import metrics
-from flproject.observability.logs import log_event
 from training import federation, modelstore, tracking
+from training.log_events import log_event
 from training.models import (
     Checkpoint,
     ClientUpdate,

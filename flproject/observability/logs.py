@@ -3,7 +3,8 @@
 With LOG_FORMAT=json (see settings) every line is one JSON object: `timestamp` (UTC, ISO 8601),
 `level`, `logger`, `message`, then `request_id` (the HTTP request it belongs to), `task_id` and
 `task_name` (the Celery task), null outside one, and any `extra` fields of the call. Federated
-events add `event` (round.opened, client.finished, ...) with `experiment`, `round` and `site`.
+events (training/log_events.py) add `event` (round.opened, client.finished, ...) with
+`experiment`, `round` and `site`.
 
 The request id travels in a context variable, which asgiref carries between the async and sync
 parts of a request, so every line written while handling it carries the id. The Celery task
@@ -16,7 +17,6 @@ import uuid
 from contextvars import ContextVar
 
 from celery._state import get_current_task
-from django.db import transaction
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -60,15 +60,4 @@ def json_formatter() -> JsonFormatter:
         ["levelname", "name", "message"],
         rename_fields={"levelname": "level", "name": "logger"},
         timestamp=True,
-    )
-
-
-def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields) -> None:
-    """One line for a federated event, once the transaction commits (when browsers hear of
-    it too): the fields as JSON fields, and in the message for plain-text readers."""
-    if not logger.isEnabledFor(level):  # a worker logging warnings only skips the work below
-        return
-    details = " ".join(f"{name}={value}" for name, value in fields.items())
-    transaction.on_commit(
-        lambda: logger.log(level, "%s %s", event, details, extra={"event": event, **fields})
     )
