@@ -7,6 +7,9 @@ else is locked before it. The rounds read under that lock need no lock of their 
 client's claim and its report are single conditional UPDATEs of its own row, without
 other locks: the hot path of a round. Tasks are enqueued only after the transaction
 commits, and carry ids, never weights.
+
+What happened is announced with the signals of training/signals.py, inside the transaction;
+the browser's events, the metrics and the MLflow export are their receivers.
 """
 
 import logging
@@ -20,8 +23,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from flproject.celery import app as celery_app
-from flproject.observability import metrics
-from training import federation, modelstore, tracking
+from training import federation, modelstore, signals
 from training.log_events import log_event
 from training.models import (
     Checkpoint,
@@ -35,7 +37,6 @@ from training.models import (
     RoundStatus,
     Site,
 )
-from visualization import events
 from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def open_round(experiment: Experiment, number: int, dataset: Dataset) -> Round:
     experiment.save(update_fields=["current_round", "updated_at"])
     # A new round has no checkpoint: said here, its event need not ask the database.
     Round.checkpoint.related.set_cached_value(new_round, None)
-    events.round_opened(new_round, updates)
+    signals.round_opened.send(Round, fl_round=new_round, client_updates=updates)
     log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
     queues = [training_queue(dataset, site) for site in clients]
     transaction.on_commit(lambda: enqueue_training(updates, queues))
@@ -146,8 +147,7 @@ def stop_experiment(experiment_id: int, *, reason: str = "Stopped by a user.") -
             )
         fail_unfinished_rounds(experiment, reason)
         experiment.transition_to(ExperimentStatus.STOPPED, reason=reason)
-        events.experiment_ended(experiment)
-        export_to_tracking_after_commit(experiment)
+        signals.experiment_ended.send(Experiment, experiment=experiment)
         log_event(logger, "experiment.stopped", experiment=experiment.pk, reason=reason)
     revoke_unfinished_tasks(experiment)
     return experiment
@@ -176,23 +176,11 @@ def revoke_unfinished_tasks(experiment: Experiment) -> None:
         celery_app.control.revoke(task_ids)
 
 
-def export_to_tracking_after_commit(experiment: Experiment) -> None:
-    """Close the experiment's MLflow run when it ends outside an aggregation (which exports
-    itself); a task, so that a slow or absent MLflow never holds a request or a lock."""
-    if tracking.tracking_uri():
-        transaction.on_commit(
-            lambda: send_task(
-                "workers.tasks.export_to_tracking", args=[experiment.pk], queue=AGGREGATION_QUEUE
-            )
-        )
-
-
 def fail_experiment(experiment: Experiment, reason: str) -> None:
     """The caller holds the experiment's lock."""
     fail_unfinished_rounds(experiment, reason)
     experiment.transition_to(ExperimentStatus.FAILED, reason=reason)
-    events.experiment_ended(experiment)
-    export_to_tracking_after_commit(experiment)
+    signals.experiment_ended.send(Experiment, experiment=experiment)
     log_event(
         logger, "experiment.failed", level=logging.WARNING, experiment=experiment.pk, reason=reason
     )
@@ -239,7 +227,7 @@ def claim_client_update(
     )
     if not federation.is_simulation(fl_round.experiment.dataset):
         Site.objects.filter(pk=site_id).update(last_seen=now)
-    events.client_changed(update)
+    signals.client_started.send(ClientUpdate, client_update=update)
     log_event(logger, "client.started", **client_fields(update), worker=worker)
     return update
 
@@ -267,7 +255,11 @@ def record_client_result(
     """
     now = timezone.now()
     if claimed.started_at is not None:
-        metrics.observe_client_task(claimed.site.slug, (now - claimed.started_at).total_seconds())
+        signals.client_task_ended.send(
+            ClientUpdate,
+            site_slug=claimed.site.slug,
+            duration_seconds=(now - claimed.started_at).total_seconds(),
+        )
     if outcome is None:
         result = {"status": ClientUpdateStatus.FAILED, "error": error}
     else:
@@ -291,9 +283,8 @@ def record_client_result(
         return False
     for name, value in result.items():
         setattr(claimed, name, value)
-    events.client_changed(claimed)
+    signals.client_reported.send(ClientUpdate, client_update=claimed)
     if outcome is None:
-        metrics.count_client_failure(claimed.site.slug)
         log_event(
             logger, "client.failed", level=logging.WARNING, **client_fields(claimed), error=error
         )
@@ -408,8 +399,7 @@ def close_overdue_rounds(now=None) -> list[int]:
                     error,
                 )
                 update.round = fl_round
-                events.client_changed(update)
-                metrics.count_client_late(update.site.slug)
+                signals.client_late.send(ClientUpdate, client_update=update)
                 log_event(logger, "client.late", level=logging.WARNING, **client_fields(update))
             ClientUpdate.objects.bulk_update(missing, ["status", "finished_at", "error"])
             log_event(
@@ -505,8 +495,7 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
             [ClientUpdate(pk=pk, metrics=values) for pk, values in outcome.client_metrics.items()],
             ["metrics"],
         )
-        events.round_closed(fl_round)
-        metrics.count_round_closed(fl_round.metrics["wall_seconds"])
+        signals.round_closed.send(Round, fl_round=fl_round)
         held_out = outcome.metrics.get("global") or {}
         log_event(
             logger,
@@ -524,7 +513,7 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
             open_round(experiment, fl_round.number + 1, fl_round.experiment.dataset)
         else:
             experiment.transition_to(ExperimentStatus.COMPLETED)
-            events.experiment_ended(experiment)
+            signals.experiment_ended.send(Experiment, experiment=experiment)
             log_event(logger, "experiment.finished", experiment=experiment.pk)
     return True
 

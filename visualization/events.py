@@ -1,7 +1,8 @@
 """Federated events for the browser, sent to the experiment's channel-layer group.
 
-Workers and requests publish after their transaction commits, so a browser never hears of
-a change that was rolled back; a browser that missed events rebuilds from the snapshot.
+The ledger's signals (training/signals.py) are received here, in the transaction of the
+worker or request that sent them, and published after it commits, so a browser never hears
+of a change that was rolled back; a browser that missed events rebuilds from the snapshot.
 """
 
 import asyncio
@@ -12,6 +13,7 @@ import threading
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from training import signals
 from training.api.serializers import (
     CheckpointSummarySerializer,
     ClientUpdateSerializer,
@@ -113,16 +115,19 @@ def publish_after_commit(experiment_id: int, event_type: str, **payload) -> None
     transaction.on_commit(lambda: publish(experiment_id, event))
 
 
-def round_opened(fl_round: Round, updates: list[ClientUpdate]) -> None:
+# --- Receivers of the ledger's signals -------------------------------------------------------
+
+
+def round_opened(sender, *, fl_round: Round, client_updates: list[ClientUpdate], **kwargs) -> None:
     publish_after_commit(
         fl_round.experiment_id,
         "round.opened",
         round=ROUND.to_representation(fl_round),
-        client_updates=[CLIENT_UPDATE.to_representation(update) for update in updates],
+        client_updates=[CLIENT_UPDATE.to_representation(update) for update in client_updates],
     )
 
 
-def round_closed(fl_round: Round) -> None:
+def round_closed(sender, *, fl_round: Round, **kwargs) -> None:
     publish_after_commit(
         fl_round.experiment_id,
         "round.closed",
@@ -131,20 +136,20 @@ def round_closed(fl_round: Round) -> None:
     )
 
 
-def client_changed(update: ClientUpdate) -> None:
+def client_changed(sender, *, client_update: ClientUpdate, **kwargs) -> None:
     """client.started, client.finished or client.failed (failed and late clients)."""
     event_type = {
         ClientUpdateStatus.RUNNING: "client.started",
         ClientUpdateStatus.SUCCEEDED: "client.finished",
-    }.get(update.status, "client.failed")
+    }.get(client_update.status, "client.failed")
     publish_after_commit(
-        update.round.experiment_id,
+        client_update.round.experiment_id,
         event_type,
-        client_update=CLIENT_UPDATE.to_representation(update),
+        client_update=CLIENT_UPDATE.to_representation(client_update),
     )
 
 
-def experiment_ended(experiment: Experiment) -> None:
+def experiment_ended(sender, *, experiment: Experiment, **kwargs) -> None:
     """experiment.finished, experiment.failed or experiment.stopped."""
     event_type = {"completed": "experiment.finished"}.get(
         experiment.status, f"experiment.{experiment.status}"
@@ -152,3 +157,16 @@ def experiment_ended(experiment: Experiment) -> None:
     publish_after_commit(
         experiment.pk, event_type, experiment=EXPERIMENT.to_representation(experiment)
     )
+
+
+def connect_to_the_ledger() -> None:
+    """From VisualizationConfig.ready(); dispatch_uid makes a second call change nothing."""
+    for signal, publisher in (
+        (signals.round_opened, round_opened),
+        (signals.client_started, client_changed),
+        (signals.client_reported, client_changed),
+        (signals.client_late, client_changed),
+        (signals.round_closed, round_closed),
+        (signals.experiment_ended, experiment_ended),
+    ):
+        signal.connect(publisher, dispatch_uid=f"visualization.events.{publisher.__name__}")

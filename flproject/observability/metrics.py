@@ -3,9 +3,10 @@
 Two kinds of metric:
 
 * Events are counters and histograms of prometheus-client (rounds closed, how long a round and
-  a client's training task took, clients that failed or were late). training/services.py
-  records them where the event happens, once its transaction commits: mostly in Celery pool
-  processes, in the web process for an embedded worker.
+  a client's training task took, clients that failed or were late). They count the ledger's
+  signals (training/signals.py), connected in ObservabilityConfig.ready(), once the sender's
+  transaction commits: mostly in Celery pool processes, in the web process for an embedded
+  worker.
 * State is read when Prometheus scrapes, by collectors (experiments by status, the latest
   held-out metrics and clients of running experiments, overdue rounds, queue depths and
   consumers, the data disk), so nothing has to keep it up to date and a restart loses none.
@@ -55,7 +56,16 @@ from prometheus_client.registry import Collector
 
 from flproject.celery import app as celery_app
 from flproject.health import check_disk
-from training.models import Experiment, ExperimentStatus, Round, RoundStatus, Site
+from training import signals
+from training.models import (
+    ClientUpdate,
+    ClientUpdateStatus,
+    Experiment,
+    ExperimentStatus,
+    Round,
+    RoundStatus,
+    Site,
+)
 from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE, site_queue
 
 logger = logging.getLogger(__name__)
@@ -93,8 +103,11 @@ CLIENT_LATE = Counter(
 )
 
 
-# Counted once the transaction commits, so that a rolled-back change never counts.
-def count_round_closed(duration_seconds: float) -> None:
+# Receivers of the ledger's signals. Counted once the transaction commits, so that a
+# rolled-back change never counts.
+def count_round_closed(sender, *, fl_round: Round, **kwargs) -> None:
+    duration_seconds = fl_round.metrics["wall_seconds"]
+
     def record() -> None:
         ROUNDS_CLOSED.inc()
         ROUND_DURATION.observe(duration_seconds)
@@ -102,16 +115,32 @@ def count_round_closed(duration_seconds: float) -> None:
     transaction.on_commit(record)
 
 
-def observe_client_task(site: str, duration_seconds: float) -> None:
-    transaction.on_commit(lambda: CLIENT_TASK_DURATION.labels(site=site).observe(duration_seconds))
+def observe_client_task(sender, *, site_slug: str, duration_seconds: float, **kwargs) -> None:
+    transaction.on_commit(
+        lambda: CLIENT_TASK_DURATION.labels(site=site_slug).observe(duration_seconds)
+    )
 
 
-def count_client_failure(site: str) -> None:
-    transaction.on_commit(lambda: CLIENT_FAILURES.labels(site=site).inc())
+def count_client_failure(sender, *, client_update: ClientUpdate, **kwargs) -> None:
+    if client_update.status == ClientUpdateStatus.FAILED:
+        site = client_update.site.slug
+        transaction.on_commit(lambda: CLIENT_FAILURES.labels(site=site).inc())
 
 
-def count_client_late(site: str) -> None:
+def count_client_late(sender, *, client_update: ClientUpdate, **kwargs) -> None:
+    site = client_update.site.slug
     transaction.on_commit(lambda: CLIENT_LATE.labels(site=site).inc())
+
+
+def connect_to_the_ledger() -> None:
+    """From ObservabilityConfig.ready(); dispatch_uid makes a second call change nothing."""
+    for signal, counter in (
+        (signals.round_closed, count_round_closed),
+        (signals.client_task_ended, observe_client_task),
+        (signals.client_reported, count_client_failure),
+        (signals.client_late, count_client_late),
+    ):
+        signal.connect(counter, dispatch_uid=f"flproject.observability.metrics.{counter.__name__}")
 
 
 # --- State, read at scrape time -----------------------------------------------------------------

@@ -147,6 +147,7 @@ INSTALLED_APPS = [
     "training",
     "visualization",
     "workers",
+    "flproject.observability",
 ]
 
 MIDDLEWARE = [

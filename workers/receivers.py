@@ -1,0 +1,29 @@
+"""Work that the ledger's signals (training/signals.py) queue for the server's workers."""
+
+from django.db import transaction
+
+from training import services, signals, tracking
+from training.models import Experiment, ExperimentStatus
+from training.queues import AGGREGATION_QUEUE, EXPORT_TO_TRACKING_TASK
+
+
+def export_ended_experiment_to_tracking(sender, *, experiment: Experiment, **kwargs) -> None:
+    """Close the MLflow run of an experiment that was stopped or failed; a completed one was
+    exported by its last aggregation (workers/tasks.py). A task, queued once the ledger's
+    transaction commits, so that a slow or absent MLflow never holds a request or a lock."""
+    if experiment.status == ExperimentStatus.COMPLETED or not tracking.tracking_uri():
+        return
+    experiment_id = experiment.pk
+    transaction.on_commit(
+        lambda: services.send_task(
+            EXPORT_TO_TRACKING_TASK, args=[experiment_id], queue=AGGREGATION_QUEUE
+        )
+    )
+
+
+def connect_to_the_ledger() -> None:
+    """From WorkersConfig.ready(); dispatch_uid makes a second call change nothing."""
+    signals.experiment_ended.connect(
+        export_ended_experiment_to_tracking,
+        dispatch_uid="workers.receivers.export_ended_experiment_to_tracking",
+    )
