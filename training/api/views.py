@@ -1,13 +1,12 @@
 """ViewSets of the REST API. Visibility is decided by each queryset; changes by permissions."""
 
 from django.db.models import Prefetch
-from django.http import FileResponse, HttpResponse, JsonResponse
-from django.utils.http import content_disposition_header
+from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
@@ -39,28 +38,6 @@ from training.models import (
     Round,
     Site,
 )
-from visualization import reports
-
-
-def report_schema(fmt: str, content_type: str, description: str):
-    """The OpenAPI description shared by the three report downloads."""
-    return extend_schema(
-        operation_id=f"experiments_report_{fmt}",
-        parameters=[
-            OpenApiParameter(
-                "round",
-                int,
-                description="Show this round's confusion matrix and ROC curve; "
-                "by default the last closed round with a held-out evaluation.",
-            )
-        ],
-        responses={
-            (200, content_type): OpenApiResponse(OpenApiTypes.BINARY, description=description),
-            400: OpenApiResponse(
-                OpenApiTypes.OBJECT, description="`round` names no round of this experiment."
-            ),
-        },
-    )
 
 
 class SiteViewSet(viewsets.ModelViewSet):
@@ -133,93 +110,6 @@ class ExperimentViewSet(viewsets.ModelViewSet):
         """Stop a queued or running experiment; the open round is marked failed."""
         experiment = services.stop_experiment(self.get_object().pk)
         return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
-
-    # Report and metric downloads. training/api/urls.py routes them because their URLs end in
-    # a file name, not a slash. They answer whatever Accept asks for; their errors stay JSON.
-    download_actions = frozenset(
-        {"report_png", "report_svg", "report_pdf", "metrics_csv", "metrics_json"}
-    )
-
-    def perform_content_negotiation(self, request, force=False):
-        force = force or self.action in self.download_actions
-        return super().perform_content_negotiation(request, force=force)
-
-    @report_schema("png", "image/png", "The report figure, 150 dpi.")
-    def report_png(self, request, pk=None):
-        """The experiment's report as a PNG image: per-round global and per-site metrics,
-        confusion matrix and ROC curve."""
-        return self.report_download(request, "png")
-
-    @report_schema("svg", "image/svg+xml", "The report figure.")
-    def report_svg(self, request, pk=None):
-        """The experiment's report as an SVG image (see report.png)."""
-        return self.report_download(request, "svg")
-
-    @report_schema("pdf", "application/pdf", "The report figure on one page.")
-    def report_pdf(self, request, pk=None):
-        """The experiment's report as a one-page PDF (see report.png)."""
-        return self.report_download(request, "pdf")
-
-    @extend_schema(
-        operation_id="experiments_metrics_csv",
-        responses={
-            (200, "text/csv"): OpenApiResponse(
-                OpenApiTypes.STR,
-                description="A header row, then one row per round and client, with the "
-                "columns " + ", ".join(reports.METRIC_COLUMNS) + ". Global metrics are the "
-                "round's held-out evaluation, repeated on each of its rows.",
-            )
-        },
-    )
-    def metrics_csv(self, request, pk=None):
-        """Every client update's metrics, with its round's global metrics, as CSV."""
-        experiment = self.get_object()
-        table = HttpResponse(
-            reports.metrics_csv(experiment), content_type="text/csv; charset=utf-8"
-        )
-        return self.as_download(table, f"experiment-{experiment.pk}-metrics.csv")
-
-    @extend_schema(
-        operation_id="experiments_metrics_json",
-        responses={
-            (200, "application/json"): OpenApiResponse(
-                OpenApiTypes.OBJECT,
-                description="`experiment`: the set-up; `rounds`: each round's status, "
-                "held-out evaluation (`global`) and client means (`clients`); `clients`: "
-                "one object per round and client, with the columns of metrics.csv.",
-            )
-        },
-    )
-    def metrics_json(self, request, pk=None):
-        """The experiment's set-up, per-round global metrics and per-client metrics."""
-        experiment = self.get_object()
-        document = JsonResponse(reports.metrics_json(experiment))
-        return self.as_download(document, f"experiment-{experiment.pk}-metrics.json")
-
-    def report_download(self, request, fmt: str) -> HttpResponse:
-        experiment = self.get_object()
-        # Checked after get_object, so that a hidden experiment is a 404 whatever ?round= says.
-        round_number = self.requested_round(request)
-        try:
-            figure = reports.render_report(experiment, fmt, round_number=round_number)
-        except reports.UnknownRound as exc:
-            raise ValidationError({"round": [str(exc)]}) from exc
-        image = HttpResponse(figure, content_type=reports.REPORT_CONTENT_TYPES[fmt])
-        return self.as_download(image, f"experiment-{experiment.pk}-report.{fmt}")
-
-    @staticmethod
-    def requested_round(request) -> int | None:
-        raw = request.query_params.get("round")
-        if raw is None:
-            return None
-        if not (raw.isascii() and raw.isdecimal()) or int(raw) < 1:
-            raise ValidationError({"round": [f"Give a round number (1, 2, ...), not {raw!r}."]})
-        return int(raw)
-
-    @staticmethod
-    def as_download(response: HttpResponse, filename: str) -> HttpResponse:
-        response["Content-Disposition"] = content_disposition_header(True, filename)
-        return response
 
 
 class ExperimentLedgerViewSet(viewsets.ReadOnlyModelViewSet):
