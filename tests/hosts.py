@@ -385,8 +385,8 @@ class SiteHost:
     address: str  # the site's end of its veth pair, inside its namespace
     server_address: str  # the root namespace's end of the site's veth pair
     veth: str  # the root-side interface's name
-    server_url: str  # https://<server_address>:<web port>
-    broker_host: str  # = server_address: the harness's Redis listens there
+    server_url: str  # https://<the server's public address>:<web port>
+    broker_host: str  # the server's public address: the harness's Redis listens there
     broker_port: int
     ca_file: Path
 
@@ -411,7 +411,8 @@ class ServerHost:
     redis_admin_url: str  # redis://fladmin:<password>@127.0.0.1:<port>/0, full rights
     redis_host: str  # 127.0.0.1
     redis_port: int
-    addresses: tuple[str, ...]  # where the server answers: 127.0.0.1 and the root-side ends
+    addresses: tuple[str, ...]  # where the server answers: 127.0.0.1, public, root-side ends
+    public_address: str  # the one address both sites reach the server and broker at
 
 
 @dataclass
@@ -466,11 +467,11 @@ def three_hosts_context(log_dir: Path, *, web_port: int | None = None) -> Iterat
                 users[role] = create_user(name, homes / name)
             cleanup.callback(delete_user, users[role])
 
-        namespaces, veths, subnets = setup_network(tag, cleanup)
+        namespaces, veths, subnets, public = setup_network(tag, cleanup)
         redis_port = free_port()
         firewall = setup_firewall(tag, veths, (web_port, redis_port), cleanup)
 
-        server_addresses = ("127.0.0.1", *(str(next(s.hosts())) for s in subnets))
+        server_addresses = ("127.0.0.1", public, *(str(next(s.hosts())) for s in subnets))
         tls = make_tls(base / "tls", server_addresses, users["srv"])
         password = secrets.token_hex(16)
         admin_url = f"redis://fladmin:{password}@127.0.0.1:{redis_port}/0"
@@ -485,6 +486,7 @@ def three_hosts_context(log_dir: Path, *, web_port: int | None = None) -> Iterat
             web_port=web_port, url=f"https://127.0.0.1:{web_port}", ca_file=tls["ca"],
             cert_file=tls["cert"], key_file=tls["key"], redis_admin_url=admin_url,
             redis_host="127.0.0.1", redis_port=redis_port, addresses=server_addresses,
+            public_address=public,
         )  # fmt: skip
         sites = []
         for label, role, namespace, veth, subnet in zip(
@@ -504,8 +506,8 @@ def three_hosts_context(log_dir: Path, *, web_port: int | None = None) -> Iterat
                     address=site_end,
                     server_address=root_end,
                     veth=veth,
-                    server_url=f"https://{root_end}:{web_port}",
-                    broker_host=root_end,
+                    server_url=f"https://{public}:{web_port}",
+                    broker_host=public,
                     broker_port=redis_port,
                     ca_file=tls["ca"],
                 )
@@ -523,9 +525,16 @@ def private_folder(path: Path, user: Account) -> Path:
 
 
 def setup_network(tag: str, cleanup: contextlib.ExitStack):
+    """One veth pair per site, and the server's public address: one address both sites reach
+    (as real sites reach one server name), on the root namespace's loopback, with a host route
+    to it in each site's namespace. Returns namespaces, root-side veths, their subnets and
+    the public address."""
     namespaces, veths = [], []
     with machine_lock():  # held until the subnets' addresses are assigned
-        subnets = free_subnets(len(SITE_LABELS))
+        *subnets, public_subnet = free_subnets(len(SITE_LABELS) + 1)
+        public = str(next(public_subnet.hosts()))
+        sh("ip", "addr", "add", f"{public}/32", "dev", "lo")
+        cleanup.callback(sh, "ip", "addr", "delete", f"{public}/32", "dev", "lo", check=False)
         for label, subnet in zip(SITE_LABELS, subnets, strict=True):
             namespace, veth, peer = f"fl{tag}{label}", f"fl{tag}{label}", f"fl{tag}{label}s"
             result = sh("ip", "netns", "add", namespace, check=False)
@@ -541,10 +550,11 @@ def setup_network(tag: str, cleanup: contextlib.ExitStack):
             sh("ip", "-n", namespace, "addr", "add", f"{site_end}/30", "dev", peer)
             sh("ip", "-n", namespace, "link", "set", peer, "up")
             sh("ip", "-n", namespace, "link", "set", "lo", "up")
-            # No default route: the site reaches its own /30, that is the server, and nothing else.
+            # No default route: the site reaches its own /30 and the server's public address.
+            sh("ip", "-n", namespace, "route", "add", f"{public}/32", "via", str(root_end))
             namespaces.append(namespace)
             veths.append(veth)
-    return namespaces, veths, subnets
+    return namespaces, veths, subnets, public
 
 
 def setup_firewall(

@@ -132,8 +132,8 @@ def test_a_dataset_in_use_cannot_be_deleted(owner):
     [
         ({"path": "relative/path"}, "path", "absolute path"),
         ({"path": "/etc"}, "path", "FEDLENS_DATASET_ROOTS"),
-        ({"path": "", "site_paths": {}}, "path", "Give a server path or one path per site"),
-        ({"site_paths": {"nowhere": "/data"}}, "site_paths", "Unknown sites: nowhere"),
+        ({"path": ""}, "path", "declared by their site agents"),
+        ({"storage_format": ""}, "storage_format", "folder or npz"),
         ({"class_names": ["a", "b", "c"]}, "class_names", "exactly num_classes (2)"),
         ({"class_names": ["a", "a"]}, "class_names", "unique"),
         ({"image_shape": [64]}, "image_shape", "2 or 3 positive whole numbers"),
@@ -181,8 +181,6 @@ def test_a_missing_dataset_folder_is_refused(owner, dataset_root):
 
 
 def test_a_valid_dataset_is_registered_to_its_creator(owner, dataset_root):
-    site = SiteFactory(slug="st-mary")
-
     response = client_for(owner).post(
         "/api/datasets/",
         {
@@ -191,11 +189,12 @@ def test_a_valid_dataset_is_registered_to_its_creator(owner, dataset_root):
             "modality": "CT",
             "num_classes": 2,
             "path": str(dataset_root),
-            "site_paths": {site.slug: "/mnt/ct"},
+            "is_federated": True,
         },
         format="json",
     )
 
     assert response.status_code == 201, response.json()
     assert response.json()["owner"] == "owner"
-    assert Dataset.objects.get().site_paths == {"st-mary": "/mnt/ct"}
+    # Only sites' agents make federated datasets, by declaring them.
+    assert Dataset.objects.get().is_federated is False

@@ -8,8 +8,9 @@ from django.conf import settings
 
 from flproject.celery import app
 from tests.conftest import service_env, start_celery_worker, stop_process, wait_for_worker
+from training.queues import site_queue
 from workers.embedded import EmbeddedWorker
-from workers.routing import route_task, site_queue
+from workers.routing import route_task
 from workers.tasks import ping
 
 

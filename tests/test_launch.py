@@ -11,8 +11,8 @@ from django.conf import settings
 
 from flproject.celery import app
 from tests.conftest import PROJECT_ROOT, service_env, stop_process
+from training.queues import site_queue
 from workers.launch import WorkerPlan, plan_workers
-from workers.routing import site_queue
 from workers.tasks import ping
 
 

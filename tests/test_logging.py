@@ -26,8 +26,8 @@ from tests.conftest import (
 from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, claim
 from training import services
 from training.models import ExperimentStatus
+from training.queues import site_queue
 from workers.embedded import EmbeddedWorker
-from workers.routing import site_queue
 from workers.tasks import ping
 
 

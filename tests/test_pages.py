@@ -1,7 +1,10 @@
 """Dashboard pages: who sees what, and the create-and-start form."""
 
+from datetime import timedelta
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from tests.factories import ExperimentFactory, RoundFactory, SiteFactory, UserFactory
 from training.models import Experiment, ExperimentStatus
@@ -25,7 +28,7 @@ def test_the_experiment_list_shows_progress_best_accuracy_and_trend(client):
     assert "<polyline" in page
 
 
-@pytest.mark.parametrize("name", ["home", "new-experiment", "compare"])
+@pytest.mark.parametrize("name", ["home", "new-experiment", "compare", "sites"])
 def test_pages_need_a_login(client, name):
     response = client.get(reverse(name))
 
@@ -111,3 +114,25 @@ def test_compare_shows_only_experiments_the_user_may_see(client):
 
     assert f'{{"id": {mine.pk}}}' in page
     assert f'{{"id": {hidden.pk}}}' not in page
+
+
+def test_the_sites_page_tells_connected_offline_and_revoked_sites_apart(client):
+    now = timezone.now()
+    SiteFactory(
+        slug="live",
+        enrolled_at=now,
+        last_seen=now,
+        agent_version="0.1.0",
+        devices=[{"kind": "cuda", "name": "NVIDIA H200", "memory_mb": 143000}],
+    )
+    SiteFactory(slug="silent", enrolled_at=now, last_seen=now - timedelta(minutes=5))
+    SiteFactory(slug="gone", enrolled_at=now, is_active=False)
+    client.force_login(UserFactory())
+
+    page = client.get(reverse("sites")).content.decode()
+    rows = {slug: page.split(f'data-site="{slug}"')[1].split("</tr>")[0]
+            for slug in ("live", "silent", "gone")}  # fmt: skip
+
+    assert "connected" in rows["live"] and "NVIDIA H200" in rows["live"]
+    assert "offline" in rows["silent"]
+    assert "revoked" in rows["gone"]

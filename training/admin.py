@@ -1,27 +1,83 @@
 """Django admin: sites, datasets and experiments are edited here; the ledger is read-only."""
 
+from django.conf import settings
 from django.contrib import admin, messages
 
-from training import services
+from training import services, sites
 from training.models import (
     Checkpoint,
     ClientUpdate,
     Dataset,
     Experiment,
+    ExperimentApproval,
     ExperimentStatus,
     InvalidTransition,
     Round,
     Site,
+    SiteCredential,
+    SiteDataset,
 )
+
+
+class CredentialInline(admin.TabularInline):
+    model = SiteCredential
+    fields = ["key_prefix", "created_at", "last_used_at", "revoked_at", "issued_by"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class DeclaredDatasetInline(admin.TabularInline):
+    model = SiteDataset
+    fields = ["dataset", "storage_format", "num_samples", "counts_per_class", "image_shape",
+              "updated_at"]  # fmt: skip
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(Site)
 class SiteAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "queue", "is_active", "last_seen", "created_at"]
-    list_filter = ["is_active"]
+    list_display = ["name", "slug", "queue", "is_active", "connected", "agent_version",
+                    "last_seen", "created_at"]  # fmt: skip
+    list_filter = ["is_active", "requires_approval"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    readonly_fields = ["last_seen", "created_at"]
+    readonly_fields = ["last_seen", "created_at", "enrolled_at", "agent_version", "devices",
+                       "requires_approval"]  # fmt: skip
+    inlines = [CredentialInline, DeclaredDatasetInline]
+    actions = ["issue_enrolment_token", "revoke"]
+
+    @admin.display(boolean=True, description="connected")
+    def connected(self, site: Site) -> bool:
+        return site.is_connected
+
+    @admin.action(description="Issue an enrolment token (shown once)")
+    def issue_enrolment_token(self, request, queryset):
+        for site in queryset:
+            try:
+                token = sites.issue_enrolment_token(site, created_by=request.user)
+            except sites.SitesNotConfigured as missing:
+                self.message_user(request, str(missing), messages.ERROR)
+                return
+            self.message_user(
+                request,
+                f"Enrolment token for {site.slug} (valid "
+                f"{settings.FEDLENS_ENROLMENT_TOKEN_HOURS} h, one use; shown only now): {token}",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Revoke: refuse the site's agent from now on")
+    def revoke(self, request, queryset):
+        for site in queryset:
+            sites.revoke_site(site)
+        self.message_user(request, f"Revoked {queryset.count()} site(s).", messages.SUCCESS)
 
 
 @admin.register(Dataset)
@@ -54,6 +110,13 @@ class RoundInline(ReadOnlyAdminMixin, admin.TabularInline):
     show_change_link = True
 
 
+class ApprovalInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = ExperimentApproval
+    fields = ["site", "status", "reason", "requested_at", "decided_at"]
+    readonly_fields = fields
+    extra = 0
+
+
 @admin.register(Experiment)
 class ExperimentAdmin(admin.ModelAdmin):
     list_display = ["name", "owner", "dataset", "strategy", "status", "progress", "created_at"]
@@ -72,7 +135,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         "finished_at",
     ]
     date_hierarchy = "created_at"
-    inlines = [RoundInline]
+    inlines = [ApprovalInline, RoundInline]
     actions = ["stop_experiments"]
 
     def get_readonly_fields(self, request, obj=None):

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from training import modelstore
+from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
 from training.fl.data.partition import holdout_split, partition_indices
-from training.fl.local import TrainConfig, client_seed, default_device, evaluate, train_local
+from training.fl.local import TrainConfig, client_seed, evaluate
 from training.fl.networks import build_network
-from training.fl.strategies import build_strategy
+from training.fl.strategies import Strategy, build_strategy
+from training.fl.weights import l2_distance
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -92,8 +94,9 @@ class EvaluationData:
 
 
 def is_simulation(dataset: Dataset) -> bool:
-    """Simulated sites split one server-side dataset; real sites each read their own path."""
-    return not dataset.site_paths
+    """Simulated sites split a dataset the server holds; the sites of a federated dataset
+    train on their own data, at the site."""
+    return not dataset.is_federated
 
 
 @cached_by_ledger_id(maxsize=16)
@@ -156,14 +159,11 @@ def round_for_clients(round_id: int) -> Round:
     return fl_round
 
 
-def client_data(update: ClientUpdate, site_ids: tuple[int, ...]) -> ClientData:
-    experiment = update.round.experiment
+def simulated_client_data(experiment: Experiment, site_id: int) -> ClientData:
+    """A simulated site's share of the server's dataset."""
+    by_site, _ = simulated_split(experiment.pk, experiment_site_ids(experiment))
     dataset = experiment.dataset
-    if is_simulation(dataset):
-        by_site, _ = simulated_split(experiment.pk, site_ids)
-        return ClientData(open_dataset_at(dataset, dataset.path), by_site[update.site_id])
-    local = open_dataset_at(dataset, dataset.site_paths[update.site.slug])
-    return ClientData(local, list(range(len(local))))
+    return ClientData(open_dataset_at(dataset, dataset.path), by_site[site_id])
 
 
 def evaluation_data(experiment: Experiment) -> EvaluationData | None:
@@ -176,6 +176,7 @@ def evaluation_data(experiment: Experiment) -> EvaluationData | None:
     if is_simulation(dataset):
         _, held_out = simulated_split(experiment.pk, experiment_site_ids(experiment))
         return EvaluationData(open_dataset_at(dataset, dataset.path), held_out)
+    # A federated dataset's server copy is held-out data in its entirety.
     return EvaluationData(open_dataset_at(dataset, dataset.path), None)
 
 
@@ -244,63 +245,68 @@ def starting_checkpoint(experiment_id: int, round_number: int) -> tuple[str, str
 
 @dataclass(frozen=True)
 class LocalTrainingOutcome:
+    """A client's update as the ledger records it: the stored weights and the report."""
+
     stored: modelstore.StoredWeights
     num_samples: int
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
 
 
-def run_local_training(update: ClientUpdate) -> LocalTrainingOutcome:
-    """Train the previous global model on this client's data; store and describe the update."""
+@cached_by_ledger_id(maxsize=64)
+def configured_strategy(experiment_id: int) -> Strategy:
+    """The experiment's strategy as it configures clients (aggregation builds its own)."""
+    experiment = experiment_configuration(experiment_id)
+    return build_strategy(experiment.strategy, **experiment.strategy_params)
+
+
+def network_spec(experiment: Experiment) -> NetworkSpec:
+    dataset = experiment.dataset
+    return NetworkSpec(
+        name=experiment.network,
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        spatial_dims=len(dataset.image_shape) if dataset.image_shape else 2,
+        params=experiment.network_params,
+    )
+
+
+def client_task(update: ClientUpdate) -> ClientTask:
+    """What the client of a claimed update is asked to do, for a simulated site in a server
+    worker and for a real site's agent alike (`update` as claim_client_update returns it)."""
     fl_round = update.round
     experiment = fl_round.experiment
-    shared = global_weights(*starting_checkpoint(experiment.pk, fl_round.number))
-    network = training_network(experiment.pk)
-    # Copied into the network's own tensors: training must not change the shared weights.
-    network.load_state_dict(shared)
-    site_ids = experiment_site_ids(experiment)
-    data = client_data(update, site_ids)
-    client_index = site_ids.index(update.site_id)
-    config = TrainConfig(
-        epochs=experiment.local_epochs,
-        batch_size=experiment.batch_size,
-        lr=experiment.learning_rate,
-        optimizer=experiment.optimizer,
-        seed=client_seed(experiment.seed, client_index),
-    )
-    # Epochs are counted across rounds, so a client's data order never repeats a round's.
-    result = train_local(
-        network,
-        data.dataset,
-        data.indices,
-        config,
+    dataset = experiment.dataset
+    client_index = experiment_site_ids(experiment).index(update.site_id)
+    _, weights_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
+    return ClientTask(
+        client_update=update.pk,
+        round_id=fl_round.pk,
+        round_number=fl_round.number,
+        experiment=experiment.pk,
+        site=update.site.slug,
+        kind="train",
+        network=network_spec(experiment),
+        data=DataSpec(
+            name=dataset.name,
+            num_classes=dataset.num_classes,
+            class_names=dataset.class_names,
+            channels=dataset.channels,
+            image_shape=dataset.image_shape,
+        ),
+        train=TrainConfig(
+            epochs=experiment.local_epochs,
+            batch_size=experiment.batch_size,
+            lr=experiment.learning_rate,
+            optimizer=experiment.optimizer,
+            seed=client_seed(experiment.seed, client_index),
+        ),
+        # Epochs are counted across rounds, so a client's data order never repeats a round's.
         start_epoch=(fl_round.number - 1) * experiment.local_epochs,
+        options=configured_strategy(experiment.pk).configure_client(
+            round_number=fl_round.number, site=update.site.slug
+        ),
+        weights_sha256=weights_sha256,
     )
-    trained = network.state_dict()
-    stored = modelstore.save_weights(
-        modelstore.client_update_name(experiment.pk, fl_round.number, update.site.slug), trained
-    )
-    return LocalTrainingOutcome(
-        stored=stored,
-        num_samples=result.num_samples,
-        metrics={
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-            "train_seconds": result.seconds,
-            "device": str(default_device()),
-            # How far this client moved the model: large norms point at diverging sites.
-            "update_norm": l2_distance(trained, shared),
-        },
-    )
-
-
-def l2_distance(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
-    """Euclidean distance between two sets of weights, over their floating-point tensors."""
-    total = 0.0
-    for name, tensor in first.items():
-        if tensor.dtype.is_floating_point:
-            difference = tensor.detach().cpu().to(torch.float64) - second[name].to(torch.float64)
-            total += float(difference.square().sum())
-    return total**0.5
 
 
 @dataclass(frozen=True)

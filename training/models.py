@@ -4,6 +4,8 @@ Status changes go through `Experiment.transition_to`, the one place that knows w
 are allowed; training/services.py composes them into start, stop, open and close.
 """
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.core.files.storage import storages
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -11,7 +13,7 @@ from django.db import models
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from workers.routing import site_queue
+from training.queues import site_queue
 
 
 def model_store():
@@ -24,7 +26,12 @@ class InvalidTransition(Exception):
 
 
 class Site(models.Model):
-    """A participant: a hospital's GPU node, or a simulated client."""
+    """A participant: a hospital's node running the site agent, or a simulated client.
+
+    A site that enrolled talks to the server with a credential of its own (SiteCredential)
+    and trains on the data it declared (SiteDataset); a simulated site trains on its share
+    of a dataset the server holds.
+    """
 
     name = models.CharField(max_length=100, unique=True)
     slug = models.SlugField(max_length=50, unique=True, help_text="Names the site's queue.")
@@ -32,6 +39,18 @@ class Site(models.Model):
     is_active = models.BooleanField(default=True, db_index=True)
     last_seen = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    enrolled_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When its agent first enrolled."
+    )
+    agent_version = models.CharField(max_length=50, blank=True, editable=False)
+    devices = models.JSONField(
+        default=list, blank=True, editable=False, help_text="What its agent last reported."
+    )
+    requires_approval = models.BooleanField(
+        default=False,
+        editable=False,
+        help_text="Set by the site's operator: each experiment needs their approval first.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -42,6 +61,83 @@ class Site(models.Model):
     @property
     def queue(self) -> str:
         return site_queue(self.slug)
+
+    @property
+    def is_connected(self) -> bool:
+        """Its agent was heard from within the last few heartbeats."""
+        return (
+            self.last_seen is not None and timezone.now() - self.last_seen < SITE_CONNECTED_WITHIN
+        )
+
+
+# An agent sends a heartbeat every 30 s; a site silent for longer than this is shown offline.
+SITE_CONNECTED_WITHIN = timedelta(seconds=90)
+
+
+class EnrolmentTokenQuerySet(models.QuerySet):
+    def usable(self) -> "EnrolmentTokenQuerySet":
+        return self.filter(used_at__isnull=True, expires_at__gt=timezone.now())
+
+
+class EnrolmentToken(models.Model):
+    """A one-time secret an admin hands to a site's IT staff, exchanged for its credential.
+
+    Only its SHA-256 is stored: a database dump does not let anyone enrol."""
+
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="enrolment_tokens")
+    token_sha256 = models.CharField(max_length=64, unique=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = EnrolmentTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"enrolment token for {self.site} (expires {self.expires_at:%Y-%m-%d %H:%M})"
+
+
+class SiteCredentialQuerySet(models.QuerySet):
+    def active(self) -> "SiteCredentialQuerySet":
+        return self.filter(revoked_at__isnull=True)
+
+
+class SiteCredential(models.Model):
+    """What a site's agent proves it is with: an API key and the password of its own broker
+    user. Both are stored as SHA-256 hashes only (Redis ACLs accept a password's hash)."""
+
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="credentials")
+    # The key's public first part, to find the row without scanning hashes.
+    key_prefix = models.CharField(max_length=16, unique=True)
+    key_sha256 = models.CharField(max_length=64)
+    broker_password_sha256 = models.CharField(max_length=64)
+    issued_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SiteCredentialQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["site"],
+                condition=Q(revoked_at__isnull=True),
+                name="site_credential_one_active_per_site",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        state = "revoked" if self.revoked_at else "active"
+        return f"{self.site} credential {self.key_prefix} ({state})"
 
 
 class Modality(models.TextChoices):
@@ -69,7 +165,7 @@ class Dataset(models.Model):
     )
     description = models.TextField(blank=True)
     modality = models.CharField(max_length=2, choices=Modality.choices, default=Modality.OTHER)
-    storage_format = models.CharField(max_length=10, choices=StorageFormat.choices)
+    storage_format = models.CharField(max_length=10, choices=StorageFormat.choices, blank=True)
     num_classes = models.PositiveSmallIntegerField(
         validators=[MinValueValidator(2), MaxValueValidator(1000)]
     )
@@ -84,10 +180,15 @@ class Dataset(models.Model):
     )
     spacing = models.JSONField(default=list, blank=True, help_text="millimetres per voxel")
     path = models.CharField(
-        max_length=500, blank=True, help_text="Where the data lives on the server (simulation)."
+        max_length=500,
+        blank=True,
+        help_text="Where the data lives on the server: simulated sites split it; for a "
+        "federated dataset it is the server's own held-out evaluation data, if any.",
     )
-    site_paths = models.JSONField(
-        default=dict, blank=True, help_text="Site slug to the data's path on that site's node."
+    is_federated = models.BooleanField(
+        default=False,
+        help_text="The data stays at the sites that declared a dataset of this name; "
+        "the server keeps only what they declared about it (SiteDataset).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -98,6 +199,31 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class SiteDataset(models.Model):
+    """What a site declared about its part of a federated dataset: metadata only. The
+    images and their path never leave the site."""
+
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="declared_datasets")
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="declarations")
+    storage_format = models.CharField(max_length=10, choices=StorageFormat.choices)
+    num_samples = models.PositiveIntegerField()
+    counts_per_class = models.JSONField(default=list, help_text="Samples per class index.")
+    image_shape = models.JSONField(default=list, blank=True, help_text="The site's own shape.")
+    spacing = models.JSONField(default=list, blank=True)
+    statistics = models.JSONField(default=dict, blank=True)
+    declared_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["dataset_id", "site_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["site", "dataset"], name="site_dataset_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset} at {self.site}"
 
 
 class ExperimentStatus(models.TextChoices):
@@ -248,6 +374,34 @@ class Experiment(models.Model):
             self.failure_reason = reason
             fields.append("failure_reason")
         self.save(update_fields=fields)
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    APPROVED = "approved", "Approved"
+    REFUSED = "refused", "Refused"
+
+
+class ExperimentApproval(models.Model):
+    """A site operator's decision on an experiment that wants to train on their data."""
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="approvals")
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="approvals")
+    status = models.CharField(
+        max_length=10, choices=ApprovalStatus.choices, default=ApprovalStatus.PENDING
+    )
+    reason = models.TextField(blank=True)
+    requested_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["experiment_id", "site_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "site"], name="approval_once_per_site"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.site} on {self.experiment}: {self.status}"
 
 
 class RoundStatus(models.TextChoices):

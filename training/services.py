@@ -26,18 +26,26 @@ from flproject.celery import app as celery_app
 from training import federation, modelstore, signals
 from training.log_events import log_event
 from training.models import (
+    ApprovalStatus,
     Checkpoint,
     ClientUpdate,
     ClientUpdateStatus,
     Dataset,
     Experiment,
+    ExperimentApproval,
     ExperimentStatus,
     InvalidTransition,
     Round,
     RoundStatus,
     Site,
+    SiteDataset,
 )
-from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE
+from training.queues import (
+    AGGREGATE_ROUND_TASK,
+    AGGREGATION_QUEUE,
+    TRAIN_CLIENT_TASK,
+    TRAINING_QUEUE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +54,13 @@ UNFINISHED_CLIENT_STATUSES = (ClientUpdateStatus.PENDING, ClientUpdateStatus.RUN
 
 def pick_clients(experiment: Experiment, number: int) -> list[Site]:
     """Choose the round's clients among the experiment's active sites, reproducibly."""
-    candidates = list(experiment.sites.filter(is_active=True).order_by("pk"))
+    # A site whose operator refused the experiment is never picked (one subquery, no trip).
+    refused = ExperimentApproval.objects.filter(
+        experiment=experiment, status=ApprovalStatus.REFUSED
+    ).values("site_id")
+    candidates = list(
+        experiment.sites.filter(is_active=True).exclude(pk__in=refused).order_by("pk")
+    )
     if len(candidates) < experiment.min_clients:
         raise InvalidTransition(
             f"Experiment {experiment.pk} needs at least {experiment.min_clients} active sites "
@@ -74,7 +88,7 @@ def enqueue_training(updates: list[ClientUpdate], queues: list[str]) -> None:
     with celery_app.producer_or_acquire() as producer:
         for update, queue in zip(updates, queues, strict=True):
             send_task(
-                "workers.tasks.train_client",
+                TRAIN_CLIENT_TASK,
                 args=[update.pk, update.round_id, update.site_id],
                 queue=queue,
                 task_id=update.task_id,
@@ -114,7 +128,8 @@ def locked_experiment(experiment_id: int) -> Experiment:
 
 
 def start_experiment(experiment_id: int) -> Experiment:
-    """draft -> running: store the initial global model and open round 1."""
+    """draft -> running: store the initial global model and open round 1. An experiment on
+    a federated dataset whose sites' operators require approval waits (queued) for them."""
     with transaction.atomic():
         experiment = locked_experiment(experiment_id)
         if experiment.status != ExperimentStatus.DRAFT:
@@ -122,18 +137,91 @@ def start_experiment(experiment_id: int) -> Experiment:
                 f"Experiment {experiment.pk} is {experiment.status}; only a draft can be started."
             )
         pick_clients(experiment, 1)  # refuse before any work if too few sites are active
-        stored = federation.store_initial_weights(experiment)
-        Checkpoint.objects.create(
-            experiment=experiment,
-            file=stored.name,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            num_parameters=stored.num_parameters,
-        )
-        open_round(experiment, 1, experiment.dataset)
-        experiment.transition_to(ExperimentStatus.RUNNING)
-        log_event(logger, "experiment.started", experiment=experiment.pk)
+        if experiment.dataset.is_federated:
+            check_sites_hold_dataset(experiment)
+            waiting = request_approvals(experiment)
+            if waiting:
+                experiment.transition_to(ExperimentStatus.QUEUED)
+                log_event(
+                    logger, "experiment.awaiting_approval", experiment=experiment.pk, sites=waiting
+                )
+                return experiment
+        begin_running(experiment)
     return experiment
+
+
+def begin_running(experiment: Experiment) -> None:
+    """Store the initial global model, open round 1 and move to running; the caller holds
+    the experiment's lock."""
+    stored = federation.store_initial_weights(experiment)
+    Checkpoint.objects.create(
+        experiment=experiment,
+        file=stored.name,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        num_parameters=stored.num_parameters,
+    )
+    open_round(experiment, 1, experiment.dataset)
+    experiment.transition_to(ExperimentStatus.RUNNING)
+    log_event(logger, "experiment.started", experiment=experiment.pk)
+
+
+def check_sites_hold_dataset(experiment: Experiment) -> None:
+    """Every site of an experiment on a federated dataset must have declared that dataset."""
+    declared = set(
+        SiteDataset.objects.filter(dataset=experiment.dataset_id).values_list("site_id", flat=True)
+    )
+    missing = sorted(site.slug for site in experiment.sites.all() if site.pk not in declared)
+    if missing:
+        raise InvalidTransition(
+            f"Sites {', '.join(missing)} hold no data of dataset {experiment.dataset.name!r}: "
+            "their operators declare it with `python -m workers.site datasets add`, or remove "
+            "those sites from the experiment."
+        )
+
+
+def request_approvals(experiment: Experiment) -> list[str]:
+    """Ask the operators of the experiment's sites that require it; the slugs still waiting."""
+    waiting = []
+    for site in experiment.sites.filter(is_active=True, requires_approval=True):
+        approval, _ = ExperimentApproval.objects.get_or_create(experiment=experiment, site=site)
+        if approval.status == ApprovalStatus.PENDING:
+            waiting.append(site.slug)
+    return waiting
+
+
+def decide_approval(
+    experiment_id: int, site: Site, *, approved: bool, reason: str = ""
+) -> ExperimentApproval:
+    """Record a site operator's decision; a queued experiment starts once no approval is
+    pending, or fails if too few of its sites may then take part."""
+    with transaction.atomic():
+        experiment = locked_experiment(experiment_id)
+        approval = ExperimentApproval.objects.get(experiment=experiment, site=site)
+        if experiment.is_terminal:
+            raise InvalidTransition(
+                f"Experiment {experiment.pk} is {experiment.status}; its approvals are closed."
+            )
+        approval.status = ApprovalStatus.APPROVED if approved else ApprovalStatus.REFUSED
+        approval.reason = reason
+        approval.decided_at = timezone.now()
+        approval.save(update_fields=["status", "reason", "decided_at"])
+        log_event(
+            logger,
+            "experiment.approval",
+            experiment=experiment.pk,
+            site=site.slug,
+            decision=approval.status,
+        )
+        pending = experiment.approvals.filter(status=ApprovalStatus.PENDING).exists()
+        if experiment.status == ExperimentStatus.QUEUED and not pending:
+            try:
+                pick_clients(experiment, 1)
+            except InvalidTransition as too_few:
+                fail_experiment(experiment, f"Too few sites approved the experiment. {too_few}")
+            else:
+                begin_running(experiment)
+    return approval
 
 
 def stop_experiment(experiment_id: int, *, reason: str = "Stopped by a user.") -> Experiment:
@@ -363,7 +451,7 @@ def aggregation_deadline(now: datetime) -> datetime:
 
 def send_aggregation_after_commit(round_id: int) -> None:
     transaction.on_commit(
-        lambda: send_task("workers.tasks.aggregate_round", args=[round_id], queue=AGGREGATION_QUEUE)
+        lambda: send_task(AGGREGATE_ROUND_TASK, args=[round_id], queue=AGGREGATION_QUEUE)
     )
 
 

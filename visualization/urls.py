@@ -7,4 +7,5 @@ urlpatterns = [
     path("experiments/new/", views.new_experiment, name="new-experiment"),
     path("experiments/<int:experiment_id>/", views.experiment_detail, name="experiment-page"),
     path("compare/", views.compare, name="compare"),
+    path("sites/", views.site_list, name="sites"),
 ]

@@ -18,11 +18,13 @@ from training.models import (
     Checkpoint,
     Dataset,
     Experiment,
+    ExperimentApproval,
     InvalidTransition,
     Optimizer,
     Round,
     RoundStatus,
     Site,
+    SiteDataset,
 )
 
 SPARKLINE_WIDTH, SPARKLINE_HEIGHT = 120, 28
@@ -155,4 +157,28 @@ def compare(request):
         request,
         "visualization/compare.html",
         {"chosen": chosen, "candidates": visible.order_by("-created_at")[:100]},
+    )
+
+
+@login_required
+def site_list(request):
+    """The consortium's sites: which are connected, what they run on, what data they
+    declared, and their operators' decisions on the experiments this user can see."""
+    sites = Site.objects.prefetch_related(
+        Prefetch(
+            "declared_datasets",
+            queryset=SiteDataset.objects.select_related("dataset").order_by("dataset__name"),
+        )
+    ).order_by("name")
+    approvals = (
+        ExperimentApproval.objects.filter(
+            experiment__in=Experiment.objects.visible_to(request.user)
+        )
+        .select_related("experiment", "site")
+        .order_by("-requested_at")[:200]
+    )
+    return render(
+        request,
+        "visualization/sites.html",
+        {"sites": sites, "approvals": approvals},
     )

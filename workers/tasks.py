@@ -16,8 +16,15 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from flproject.observability import metrics
-from training import federation, services, tracking
+from training import clients, federation, services, tracking
 from training.models import Round, RoundStatus
+from training.queues import (
+    AGGREGATE_ROUND_TASK,
+    CLOSE_OVERDUE_ROUNDS_TASK,
+    EXPORT_TO_TRACKING_TASK,
+    PING_TASK,
+    TRAIN_CLIENT_TASK,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +55,13 @@ def refresh_database_connections(**kwargs) -> None:
     close_old_connections()
 
 
-@shared_task(name="workers.tasks.ping", bind=True, ignore_result=False)
+@shared_task(name=PING_TASK, bind=True, ignore_result=False)
 def ping(self) -> dict[str, str | int]:
     """Say which worker and process answered: proves who consumes the queue pinged."""
     return {"reply": "pong", "worker": self.request.hostname or "", "pid": os.getpid()}
 
 
-@shared_task(name="workers.tasks.train_client", bind=True, ignore_result=True)
+@shared_task(name=TRAIN_CLIENT_TASK, bind=True, ignore_result=True)
 def train_client(self, client_update_id: int, round_id: int, site_id: int) -> str:
     """One client's local training for one round."""
     update = services.claim_client_update(
@@ -66,17 +73,12 @@ def train_client(self, client_update_id: int, round_id: int, site_id: int) -> st
     )
     if update is None:
         return "skipped: already finished or its round is closed"
-    try:
-        outcome = federation.run_local_training(update)
-    except Exception as exc:  # any failure of a client is recorded, not fatal to the round
-        logger.exception("client update %s failed", client_update_id)
-        recorded = services.record_client_result(update, error=f"{type(exc).__name__}: {exc}")
-        return "failed" if recorded else "failed: not counted, the round closed without it"
-    recorded = services.record_client_result(update, outcome=outcome)
-    return "succeeded" if recorded else "not counted: the round closed without it"
+    # The client protocol, in-process: a failure of the client is recorded, not raised.
+    counted = clients.train_simulated_client(update)
+    return "reported" if counted else "not counted: the round closed without it"
 
 
-@shared_task(name="workers.tasks.aggregate_round", ignore_result=True)
+@shared_task(name=AGGREGATE_ROUND_TASK, ignore_result=True)
 def aggregate_round(round_id: int) -> str:
     """Aggregate a closed round's updates, evaluate, and move the experiment on."""
     fl_round = Round.objects.get(pk=round_id)
@@ -97,13 +99,13 @@ def aggregate_round(round_id: int) -> str:
     return "completed" if completed else "skipped: duplicate"
 
 
-@shared_task(name="workers.tasks.export_to_tracking", ignore_result=True)
+@shared_task(name=EXPORT_TO_TRACKING_TASK, ignore_result=True)
 def export_to_tracking(experiment_id: int) -> None:
     """Log a stopped or failed experiment's end to MLflow (see training/tracking.py)."""
     tracking.export_experiment(experiment_id)
 
 
-@shared_task(name="workers.tasks.close_overdue_rounds", ignore_result=True)
+@shared_task(name=CLOSE_OVERDUE_ROUNDS_TASK, ignore_result=True)
 def close_overdue_rounds() -> dict[str, list[int]]:
     """The round watchdog (Celery beat): close rounds whose deadline has passed, and send
     again the aggregation of rounds that waited for it past their aggregation deadline."""

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from training.fl.data.partition import parse_partition_spec
@@ -43,6 +44,9 @@ def is_within_dataset_roots(path: Path) -> bool:
 
 class DatasetSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
+    sites = serializers.SerializerMethodField(
+        help_text="For a federated dataset: the slugs of the sites that declared it."
+    )
 
     class Meta:
         model = Dataset
@@ -58,10 +62,15 @@ class DatasetSerializer(serializers.ModelSerializer):
             "image_shape",
             "spacing",
             "path",
-            "site_paths",
+            "is_federated",
+            "sites",
             "created_at",
         ]
-        read_only_fields = ["created_at"]
+        read_only_fields = ["is_federated", "created_at"]
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_sites(self, dataset) -> list[str]:
+        return [declaration.site.slug for declaration in dataset.declarations.all()]
 
     def validate_class_names(self, value):
         if not isinstance(value, list) or not all(
@@ -111,24 +120,16 @@ class DatasetSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(f"Nothing exists at {resolved}.")
         return str(resolved)
 
-    def validate_site_paths(self, value):
-        if not isinstance(value, dict):
-            raise serializers.ValidationError('Give an object: {"site-slug": "/path/on/site"}.')
-        unknown = sorted(
-            set(value) - set(Site.objects.filter(slug__in=value).values_list("slug", flat=True))
-        )
-        if unknown:
-            raise serializers.ValidationError(f"Unknown sites: {', '.join(unknown)}.")
-        for slug, site_path in value.items():
-            if not isinstance(site_path, str) or not Path(site_path).is_absolute():
-                raise serializers.ValidationError(f"The path for {slug} must be absolute.")
-        return value
-
     def validate(self, attrs):
         merged = {**self._current_values(), **attrs}
         errors = {}
-        if not merged.get("path") and not merged.get("site_paths"):
-            errors["path"] = "Give a server path or one path per site (site_paths)."
+        if not merged.get("path") and not (self.instance and self.instance.is_federated):
+            errors["path"] = (
+                "Give the data's path on the server. Data that stays at hospitals is declared "
+                "by their site agents (python -m workers.site datasets add), not here."
+            )
+        if not merged.get("storage_format") and not (self.instance and self.instance.is_federated):
+            errors["storage_format"] = "Say how the data is stored: folder or npz."
         class_names = merged.get("class_names") or []
         if class_names and len(class_names) != merged.get("num_classes"):
             errors["class_names"] = (
@@ -148,7 +149,7 @@ class DatasetSerializer(serializers.ModelSerializer):
             field: getattr(self.instance, field)
             for field in (
                 "path",
-                "site_paths",
+                "storage_format",
                 "class_names",
                 "num_classes",
                 "image_shape",
@@ -279,6 +280,15 @@ class ExperimentSerializer(serializers.ModelSerializer):
                 f"Must not exceed clients_per_round ({merged['clients_per_round']})."
             )
         sites = merged.get("sites") or []
+        dataset = merged["dataset"]
+        if dataset.is_federated:
+            declared = set(dataset.declarations.values_list("site_id", flat=True))
+            missing = sorted(site.slug for site in sites if site.pk not in declared)
+            if missing:
+                errors["sites"] = (
+                    f"Sites {', '.join(missing)} hold no data of {dataset.name!r}; choose among "
+                    "the sites that declared it, or ask their operators to declare it."
+                )
         if len(sites) < merged["clients_per_round"]:
             errors["sites"] = (
                 f"Choose at least clients_per_round ({merged['clients_per_round']}) sites; "

@@ -12,7 +12,9 @@ router.register("rounds", views.RoundViewSet, basename="round")
 router.register("client-updates", views.ClientUpdateViewSet, basename="client-update")
 router.register("checkpoints", views.CheckpointViewSet, basename="checkpoint")
 
+
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("site/", include("training.api.site_urls")),
     path("", include(router.urls)),
 ]

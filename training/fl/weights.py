@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors
 __all__ = [
     "WeightsError",
     "WeightsInfo",
+    "l2_distance",
     "load_weights",
     "save_weights",
     "sha256_hex",
@@ -198,3 +199,13 @@ def load_weights(
         return weights_from_bytes(data)
     except WeightsError as error:
         raise WeightsError(f"{origin}: {error}") from None
+
+
+def l2_distance(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights, over their floating-point tensors."""
+    total = 0.0
+    for name, tensor in first.items():
+        if tensor.dtype.is_floating_point:
+            difference = tensor.detach().cpu().to(torch.float64) - second[name].to(torch.float64)
+            total += float(difference.square().sum())
+    return math.sqrt(total)

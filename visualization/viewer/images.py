@@ -145,24 +145,13 @@ def _site_column(data: ClassificationDataset, position: int) -> str:
 
 
 def _build_catalog(dataset: Dataset) -> Catalog:
-    if dataset.path:
-        records = _records_of(dataset, _checked_source(dataset.path), 0, None)
-        return Catalog(tuple(records), tuple(sorted({record.site for record in records})))
-    records: list[ImageRecord] = []
-    unavailable: dict[str, str] = {}
-    for slug, site_path in sorted((dataset.site_paths or {}).items()):
-        try:
-            records += _records_of(dataset, _checked_source(str(site_path)), len(records), slug)
-        except DataUnavailable as error:
-            unavailable[slug] = str(error)
-    if not records:
+    if not dataset.path:
         raise DataUnavailable(
-            "This server holds no readable data of this dataset (no path, and no site path "
-            "under FEDLENS_DATASET_ROOTS)."
-            + "".join(f" {slug}: {reason}" for slug, reason in unavailable.items())
+            "This server holds no images of this dataset: its sites keep them, and declared "
+            "only their statistics."
         )
-    sites = tuple(sorted({record.site for record in records}))
-    return Catalog(tuple(records), sites, unavailable)
+    records = _records_of(dataset, _checked_source(dataset.path), 0, None)
+    return Catalog(tuple(records), tuple(sorted({record.site for record in records})))
 
 
 _catalogs: ProcessCache[tuple, Catalog] = ProcessCache(maxsize=16)
@@ -174,7 +163,6 @@ def data_key(dataset: Dataset) -> tuple:
         dataset.pk,
         dataset.storage_format,
         dataset.path,
-        tuple(sorted((slug, str(path)) for slug, path in (dataset.site_paths or {}).items())),
         tuple(dataset.image_shape or ()),
         dataset.channels,
     )

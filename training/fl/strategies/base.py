@@ -45,6 +45,11 @@ class Strategy(ABC):
     def validate_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
         """Check constructor parameters; return them complete with defaults."""
 
+    def configure_client(self, *, round_number: int, site: str) -> dict[str, Any]:
+        """The options sent with a client's task in round ``round_number`` (JSON values),
+        which the client applies to its local training. Plain averaging sends none."""
+        return {}
+
     @property
     def num_updates(self) -> int:
         """Updates accumulated in the current round."""

@@ -1,0 +1,226 @@
+"""The server's side of the client protocol (training/fl/client.py).
+
+A simulated site's client runs inside a server worker through `InProcessConnection`: no
+HTTP, weights read from the model store once per process and round, results recorded
+straight in the ledger. A real site's agent runs the same protocol over the Site API;
+`receive_update` and `record_remote_result` are what the API does with what it sends.
+"""
+
+import hashlib
+import logging
+import math
+import tempfile
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import IO, Any
+
+import torch
+from django.core.files import File
+
+from training import federation, modelstore, services
+from training.fl.client import ClientReport, ClientTask, LocalData, run_client_task
+from training.fl.weights import WeightsError, load_weights_file
+from training.models import ClientUpdate, ClientUpdateStatus, Experiment, model_store
+
+logger = logging.getLogger(__name__)
+
+
+class InProcessConnection:
+    """The client protocol for a simulated site, inside the worker that claimed its task."""
+
+    def __init__(self, claimed: ClientUpdate) -> None:
+        self.claimed = claimed
+
+    def starting_weights(self, task: ClientTask) -> Mapping[str, torch.Tensor]:
+        return federation.global_weights(
+            *federation.starting_checkpoint(task.experiment, task.round_number)
+        )
+
+    def send_update(
+        self, task: ClientTask, weights: Mapping[str, torch.Tensor], report: ClientReport
+    ) -> bool:
+        stored = modelstore.save_weights(
+            modelstore.client_update_name(task.experiment, task.round_number, task.site), weights
+        )
+        return services.record_client_result(
+            self.claimed, outcome=federation.LocalTrainingOutcome(stored, *reported(report))
+        )
+
+    def send_failure(self, task: ClientTask, error: str) -> bool:
+        logger.warning("client update %s failed: %s", task.client_update, error)
+        return services.record_client_result(self.claimed, error=error)
+
+
+def reported(report: ClientReport) -> tuple[int, dict[str, Any]]:
+    """The number of samples and the metrics a ledger row keeps of a client's report."""
+    metrics = dict(report.metrics)
+    if report.extras:
+        metrics["extras"] = dict(report.extras)
+    return report.num_samples, metrics
+
+
+def simulated_local_data(update: ClientUpdate):
+    def local_data(task: ClientTask) -> LocalData:
+        data = federation.simulated_client_data(update.round.experiment, update.site_id)
+        return data.dataset, data.indices
+
+    return local_data
+
+
+def train_simulated_client(claimed: ClientUpdate) -> bool:
+    """Run a claimed simulated client's task in this process; whether its result counted."""
+    if not federation.is_simulation(claimed.round.experiment.dataset):
+        return services.record_client_result(
+            claimed,
+            error=f"Site {claimed.site.slug} trains on its own data: its task belongs on its "
+            f"own queue ({claimed.site.queue}), consumed by its site agent, not a server worker.",
+        )
+    return run_client_task(
+        federation.client_task(claimed),
+        InProcessConnection(claimed),
+        local_data=simulated_local_data(claimed),
+        network=lambda task: federation.training_network(task.experiment),
+    )
+
+
+# --- What a real site sends ------------------------------------------------------------------
+
+
+class UpdateRefused(ValueError):
+    """An uploaded update that cannot be used; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Room for the safetensors header: its JSON names each tensor with its dtype, shape and
+# offsets, a few hundred bytes each at most for any name a network gives.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_BYTES_FIXED = 8 + 4096
+CHUNK_BYTES = 1 << 20
+
+
+@lru_cache(maxsize=16)
+def expected_weights(experiment_id: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name to shape and dtype of every tensor the experiment's network holds, built on the
+    meta device (no memory for the values)."""
+    experiment = federation.experiment_configuration(experiment_id)
+    with torch.device("meta"):
+        network = federation.build_experiment_network(experiment)
+    return {name: (tuple(t.shape), t.dtype) for name, t in network.state_dict().items()}
+
+
+def upload_limit_bytes(experiment: Experiment) -> int:
+    """The largest file the experiment's network can produce as a safetensors update."""
+    shapes = expected_weights(experiment.pk)
+    data = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+    return data + HEADER_BYTES_FIXED + HEADER_BYTES_PER_TENSOR * len(shapes)
+
+
+def receive_update(
+    update: ClientUpdate, body: IO[bytes], *, declared_size: int, declared_sha256: str
+) -> modelstore.StoredWeights:
+    """Check an uploaded update and keep it in the model store.
+
+    The body is streamed to a temporary file and hashed on the way, never held whole in
+    memory; it is refused (UpdateRefused) when larger than the network allows, when its
+    SHA-256 differs from the one declared, when it is not a safetensors file, or when its
+    tensors are not exactly the network's (names, shapes, dtypes, finite values).
+    Safetensors only: nothing a site sends is unpickled.
+    """
+    experiment = update.round.experiment
+    limit = upload_limit_bytes(experiment)
+    if declared_size > limit:
+        raise UpdateRefused(
+            f"The update is {declared_size} bytes; this experiment's network "
+            f"({experiment.network}) produces at most {limit}.",
+            status=413,
+        )
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(prefix="fedlens-upload-", suffix=".safetensors") as spool:
+        received = 0
+        while chunk := body.read(CHUNK_BYTES):
+            received += len(chunk)
+            if received > limit:
+                raise UpdateRefused(
+                    f"The update is larger than this experiment's network produces ({limit} "
+                    "bytes at most).",
+                    status=413,
+                )
+            digest.update(chunk)
+            spool.write(chunk)
+        spool.flush()
+        if received != declared_size:
+            raise UpdateRefused(
+                f"The upload ended after {received} of its {declared_size} bytes; send it again."
+            )
+        sha256 = digest.hexdigest()
+        if sha256 != declared_sha256.lower():
+            raise UpdateRefused(
+                f"The update's SHA-256 is {sha256}, not the {declared_sha256} declared: it was "
+                "changed after it was hashed (in transit, or tampered with)."
+            )
+        try:
+            weights = load_weights_file(spool.name, expected_sha256=sha256)
+        except WeightsError as error:
+            raise UpdateRefused(f"The update is not a valid safetensors file: {error}") from None
+        check_against_network(weights, expected_weights(experiment.pk))
+        spool.seek(0)
+        name = modelstore.client_update_name(experiment.pk, update.round.number, update.site.slug)
+        stored_name = model_store().save(name, File(spool, name=name))
+    return modelstore.StoredWeights(
+        name=stored_name,
+        sha256=sha256,
+        size_bytes=received,
+        num_parameters=sum(tensor.numel() for tensor in weights.values()),
+    )
+
+
+def check_against_network(
+    weights: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> None:
+    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected)
+    if missing or extra:
+        raise UpdateRefused(
+            f"The update's tensors are not the network's: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}."
+        )
+    for name, tensor in weights.items():
+        shape, dtype = expected[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise UpdateRefused(
+                f"Tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the network's is "
+                f"{dtype} {shape}."
+            )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise UpdateRefused(f"Tensor {name!r} holds NaN or infinite values.")
+
+
+def keep_uploaded_update(update: ClientUpdate, stored: modelstore.StoredWeights) -> bool:
+    """Attach an accepted upload to the client's running row (replacing an earlier upload
+    of the same task); False, and the file deleted, if the client is no longer running."""
+    running = ClientUpdate.objects.filter(pk=update.pk, status=ClientUpdateStatus.RUNNING)
+    previous = running.values_list("update_file", flat=True).first()
+    if not running.update(update_file=stored.name, update_sha256=stored.sha256):
+        modelstore.delete_weights(stored.name)
+        return False
+    if previous and previous != stored.name:
+        modelstore.delete_weights(previous)
+    return True
+
+
+def record_remote_result(update: ClientUpdate, report: ClientReport) -> bool:
+    """Record a site's report on the update it uploaded for this task before."""
+    shapes = expected_weights(update.round.experiment_id)
+    outcome = federation.LocalTrainingOutcome(
+        modelstore.StoredWeights(
+            name=update.update_file.name,
+            sha256=update.update_sha256,
+            size_bytes=model_store().size(update.update_file.name),
+            num_parameters=sum(math.prod(shape) for shape, _ in shapes.values()),
+        ),
+        *reported(report),
+    )
+    return services.record_client_result(update, outcome=outcome)
