@@ -286,35 +286,45 @@ def test_the_site_agent_pod_is_unprivileged_and_reads_its_credentials_and_data_o
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
     assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    (container,) = spec["containers"]
-    context = container["securityContext"]
-    assert context["readOnlyRootFilesystem"] is True
-    assert context["allowPrivilegeEscalation"] is False
-    assert context["capabilities"]["drop"] == ["ALL"]
-    assert container["args"][0] == "run"
-    assert "ports" not in container and "envFrom" not in container
-    environment = {item["name"]: item for item in container["env"]}
-    assert not (SERVER_ONLY_VARIABLES & set(environment))
-    assert environment["FEDLENS_SITE_HOME"]["value"] == SITE_HOME
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
-    by_path = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    # The credentials Secret, mounted read-only wherever it is mounted.
+    (secret_volume,) = [
+        name
+        for name, volume in volumes.items()
+        if any(
+            source.get("secret", {}).get("name") == "fedlens-site-credentials"
+            for source in volume.get("projected", {}).get("sources", [])
+        )
+    ]
+    for container in spec["initContainers"] + spec["containers"]:
+        where = container["name"]
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, where
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context["capabilities"]["drop"] == ["ALL"], where
+        assert "ports" not in container and "envFrom" not in container, where
+        assert not (SERVER_ONLY_VARIABLES & {item["name"] for item in container.get("env", [])})
+        for mount in container["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            assert "hostPath" not in volume, "restricted pods refuse hostPath"
+            if mount["name"] == secret_volume or "persistentVolumeClaim" in volume:
+                assert mount.get("readOnly") is True, f"{where}: {mount['mountPath']}"
+            else:
+                assert "emptyDir" in volume, f"{where}: {mount['mountPath']} is writable"
+    (init,) = spec["initContainers"]
+    assert "cp -L /etc/fedlens-site/*" in init["command"][-1]
+    (agent,) = spec["containers"]
+    assert agent["args"][0] == "run"
+    environment = {item["name"]: item for item in agent["env"]}
+    assert environment["FEDLENS_SITE_HOME"]["value"] == SITE_HOME
+    by_path = {mount["mountPath"]: mount for mount in agent["volumeMounts"]}
+    # The agent's home: a private folder the init container filled, on the pod's own disk.
     home = by_path[SITE_HOME]
-    assert home["readOnly"] is True
-    sources = volumes[home["name"]]["projected"]["sources"]
-    assert {
-        "secret": {
-            "name": "fedlens-site-credentials",
-            "items": [{"key": "credentials.json", "path": "credentials.json"}],
-        }
-    } in sources
+    assert "emptyDir" in volumes[home["name"]] and home["subPath"] == "home"
     data = by_path["/data"]
-    assert data["readOnly"] is True
     claim = volumes[data["name"]]["persistentVolumeClaim"]
     assert claim == {"claimName": "fedlens-site-data", "readOnly": True}
-    for path, mount in by_path.items():
-        if path not in {"/tmp", "/dev/shm"}:  # noqa: S108 - container paths
-            assert mount["readOnly"] is True, path
-            assert "hostPath" not in volumes[mount["name"]], "restricted pods refuse hostPath"
+    assert data["readOnly"] is True
     assert not site_objects("Service"), "nothing connects to the agent"
 
 
