@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from flproject.celery import app as celery_app
 from training import services
 from training.models import Dataset, ExperimentStatus, Optimizer
+from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
 from training.runner import (
     ExperimentInputError,
     create_experiment,
@@ -67,7 +68,7 @@ class Command(BaseCommand):
             if not celery_app.control.ping(timeout=WORKER_PING_SECONDS):
                 raise CommandError(
                     "No Celery worker answers on REDIS_URL; start them with "
-                    "`python -m workers.launch --queues training,aggregation`."
+                    f"`python -m workers.launch --queues {TRAINING_QUEUE},{AGGREGATION_QUEUE}`."
                 )
             final = self.run(experiment.pk)
         summary = summarize(final, wall_seconds=time.perf_counter() - started)
