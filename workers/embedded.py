@@ -18,7 +18,7 @@ from celery.beat import EmbeddedService
 from celery.worker import WorkController
 
 from flproject.celery import app as project_app
-from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE
+from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from training.queues import TRAINING_QUEUE
+
 RESTART_DELAY_SECONDS = 5
 
 
@@ -102,7 +104,7 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queues", default="training", help="comma-separated Celery queues")
+    parser.add_argument("--queues", default=TRAINING_QUEUE, help="comma-separated Celery queues")
     parser.add_argument("--hostname", default=os.uname().nodename, help="the node's name")
     parser.add_argument("--loglevel", default=os.environ.get("LOG_LEVEL", "INFO"))
     parser.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")

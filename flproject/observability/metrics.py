@@ -66,7 +66,7 @@ from training.models import (
     RoundStatus,
     Site,
 )
-from workers.routing import AGGREGATION_QUEUE, TRAINING_QUEUE, site_queue
+from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE, site_queue
 
 logger = logging.getLogger(__name__)
 

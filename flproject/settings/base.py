@@ -12,6 +12,9 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+# A module, not its upper-case names, which would become settings. It imports no Django.
+from training import queues
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = environ.Env()
 
@@ -271,8 +274,8 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT
 CELERY_TASK_SOFT_TIME_LIMIT = FEDLENS_TASK_TIME_LIMIT - 30
-CELERY_TASK_DEFAULT_QUEUE = "training"
-CELERY_TASK_QUEUES = (Queue("training"), Queue("aggregation"))
+CELERY_TASK_DEFAULT_QUEUE = queues.TRAINING_QUEUE
+CELERY_TASK_QUEUES = (Queue(queues.TRAINING_QUEUE), Queue(queues.AGGREGATION_QUEUE))
 CELERY_TASK_ROUTES = ("workers.routing.route_task",)
 # Task events cost a Redis message each, as much as the task itself. Workers send them only
 # while Flower watches: Flower switches them on at its start and every 5 s after (its
@@ -293,7 +296,7 @@ FEDLENS_TORCH_THREADS = env_int("FEDLENS_TORCH_THREADS", 1)
 FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
 CELERY_BEAT_SCHEDULE = {
     "close-overdue-rounds": {
-        "task": "workers.tasks.close_overdue_rounds",
+        "task": queues.CLOSE_OVERDUE_ROUNDS_TASK,
         "schedule": FEDLENS_WATCHDOG_INTERVAL_SECONDS,
         # A late watchdog run is useless once the next one is due.
         "options": {"expires": FEDLENS_WATCHDOG_INTERVAL_SECONDS},
