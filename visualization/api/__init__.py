@@ -1,0 +1,1 @@
+"""The REST API of the dashboard app (DRF): an experiment's report and metric downloads."""
