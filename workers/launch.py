@@ -14,11 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from training.queues import TRAINING_QUEUE
 
 RESTART_DELAY_SECONDS = 5
+DEFAULT_APP = "flproject"
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,20 @@ class WorkerPlan:
     name: str
     cuda_visible_devices: str | None  # None: a CPU worker, CUDA hidden
 
-    def command(self, queues: str, loglevel: str) -> list[str]:
+    def command(
+        self, queues: str, loglevel: str, *, app: str = DEFAULT_APP, options: Sequence[str] = ()
+    ) -> list[str]:
+        """The worker's command line; ``app`` is the Celery app (the site agent has its own)
+        and ``options`` more `celery worker` options."""
         return [
-            sys.executable, "-m", "celery", "-A", "flproject", "worker",
+            sys.executable, "-m", "celery", "-A", app, "worker",
             "--queues", queues,
             "--hostname", self.name,
             "--pool", "prefork",
             "--concurrency", "1",
             "--prefetch-multiplier", "1",
             "--loglevel", loglevel,
+            *options,
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
@@ -66,14 +73,24 @@ def plan_workers(gpu_ids: list[str], host: str) -> list[WorkerPlan]:
 
 
 class Supervisor:
-    def __init__(self, plans: list[WorkerPlan], queues: str, loglevel: str) -> None:
+    def __init__(
+        self,
+        plans: list[WorkerPlan],
+        queues: str,
+        loglevel: str,
+        *,
+        app: str = DEFAULT_APP,
+        options: Sequence[str] = (),
+    ) -> None:
         self.plans, self.queues, self.loglevel = plans, queues, loglevel
+        self.app, self.options = app, tuple(options)
         self.processes: dict[WorkerPlan, subprocess.Popen] = {}
         self.stopping = False
 
     def spawn(self, plan: WorkerPlan) -> None:
         self.processes[plan] = subprocess.Popen(  # noqa: S603 - our own interpreter and args
-            plan.command(self.queues, self.loglevel), env=plan.environment()
+            plan.command(self.queues, self.loglevel, app=self.app, options=self.options),
+            env=plan.environment(),
         )
         print(f"started {plan.name} (pid {self.processes[plan].pid})", flush=True)
 

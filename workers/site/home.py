@@ -1,0 +1,163 @@
+"""The agent's folder (``$FEDLENS_SITE_HOME``, by default ``~/.fedlens-site``).
+
+It holds secrets (the site's API credential and broker password) and where the site's
+data lives, so the folder is 0700 and every file in it 0600, written atomically: a crash
+or a full disk never leaves a half-written credential behind.
+
+    credentials.json   the server's URL, the API credential, the broker URL, the queue
+    ca.pem             the CA that the server's certificate is checked against, if given
+    datasets.json      dataset name -> {path, format}; paths never leave the node
+    approvals.json     whether approval is required, and the operator's decisions
+    cache/weights/     round weights, by SHA-256
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+HOME_VARIABLE = "FEDLENS_SITE_HOME"
+DEFAULT_HOME = "~/.fedlens-site"
+PRIVATE_FOLDER = 0o700
+PRIVATE_FILE = 0o600
+
+
+class SiteAgentError(Exception):
+    """An expected failure, told to the operator as one sentence (no traceback)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credentials:
+    server: str
+    credential: str
+    broker_url: str
+    queue: str
+    slug: str
+    name: str
+    # The CA bundle that verifies the server's and the broker's TLS; a relative path is in
+    # the home, so that a home copied elsewhere (a pod's emptyDir) still finds it.
+    ca_file: str | None = None
+    # Seconds after which the broker delivers an unacknowledged message again; it must
+    # match the server's (its training time limit plus a margin).
+    visibility_timeout: float = 4200.0
+
+
+def write_private_json(path: Path, content: Any) -> None:
+    """Replace ``path`` with ``content`` as JSON, atomically and readable by the owner only."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        # mkstemp creates the file 0600 already; say so rather than rely on it.
+        os.fchmod(descriptor, PRIVATE_FILE)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class SiteHome:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+
+    @classmethod
+    def from_environment(cls) -> SiteHome:
+        return cls(os.environ.get(HOME_VARIABLE) or DEFAULT_HOME)
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.path / "credentials.json"
+
+    @property
+    def datasets_file(self) -> Path:
+        return self.path / "datasets.json"
+
+    @property
+    def approvals_file(self) -> Path:
+        return self.path / "approvals.json"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.path / "ca.pem"
+
+    @property
+    def weights_cache(self) -> Path:
+        return self.private_folder(self.path / "cache" / "weights")
+
+    def ensure(self) -> Path:
+        """Create the folder 0700, or narrow an existing one to 0700."""
+        self.private_folder(self.path)
+        return self.path
+
+    @staticmethod
+    def private_folder(path: Path) -> Path:
+        path.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            path.chmod(PRIVATE_FOLDER)
+        return path
+
+    def read(self, path: Path, default: Any) -> Any:
+        try:
+            with path.open(encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return default
+        except (OSError, json.JSONDecodeError) as error:
+            raise SiteAgentError(f"cannot read {path}: {error}") from None
+
+    def write(self, path: Path, content: Any) -> None:
+        self.ensure()
+        write_private_json(path, content)
+
+    # --- credentials ----------------------------------------------------------------------
+    def is_enrolled(self) -> bool:
+        return self.credentials_file.exists()
+
+    def credentials(self) -> Credentials:
+        stored = self.read(self.credentials_file, None)
+        if stored is None:
+            raise SiteAgentError(
+                f"this node is not enrolled ({self.credentials_file} does not exist); run "
+                "`python -m workers.site enroll --server URL --token TOKEN` first"
+            )
+        try:
+            credentials = Credentials(**stored)
+        except TypeError:
+            raise SiteAgentError(
+                f"{self.credentials_file} is not a FedLens site credential file; enrol again"
+            ) from None
+        if credentials.ca_file:
+            return replace(credentials, ca_file=str(self.path / credentials.ca_file))
+        return credentials
+
+    def save_credentials(self, credentials: Credentials) -> None:
+        stored = asdict(credentials)
+        if credentials.ca_file and Path(credentials.ca_file).parent == self.path:
+            stored["ca_file"] = Path(credentials.ca_file).name
+        self.write(self.credentials_file, stored)
+
+    # --- datasets -------------------------------------------------------------------------
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        declared: dict[str, dict[str, Any]] = self.read(self.datasets_file, {})
+        return declared
+
+    def save_datasets(self, datasets: Mapping[str, Mapping[str, Any]]) -> None:
+        self.write(self.datasets_file, dict(datasets))
+
+    # --- approvals ------------------------------------------------------------------------
+    def approvals(self) -> dict[str, Any]:
+        stored: dict[str, Any] = self.read(self.approvals_file, {})
+        stored.setdefault("requires_approval", False)
+        stored.setdefault("decisions", {})
+        return stored
+
+    def save_approvals(self, approvals: Mapping[str, Any]) -> None:
+        self.write(self.approvals_file, dict(approvals))
