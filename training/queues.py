@@ -15,6 +15,7 @@ TRAIN_CLIENT_TASK = "workers.tasks.train_client"
 AGGREGATE_ROUND_TASK = "workers.tasks.aggregate_round"
 CLOSE_OVERDUE_ROUNDS_TASK = "workers.tasks.close_overdue_rounds"
 EXPORT_TO_TRACKING_TASK = "workers.tasks.export_to_tracking"
+SYNC_SITE_BROKER_USERS_TASK = "workers.tasks.sync_site_broker_users"
 
 # Task name to its default queue; a caller may still name a site's queue explicitly.
 TASK_QUEUES = {
@@ -23,6 +24,7 @@ TASK_QUEUES = {
     AGGREGATE_ROUND_TASK: AGGREGATION_QUEUE,
     CLOSE_OVERDUE_ROUNDS_TASK: AGGREGATION_QUEUE,
     EXPORT_TO_TRACKING_TASK: AGGREGATION_QUEUE,
+    SYNC_SITE_BROKER_USERS_TASK: AGGREGATION_QUEUE,
 }
 
 

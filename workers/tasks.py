@@ -16,13 +16,14 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from flproject.observability import metrics
-from training import clients, federation, services, tracking
+from training import clients, federation, services, sites, tracking
 from training.models import Round, RoundStatus
 from training.queues import (
     AGGREGATE_ROUND_TASK,
     CLOSE_OVERDUE_ROUNDS_TASK,
     EXPORT_TO_TRACKING_TASK,
     PING_TASK,
+    SYNC_SITE_BROKER_USERS_TASK,
     TRAIN_CLIENT_TASK,
 )
 
@@ -113,3 +114,10 @@ def close_overdue_rounds() -> dict[str, list[int]]:
         "closed": services.close_overdue_rounds(),
         "aggregation_resent": services.resend_stalled_aggregations(),
     }
+
+
+@shared_task(name=SYNC_SITE_BROKER_USERS_TASK, ignore_result=True)
+def sync_site_broker_users() -> int:
+    """Celery beat: give the broker back the sites' ACL users it lost (a restart without its
+    ACL file) and take away those of revoked sites; see training/sites.py."""
+    return sites.sync_broker_users()

@@ -132,6 +132,20 @@ if REDIS_URL and urlsplit(REDIS_URL).scheme not in {"redis", "rediss"}:
     raise ImproperlyConfigured("REDIS_URL must be a redis://host:port/db URL, or unset.")
 FEDLENS_EMBEDDED = not REDIS_URL
 
+# --- Real sites (docs/sites.md) ---------------------------------------------------------------
+# The broker as the sites' agents reach it (rediss:// in production); each site gets a Redis
+# ACL user of its own, made by this server through REDIS_URL. Unset: no site can enrol.
+FEDLENS_SITE_BROKER_URL = env.str("FEDLENS_SITE_BROKER_URL", default="").strip()
+if FEDLENS_SITE_BROKER_URL and urlsplit(FEDLENS_SITE_BROKER_URL).scheme not in {
+    "redis",
+    "rediss",
+}:
+    raise ImproperlyConfigured(
+        "FEDLENS_SITE_BROKER_URL must be a rediss://host:port/db URL (redis:// on a test bench)."
+    )
+FEDLENS_ENROLMENT_TOKEN_HOURS = env_int("FEDLENS_ENROLMENT_TOKEN_HOURS", 24)
+FEDLENS_SITE_BROKER_SYNC_SECONDS = env_int("FEDLENS_SITE_BROKER_SYNC_SECONDS", 300)
+
 # --- Applications -----------------------------------------------------------------------------
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -236,6 +250,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "training.api.errors.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    # Enrolment is the one anonymous endpoint that takes a secret: guessing tokens is slowed.
+    "DEFAULT_THROTTLE_RATES": {"site-enrolment": "30/hour"},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "FedLens API",
@@ -300,6 +316,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": FEDLENS_WATCHDOG_INTERVAL_SECONDS,
         # A late watchdog run is useless once the next one is due.
         "options": {"expires": FEDLENS_WATCHDOG_INTERVAL_SECONDS},
+    },
+    # Sites' broker users come from the ledger: a broker restarted without them gets them back.
+    "sync-site-broker-users": {
+        "task": queues.SYNC_SITE_BROKER_USERS_TASK,
+        "schedule": FEDLENS_SITE_BROKER_SYNC_SECONDS,
+        "options": {"expires": FEDLENS_SITE_BROKER_SYNC_SECONDS},
     },
 }
 
