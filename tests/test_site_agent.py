@@ -241,6 +241,17 @@ def test_a_rejected_credential_says_to_enrol_again(home, site_api, capsys):
     assert "refused this site's credential" in capsys.readouterr().err
 
 
+def test_a_netrc_entry_does_not_replace_the_site_credential(home, site_api, tmp_path, monkeypatch):
+    _, server = site_api
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    enrolled_home(home, server)
+
+    assert main(["status"]) == 0
+
+
 # --- dataset metadata -----------------------------------------------------------------------
 def test_dataset_metadata_counts_the_classes_and_measures_the_images(lesions):
     with open(lesions / "labels.csv", newline="") as handle:

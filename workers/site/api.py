@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -26,6 +27,8 @@ import urllib3
 from workers.site import AGENT_VERSION
 from workers.site.home import SiteAgentError
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT_SECONDS = 10
 # Between two bytes of a response, not for a whole download.
 READ_TIMEOUT_SECONDS = 120
@@ -34,6 +37,8 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Weights files kept in the cache besides the one in use: a late client of the previous
 # round may still ask for its weights.
 WEIGHTS_KEPT = 2
+# The longest failure message the server stores.
+MAX_ERROR_CHARACTERS = 4000
 
 
 class SiteApiError(SiteAgentError):
@@ -105,16 +110,30 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class SiteCredentialAuth(requests.auth.AuthBase):
+    """``Authorization: Site <credential>``; none before enrolment."""
+
+    def __init__(self, credential: str | None) -> None:
+        self.credential = credential
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self.credential:
+            request.headers["Authorization"] = f"Site {self.credential}"
+        return request
+
+
 class SiteApi:
     def __init__(
         self, server: str, credential: str | None = None, *, ca_file: str | None = None
     ) -> None:
         self.server = check_server_url(server)
+        # Proxies still come from the environment (a hospital may need one), but neither the
+        # CA nor the Authorization header may: REQUESTS_CA_BUNDLE would replace a session's
+        # CA file, and a ~/.netrc entry would replace a session's header.
+        self.verify: str | bool = ca_file or True
         self.session = requests.Session()
-        self.session.verify = ca_file or True
+        self.session.auth = SiteCredentialAuth(credential)
         self.session.headers["User-Agent"] = f"fedlens-site/{AGENT_VERSION}"
-        if credential:
-            self.session.headers["Authorization"] = f"Site {credential}"
 
     def url(self, path: str) -> str:
         return f"{self.server}/api/site/{path}"
@@ -124,6 +143,7 @@ class SiteApi:
     ) -> requests.Response:
         """Send a request; any status outside ``expected`` raises :class:`SiteApiError`."""
         options.setdefault("timeout", (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS))
+        options.setdefault("verify", self.verify)
         try:
             response = self.session.request(method, self.url(path), **options)
         except requests.exceptions.SSLError as error:
@@ -294,7 +314,8 @@ class SiteApi:
 
     def upload_update(self, client_update: int, weights_file: Path, sha256: str) -> bool:
         """Send the trained weights, streamed from ``weights_file``; False when the server
-        no longer wants them (409)."""
+        did not take them: no longer wanted (409), or refused (400, 413), which the server
+        records as this client's failure itself."""
         with weights_file.open("rb") as body:
             response = self.request(
                 "PUT",
@@ -305,9 +326,15 @@ class SiteApi:
                     "Content-Length": str(weights_file.stat().st_size),
                     "X-Content-SHA256": sha256,
                 },
-                expected=(200, 201, 409),
+                expected=(200, 201, 400, 409, 413),
             )
-        return response.status_code != 409
+        if response.status_code in (400, 413):
+            log.warning(
+                "the server refused the update of task %s: %s",
+                client_update,
+                error_detail(response),
+            )
+        return response.status_code in (200, 201)
 
     def send_result(self, client_update: int, report: Mapping[str, Any]) -> bool:
         response = self.request(
@@ -316,8 +343,9 @@ class SiteApi:
         return bool(response.json().get("recorded", response.status_code == 200))
 
     def send_failure(self, client_update: int, error: str) -> bool:
+        body = {"error": error[:MAX_ERROR_CHARACTERS]}
         response = self.request(
-            "POST", f"tasks/{client_update}/failure/", json={"error": error}, expected=(200, 409)
+            "POST", f"tasks/{client_update}/failure/", json=body, expected=(200, 409)
         )
         return bool(response.json().get("recorded", response.status_code == 200))
 
