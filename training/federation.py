@@ -336,6 +336,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
             weights,
             num_samples=update.num_samples,
             metrics={key: update.metrics[key] for key in ("loss", "accuracy")},
+            extras=update.metrics.get("extras"),
         )
     new_weights = strategy.finish_round()
     stored = modelstore.save_weights(

@@ -72,14 +72,19 @@ class Strategy(ABC):
         *,
         num_samples: int,
         metrics: Mapping[str, Any] | None = None,
+        extras: Mapping[str, Any] | None = None,
     ) -> None:
-        """Fold one client's weights, trained on ``num_samples`` samples, into the round."""
+        """Fold one client's weights, trained on ``num_samples`` samples, into the round.
+
+        ``extras`` are the per-client results the client reported beside its weights (what
+        a strategy's :meth:`configure_client` options asked it for)."""
         if self._shapes is None:
             raise RuntimeError("accumulate called before begin_round")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         self._check_update(update, self._shapes)
         self._add(update, num_samples)
+        self._receive_extras(extras or {}, num_samples)
         self._num_updates += 1
         self._num_samples += num_samples
         for key, value in (metrics or {}).items():
@@ -133,6 +138,9 @@ class Strategy(ABC):
     @abstractmethod
     def _add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
         """Fold one validated update into the running state."""
+
+    def _receive_extras(self, extras: Mapping[str, Any], num_samples: int) -> None:  # noqa: B027 - optional hook
+        """Take one client's extra results; strategies that ask for none ignore them."""
 
     @abstractmethod
     def _aggregate(self) -> dict[str, torch.Tensor]:
