@@ -75,8 +75,9 @@ def train_client(self, client_update_id: int, round_id: int, site_id: int) -> st
     if update is None:
         return "skipped: already finished or its round is closed"
     # The client protocol, in-process: a failure of the client is recorded, not raised.
-    counted = clients.train_simulated_client(update)
-    return "reported" if counted else "not counted: the round closed without it"
+    if not clients.train_simulated_client(update):
+        return "not counted: the round closed without it"
+    return update.status  # as recorded: succeeded or failed
 
 
 @shared_task(name=AGGREGATE_ROUND_TASK, ignore_result=True)
