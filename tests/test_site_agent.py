@@ -252,6 +252,21 @@ def test_a_netrc_entry_does_not_replace_the_site_credential(home, site_api, tmp_
     assert main(["status"]) == 0
 
 
+def test_status_fails_when_a_declared_dataset_can_no_longer_be_read(
+    home, site_api, lesions, capsys
+):
+    api, server = site_api
+    enrolled_home(home, server)
+    api.datasets["lesions"] = {}
+    home.save_datasets({"lesions": {"path": str(lesions), "format": "folder"}})
+    assert main(["status"]) == 0
+
+    home.save_datasets({"lesions": {"path": str(lesions / "moved"), "format": "folder"}})
+
+    assert main(["status"]) == 1
+    assert "lesions: " in capsys.readouterr().out
+
+
 # --- dataset metadata -----------------------------------------------------------------------
 def test_dataset_metadata_counts_the_classes_and_measures_the_images(lesions):
     with open(lesions / "labels.csv", newline="") as handle:

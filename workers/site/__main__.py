@@ -260,11 +260,16 @@ def status(home: SiteHome, args: argparse.Namespace) -> int:
     print("credential accepted: yes")
     print(f"site: {me.get('name')} ({me.get('slug')}), queue {me.get('queue')}")
     print(f"approval required: {'yes' if me.get('requires_approval') else 'no'}")
-    here = set(home.datasets())
+    declared = home.datasets()
+    here = set(declared)
     there = {entry.get("name") if isinstance(entry, dict) else entry for entry in me["datasets"]}
     print(f"datasets declared here: {', '.join(sorted(here)) or 'none'}")
     print(f"datasets on the server: {', '.join(sorted(map(str, there))) or 'none'}")
-    if here != there:
+    # Cheap enough for a container's health check: the folder or file, not every image.
+    unreadable = [name for name, entry in sorted(declared.items()) if not readable(entry)]
+    for name in unreadable:
+        print(f"dataset {name}: {declared[name]['path']} cannot be read by this user")
+    if here != there or unreadable:
         missing = sorted(here - there)
         extra = sorted(map(str, there - here))
         if missing:
@@ -273,6 +278,12 @@ def status(home: SiteHome, args: argparse.Namespace) -> int:
             print(f"on the server only: {', '.join(extra)} (declare them here or remove them)")
         return 1
     return 0
+
+
+def readable(entry: dict[str, Any]) -> bool:
+    path = Path(entry["path"])
+    target = path / "labels.csv" if entry.get("format") == "folder" else path
+    return os.access(target, os.R_OK)
 
 
 def rotate(home: SiteHome, args: argparse.Namespace) -> int:
