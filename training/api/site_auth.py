@@ -6,6 +6,7 @@ credential reaches only its own site's tasks, and a user's token reaches no site
 
 from dataclasses import dataclass
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
@@ -59,3 +60,19 @@ class IsSiteAgent(BasePermission):
 
     def has_permission(self, request, view) -> bool:
         return isinstance(request.auth, SiteCredential)
+
+
+class SiteCredentialScheme(OpenApiAuthenticationExtension):
+    """How the OpenAPI schema describes the Site API's authentication."""
+
+    target_class = SiteCredentialAuthentication
+    name = "siteCredential"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": f"'{KEYWORD} <credential>', as `python -m workers.site enroll` "
+            "received it. Site agents only.",
+        }

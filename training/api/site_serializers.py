@@ -3,6 +3,7 @@
 import json
 import math
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -53,6 +54,13 @@ class IssuedCredentialSerializer(serializers.Serializer):
     )
     broker_url = serializers.CharField(help_text="The site's own broker user. Shown once.")
     queue = serializers.CharField(source="site.queue")
+    visibility_timeout = serializers.SerializerMethodField(
+        help_text="Seconds after which the broker delivers an unacknowledged task again; the "
+        "agent's consumer must use the server's value."
+    )
+
+    def get_visibility_timeout(self, issued) -> int:
+        return settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
 
 
 class SiteDatasetSerializer(serializers.ModelSerializer):
