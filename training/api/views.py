@@ -58,7 +58,11 @@ class DatasetViewSet(viewsets.ModelViewSet):
     ordering_fields = ["name", "created_at", "num_classes"]
 
     def get_queryset(self):
-        return Dataset.objects.visible_to(self.request.user).select_related("owner")
+        return (
+            Dataset.objects.visible_to(self.request.user)
+            .select_related("owner")
+            .prefetch_related("declarations__site")
+        )
 
     def perform_create(self, serializer):
         serializer.save(owner=self.request.user)
