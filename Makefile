@@ -67,11 +67,15 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
 # Programs some tests run, from Debian's packages, installed when missing (needs root):
-# Chromium for the browser test, Prometheus and promtool, docker-compose for `config -q`.
-SYSTEM_PACKAGES := chromium chromium-driver prometheus docker-compose
+# Chromium for the browser test, Prometheus and promtool, docker-compose for `config -q`;
+# iproute2, nftables, openssl and redis-server for the three-host test of real sites.
+SYSTEM_PACKAGES := chromium chromium-driver prometheus docker-compose iproute2 nftables openssl \
+	redis-server
 system-packages:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
-	command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
+	command -v promtool >/dev/null && command -v docker-compose >/dev/null && \
+	command -v ip >/dev/null && command -v nft >/dev/null && command -v openssl >/dev/null && \
+	command -v redis-server >/dev/null || \
 	( DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) || \
 	  ( apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) ) )
 
