@@ -11,7 +11,6 @@ import logging
 import math
 import tempfile
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import IO, Any
 
 import torch
@@ -101,7 +100,7 @@ HEADER_BYTES_FIXED = 8 + 4096
 CHUNK_BYTES = 1 << 20
 
 
-@lru_cache(maxsize=16)
+@federation.cached_by_ledger_id(maxsize=16)
 def expected_weights(experiment_id: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name to shape and dtype of every tensor the experiment's network holds, built on the
     meta device (no memory for the values)."""

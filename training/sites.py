@@ -90,7 +90,9 @@ class IssuedCredential:
     broker_url: str
 
 
-def enrol(token: str, *, agent_version: str, devices: list[dict[str, Any]]) -> IssuedCredential:
+def enrol(
+    token: str, *, agent_version: str, devices: list[dict[str, Any]], hostname: str = ""
+) -> IssuedCredential:
     """Exchange an enrolment token for the site's credential (single use, before it expires)."""
     check_sites_configured()
     with transaction.atomic():
@@ -128,7 +130,9 @@ def enrol(token: str, *, agent_version: str, devices: list[dict[str, Any]]) -> I
         site.save(
             update_fields=["enrolled_at", "last_seen", "agent_version", "devices", "is_active"]
         )
-    log_event(logger, "site.enrolled", site=site.slug, agent_version=agent_version)
+    log_event(
+        logger, "site.enrolled", site=site.slug, agent_version=agent_version, hostname=hostname
+    )
     return issued
 
 

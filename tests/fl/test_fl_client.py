@@ -1,6 +1,7 @@
 """The client protocol: a task's wire form, and what a client does and reports through its
 connection, whichever connection that is."""
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -66,8 +67,7 @@ def test_a_task_survives_its_json_form_unchanged() -> None:
         name="resnet18-small", in_channels=3, num_classes=4, spatial_dims=2, params={"width": 8}
     ))  # fmt: skip
 
-    assert ClientTask.from_json(task.to_json()) == task.__class__(**{**task.__dict__})
-    assert ClientTask.from_json(task.to_json()).to_json() == task.to_json()
+    assert ClientTask.from_json(json.loads(json.dumps(task.to_json()))) == task
 
 
 @pytest.mark.parametrize(

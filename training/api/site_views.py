@@ -95,6 +95,7 @@ class EnrolView(APIView):
                 given.validated_data["token"],
                 agent_version=given.validated_data["agent_version"],
                 devices=devices,
+                hostname=given.validated_data.get("hostname", ""),
             )
         except sites.EnrolmentRefused as refused:
             raise ValidationError({"token": [str(refused)]}) from None
