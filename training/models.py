@@ -185,6 +185,18 @@ class Dataset(models.Model):
         help_text="Where the data lives on the server: simulated sites split it; for a "
         "federated dataset it is the server's own held-out evaluation data, if any.",
     )
+    normalization = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Intensity normalization: none, minmax, zscore (per image), "
+        "mean-std:M,S (per channel) or ct-window:LEVEL,WIDTH; blank uses the format's "
+        "default (mean-std:0.5,0.5 for 8-bit .npz).",
+    )
+    validation_fraction = models.FloatField(
+        default=0.2,
+        validators=[MinValueValidator(0.0), MaxValueValidator(0.9)],
+        help_text="The seeded share of each site's data kept for federated evaluation.",
+    )
     is_federated = models.BooleanField(
         default=False,
         help_text="The data stays at the sites that declared a dataset of this name; "
@@ -258,6 +270,43 @@ class Optimizer(models.TextChoices):
     ADAM = "adam", "Adam"
 
 
+class AggregationWeighting(models.TextChoices):
+    SAMPLES = "samples", "By number of samples"
+    UNIFORM = "uniform", "Uniform"
+
+
+class NoiseLocation(models.TextChoices):
+    SERVER = "server", "At the server"
+    CLIENT = "client", "At each client"
+
+
+class Sweep(models.Model):
+    """A grid of experiments made from one request: every combination of the values in
+    ``grid`` applied to ``base_settings``, queued and compared together."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="sweeps"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    base_settings = models.JSONField(default=dict, help_text="Experiment fields shared by all.")
+    grid = models.JSONField(default=dict, help_text="Experiment field -> list of values.")
+    max_running = models.PositiveIntegerField(
+        default=2,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Experiments of this sweep running at once; the others wait queued.",
+    )
+    target_metric = models.CharField(max_length=50, default="accuracy")
+    target_value = models.FloatField(default=0.8)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class ExperimentQuerySet(models.QuerySet):
     def visible_to(self, user) -> "ExperimentQuerySet":
         """Staff see every experiment; others their own and those shared with them."""
@@ -319,6 +368,45 @@ class Experiment(models.Model):
     seed = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(2**31 - 1)])
     round_timeout_seconds = models.PositiveIntegerField(
         default=3600, validators=[MinValueValidator(10), MaxValueValidator(7 * 24 * 3600)]
+    )
+    client_fraction = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Clients per round as a share of the pool; overrides clients_per_round.",
+    )
+    aggregation_weighting = models.CharField(
+        max_length=10, choices=AggregationWeighting.choices, default=AggregationWeighting.SAMPLES
+    )
+    # Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each update is
+    # clipped to dp_clip and Gaussian noise of std dp_noise * dp_clip is added.
+    dp_clip = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0)],
+        help_text="L2 norm each client update is clipped to; empty: no clipping.",
+    )
+    dp_noise = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(100.0)],
+        help_text="Noise multiplier (std of the noise over the clipping norm).",
+    )
+    dp_delta = models.FloatField(
+        default=1e-5, validators=[MinValueValidator(0.0), MaxValueValidator(0.1)]
+    )
+    dp_at = models.CharField(
+        max_length=10, choices=NoiseLocation.choices, default=NoiseLocation.SERVER
+    )
+    # Local DP-SGD through Opacus, applied by each client to its own training.
+    local_dp_noise = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(100.0)]
+    )
+    local_dp_clip = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.0)])
+    cloned_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="clones"
+    )
+    sweep = models.ForeignKey(
+        Sweep, null=True, blank=True, on_delete=models.SET_NULL, related_name="experiments"
     )
     status = models.CharField(
         max_length=10,
@@ -411,9 +499,17 @@ class RoundStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class RoundKind(models.TextChoices):
+    TRAIN = "train", "Training"
+    # After the last training round: every site evaluates the global model and each
+    # site's last local model on its own validation split (cross-site evaluation).
+    EVALUATE = "evaluate", "Cross-site evaluation"
+
+
 class Round(models.Model):
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="rounds")
     number = models.PositiveIntegerField()
+    kind = models.CharField(max_length=10, choices=RoundKind.choices, default=RoundKind.TRAIN)
     status = models.CharField(
         max_length=12, choices=RoundStatus.choices, default=RoundStatus.OPEN, db_index=True
     )
@@ -424,6 +520,15 @@ class Round(models.Model):
     # was lost or ended without a trace, and the watchdog sends it again.
     aggregation_deadline = models.DateTimeField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True, help_text="Aggregated round metrics.")
+    epsilon = models.FloatField(
+        null=True, blank=True, help_text="Privacy spent up to this round (ε for dp_delta)."
+    )
+    federated_evaluation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="This round's global model on each site's validation split: "
+        '{"sites": {slug: metrics}, "weighted": metrics}.',
+    )
 
     class Meta:
         ordering = ["experiment_id", "number"]
@@ -468,6 +573,12 @@ class ClientUpdate(models.Model):
     error = models.TextField(blank=True)
     update_file = models.FileField(storage=model_store, max_length=500, blank=True)
     update_sha256 = models.CharField(max_length=64, blank=True)
+    evaluation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The site's evaluation on its validation split: of the round's starting "
+        "global model, or in a cross-site round of every model it was sent.",
+    )
 
     class Meta:
         ordering = ["round_id", "site_id"]
