@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any, TextIO
 
 from django.contrib.auth import get_user_model
+from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
 from training.models import (
@@ -89,6 +90,23 @@ def create_experiment(owner, settings: dict[str, Any]) -> Experiment:
     return serializer.save(owner=owner)
 
 
+class _Unterminated:
+    """Hands tqdm's carriage-return refreshes to a Django OutputWrapper without the line
+    ending it appends to every write (which printed a new bar line per refresh)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, text: str) -> None:
+        if isinstance(self._out, OutputWrapper):
+            self._out.write(text, ending="")
+        else:
+            self._out.write(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
 def watch_experiment(
     experiment_id: int,
     *,
@@ -110,7 +128,12 @@ def watch_experiment(
             if bar is not None:
                 bar.close()
             clients = ClientUpdate.objects.filter(round=current).count()
-            bar = tqdm(total=clients, desc=f"round {current.number}", unit="client", file=out)
+            bar = tqdm(
+                total=clients,
+                desc=f"round {current.number}",
+                unit="client",
+                file=_Unterminated(out),
+            )
             shown_round = current.number
         if bar is not None and current is not None:
             done = ClientUpdate.objects.filter(

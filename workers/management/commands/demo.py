@@ -4,6 +4,7 @@ One process, so that in embedded mode the web server, the Celery worker and the 
 share the in-memory broker and channel layer, exactly as `uvicorn` alone would run them.
 """
 
+import socket
 import threading
 
 import uvicorn
@@ -28,6 +29,17 @@ from training.runner import (
 DATASET_NAME = "synthetic-lesions"
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise CommandError(
+            f"Cannot listen on {host}:{port} ({exc.strerror}); nothing was created. "
+            f"Pick another port: `make demo PORT={port + 1}` (or `manage.py demo --port "
+            f"{port + 1}`)."
+        ) from exc
+
+
 class Command(BaseCommand):
     help = "Generate and register the synthetic set, start a 4-site experiment, serve the site."
 
@@ -38,6 +50,9 @@ class Command(BaseCommand):
         parser.add_argument("--rounds", type=int, default=5)
 
     def handle(self, *args, host: str, port: int, sites: int, rounds: int, **options):
+        # Bound before anything is created: a busy port must not leave behind an experiment
+        # that starts with no server to watch it (and never finishes once we exit).
+        listener = listening_socket(host, port)
         dataset_dir = settings.FEDLENS_DATASET_ROOTS[0] / "synthetic-lesions"
         if not (dataset_dir / "labels.csv").exists():
             call_command("make_synthetic_dataset", out=dataset_dir, sites=sites, per_site=300,
@@ -76,8 +91,9 @@ class Command(BaseCommand):
         # Importing the app sets Django up again, which reapplies LOGGING: quieten after it.
         from flproject.asgi import application
 
+        server = uvicorn.Server(uvicorn.Config(application, host=host, port=port))
         with quiet_task_logs(options["verbosity"]):
-            uvicorn.run(application, host=host, port=port)
+            server.run(sockets=[listener])
 
     def report_progress(self, experiment_id: int) -> None:
         rows = []
