@@ -355,9 +355,11 @@ def record_client_result(
             "status": ClientUpdateStatus.SUCCEEDED,
             "num_samples": outcome.num_samples,
             "metrics": outcome.metrics,
-            "update_file": outcome.stored.name,
-            "update_sha256": outcome.stored.sha256,
+            "evaluation": outcome.evaluation,
         }
+        if outcome.stored is not None:  # an evaluate task sends no weights
+            result["update_file"] = outcome.stored.name
+            result["update_sha256"] = outcome.stored.sha256
     result["finished_at"] = now
     # Without locks: the row's own status decides (see claim_client_update), and whichever
     # report comes last sees every other one committed and closes the round.
@@ -365,7 +367,7 @@ def record_client_result(
         **result
     )
     if not recorded:
-        if outcome is not None:  # nobody will read this delivery's weights
+        if outcome is not None and outcome.stored is not None:  # nobody will read them
             modelstore.delete_weights(outcome.stored.name)
         log_event(logger, "client.not_counted", level=logging.WARNING, **client_fields(claimed))
         return False

@@ -1,9 +1,9 @@
 """Federated Averaging: McMahan et al., 2017, arXiv:1602.05629.
 
 The new global weights are the mean of the client weights, each weighted by its number of
-training samples. ``server_learning_rate`` moves the global weights only part of the way
-towards that mean (the server step of Reddi et al., 2021, arXiv:2003.00295); the default
-1.0 is plain FedAvg.
+training samples (``weighting="samples"``) or all alike (``"uniform"``).
+``server_learning_rate`` moves the global weights only part of the way towards that mean
+(the server step of Reddi et al., 2021, arXiv:2003.00295); the default 1.0 is plain FedAvg.
 
 Streaming: the strategy holds one running sum (float32 for float32 models), a copy of the
 global weights only when ``server_learning_rate`` is not 1, and never the list of updates;
@@ -14,13 +14,12 @@ also independent of the order in which updates arrive.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from training.fl.strategies.base import Strategy, reject_unknown_params
+from training.fl.strategies.base import Parameter, Strategy
 from training.fl.strategies.kernels import add_weighted_
 
 __all__ = ["FedAvg"]
@@ -28,25 +27,32 @@ __all__ = ["FedAvg"]
 
 class FedAvg(Strategy):
     name: ClassVar[str] = "fedavg"
+    title: ClassVar[str] = "FedAvg"
+    paper: ClassVar[str] = "McMahan et al. 2017, arXiv:1602.05629"
+    description: ClassVar[str] = (
+        "The new global model is the (sample-weighted or uniform) mean of the clients' "
+        "models; a server learning rate below 1 moves only part of the way towards it."
+    )
+    parameters: ClassVar[tuple[Parameter, ...]] = (
+        Parameter(
+            name="server_learning_rate",
+            type="float",
+            default=1.0,
+            minimum=0.0,
+            exclusive_minimum=True,
+            maximum=10.0,
+            description="Step from the global model towards the clients' mean (1: the mean).",
+        ),
+    )
 
-    def __init__(self, *, server_learning_rate: float = 1.0) -> None:
-        super().__init__()
-        params = self.validate_params({"server_learning_rate": server_learning_rate})
+    def __init__(self, *, server_learning_rate: float = 1.0, weighting: str = "samples") -> None:
+        super().__init__(weighting=weighting)
+        params = FedAvg.validate_params({"server_learning_rate": server_learning_rate})
         self.server_learning_rate: float = params["server_learning_rate"]
         self._global: dict[str, torch.Tensor] = {}
         self._weighted_sum: dict[str, torch.Tensor] = {}
         self._buffer_max: dict[str, torch.Tensor] = {}
-        self._total_samples = 0
-
-    @classmethod
-    def validate_params(cls, params: Mapping[str, Any]) -> dict[str, Any]:
-        reject_unknown_params(cls.name, params, {"server_learning_rate"})
-        rate = params.get("server_learning_rate", 1.0)
-        if isinstance(rate, bool) or not isinstance(rate, int | float):
-            raise ValueError(f"server_learning_rate must be a number, got {rate!r}")
-        if not (rate > 0 and math.isfinite(rate)):
-            raise ValueError(f"server_learning_rate must be positive, got {rate}")
-        return {"server_learning_rate": float(rate)}
+        self._total_weight = 0.0
 
     def _start(self, global_weights: Mapping[str, torch.Tensor]) -> None:
         # Plain FedAvg needs only the shapes of the global weights, which the base class keeps.
@@ -57,11 +63,12 @@ class FedAvg(Strategy):
         )
         self._weighted_sum = {}
         self._buffer_max = {}
-        self._total_samples = 0
+        self._total_weight = 0.0
 
     def _add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
         floating = {name: t for name, t in update.items() if t.dtype.is_floating_point}
-        add_weighted_(self._weighted_sum, floating, float(num_samples))
+        weight = self.update_weight(num_samples)
+        add_weighted_(self._weighted_sum, floating, weight)
         for name, tensor in update.items():
             if not tensor.dtype.is_floating_point:
                 # A copy: the update's tensors may be reused for the next one.
@@ -70,7 +77,7 @@ class FedAvg(Strategy):
                 self._buffer_max[name] = (
                     value if previous is None else torch.maximum(previous, value)
                 )
-        self._total_samples += num_samples
+        self._total_weight += weight
 
     def _aggregate(self) -> dict[str, torch.Tensor]:
         if self._shapes is None:  # finish_round calls this before it resets the shapes
@@ -80,7 +87,7 @@ class FedAvg(Strategy):
             if not dtype.is_floating_point:
                 new_weights[name] = self._buffer_max[name].to(dtype)
                 continue
-            mean = self._weighted_sum.pop(name).div_(self._total_samples)
+            mean = self._weighted_sum.pop(name).div_(self._total_weight)
             if self.server_learning_rate != 1.0:
                 start = self._global[name].to(mean.dtype)
                 mean = start.add_(mean.sub_(start), alpha=self.server_learning_rate)
