@@ -11,7 +11,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO
 
 import torch
 from django.core.files import File
@@ -41,21 +41,24 @@ class InProcessConnection:
         stored = modelstore.save_weights(
             modelstore.client_update_name(task.experiment, task.round_number, task.site), weights
         )
-        return services.record_client_result(
-            self.claimed, outcome=federation.LocalTrainingOutcome(stored, *reported(report))
-        )
+        return services.record_client_result(self.claimed, outcome=outcome(stored, report))
 
     def send_failure(self, task: ClientTask, error: str) -> bool:
         logger.warning("client update %s failed: %s", task.client_update, error)
         return services.record_client_result(self.claimed, error=error)
 
 
-def reported(report: ClientReport) -> tuple[int, dict[str, Any]]:
-    """The number of samples and the metrics a ledger row keeps of a client's report."""
+def outcome(
+    stored: modelstore.StoredWeights | None, report: ClientReport
+) -> federation.LocalTrainingOutcome:
+    """What a ledger row keeps of a client's report, beside its stored weights (none for an
+    evaluate task)."""
     metrics = dict(report.metrics)
     if report.extras:
         metrics["extras"] = dict(report.extras)
-    return report.num_samples, metrics
+    return federation.LocalTrainingOutcome(
+        stored, report.num_samples, metrics, evaluation=dict(report.evaluation)
+    )
 
 
 def simulated_local_data(update: ClientUpdate):
@@ -213,13 +216,10 @@ def keep_uploaded_update(update: ClientUpdate, stored: modelstore.StoredWeights)
 def record_remote_result(update: ClientUpdate, report: ClientReport) -> bool:
     """Record a site's report on the update it uploaded for this task before."""
     shapes = expected_weights(update.round.experiment_id)
-    outcome = federation.LocalTrainingOutcome(
-        modelstore.StoredWeights(
-            name=update.update_file.name,
-            sha256=update.update_sha256,
-            size_bytes=model_store().size(update.update_file.name),
-            num_parameters=sum(math.prod(shape) for shape, _ in shapes.values()),
-        ),
-        *reported(report),
+    stored = modelstore.StoredWeights(
+        name=update.update_file.name,
+        sha256=update.update_sha256,
+        size_bytes=model_store().size(update.update_file.name),
+        num_parameters=sum(math.prod(shape) for shape, _ in shapes.values()),
     )
-    return services.record_client_result(update, outcome=outcome)
+    return services.record_client_result(update, outcome=outcome(stored, report))

@@ -245,11 +245,14 @@ def starting_checkpoint(experiment_id: int, round_number: int) -> tuple[str, str
 
 @dataclass(frozen=True)
 class LocalTrainingOutcome:
-    """A client's update as the ledger records it: the stored weights and the report."""
+    """A client's result as the ledger records it: the stored weights (None for an evaluate
+    task, which sends none) and the report, with the site's evaluation on its validation
+    split."""
 
-    stored: modelstore.StoredWeights
+    stored: modelstore.StoredWeights | None
     num_samples: int
     metrics: dict[str, Any]
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
 
 @cached_by_ledger_id(maxsize=64)
@@ -292,6 +295,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             class_names=dataset.class_names,
             channels=dataset.channels,
             image_shape=dataset.image_shape,
+            validation_fraction=dataset.validation_fraction,
         ),
         train=TrainConfig(
             epochs=experiment.local_epochs,

@@ -12,6 +12,7 @@ from training.models import ApprovalStatus, ExperimentApproval, Site, SiteDatase
 MAX_DEVICES = 64
 MAX_METRICS = 64
 MAX_EXTRAS_BYTES = 64 * 1024
+MAX_EVALUATION_BYTES = 256 * 1024
 MAX_STATISTICS_BYTES = 256 * 1024
 MAX_ERROR_CHARACTERS = 4000
 
@@ -161,6 +162,11 @@ class ClientReportSerializer(serializers.Serializer):
     num_samples = serializers.IntegerField(min_value=1, max_value=100_000_000)
     metrics = serializers.DictField(help_text="Numbers (loss, accuracy, ...) or short strings.")
     extras = serializers.DictField(required=False, help_text="Per-client results (JSON).")
+    evaluation = serializers.DictField(
+        required=False,
+        help_text="Metrics on the site's validation split: of the round's starting model in a "
+        "train task; {model label: metrics} in an evaluate task.",
+    )
 
     def validate_metrics(self, value):
         if len(value) > MAX_METRICS:
@@ -182,6 +188,17 @@ class ClientReportSerializer(serializers.Serializer):
     def validate_extras(self, value):
         if json_size(value) > MAX_EXTRAS_BYTES:
             raise serializers.ValidationError(f"Extras over {MAX_EXTRAS_BYTES // 1024} KiB.")
+        return value
+
+    def validate_evaluation(self, value):
+        try:
+            size = json_size(value)
+        except ValueError:
+            raise serializers.ValidationError("Give finite numbers as metrics.") from None
+        if size > MAX_EVALUATION_BYTES:
+            raise serializers.ValidationError(
+                f"Evaluation over {MAX_EVALUATION_BYTES // 1024} KiB; send a summary."
+            )
         return value
 
 

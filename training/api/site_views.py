@@ -406,6 +406,7 @@ class TaskResultView(SiteAgentView):
             num_samples=num_samples,
             metrics=given.validated_data["metrics"],
             extras=given.validated_data.get("extras") or {},
+            evaluation=given.validated_data.get("evaluation") or {},
         )
         recorded = clients.record_remote_result(update, report)
         if not recorded:

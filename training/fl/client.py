@@ -70,6 +70,8 @@ class DataSpec:
     channels: int
     # (depth,) height, width: images are resampled to it; empty keeps each image's own.
     image_shape: Sequence[int]
+    # The seeded share of the site's samples kept for evaluation, never trained on.
+    validation_fraction: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +91,9 @@ class ClientTask:
     start_epoch: int
     options: Mapping[str, Any]
     weights_sha256: str
+    # SHA-256 of the tensors the strategy sends every client of the round (SCAFFOLD's
+    # server control variate); "" when it sends none.
+    payload_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         described = asdict(self)
@@ -115,6 +120,7 @@ class ClientTask:
                 start_epoch=int(described["start_epoch"]),
                 options=dict(described.get("options") or {}),
                 weights_sha256=str(described["weights_sha256"]),
+                payload_sha256=str(described.get("payload_sha256") or ""),
             )
         except KeyError as missing:
             raise TaskFormatError(f"the task has no {missing.args[0]!r}") from None
@@ -145,6 +151,9 @@ class ClientReport:
     metrics: Mapping[str, float | str]
     # Per-client results a strategy asked for (JSON values), beside the weights.
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # Metrics on the site's validation split: of the round's starting model in a train
+    # task, {model label: metrics} in an evaluate task.
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or self.num_samples < 1:

@@ -46,6 +46,7 @@ class RemoteConnection:
                 "num_samples": described["num_samples"],
                 "metrics": dict(report.metrics),
                 "extras": dict(report.extras),
+                "evaluation": dict(report.evaluation),
             },
         )
 
