@@ -218,7 +218,7 @@ def make_private_training(
     # them on the hooks' views); turning them off changes neither the weights nor results.
     for module in model.modules():
         if getattr(module, "inplace", False):
-            module.inplace = False
+            setattr(module, "inplace", False)  # noqa: B010 - nn.Module types its attributes as tensors
     with warnings.catch_warnings():
         # Its reminder that secure_mode is off: the noise need not resist an attack on the
         # random generator here (secure_mode needs torchcsprng, and seeded runs repeat).
