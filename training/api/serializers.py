@@ -9,15 +9,21 @@ from rest_framework import serializers
 
 from training.fl.data.partition import parse_partition_spec
 from training.fl.networks import available_networks, build_network
-from training.fl.strategies import available_strategies, validate_strategy_params
+from training.fl.strategies import (
+    available_strategies,
+    describe_strategies,
+    validate_strategy_params,
+)
 from training.models import (
     Checkpoint,
     ClientUpdate,
     Dataset,
     Experiment,
+    NoiseLocation,
     Round,
     Site,
 )
+from training.sampling import clients_in_round
 
 
 class SiteSerializer(serializers.ModelSerializer):
@@ -159,10 +165,69 @@ class DatasetSerializer(serializers.ModelSerializer):
 
 
 class VisibleDatasetField(serializers.PrimaryKeyRelatedField):
-    """Only datasets the requesting user may use can be chosen."""
+    """Only datasets the requesting user may use can be chosen; a clone may also keep the
+    dataset of the experiment it copies (context "clone_of"), which its viewer can see."""
 
     def get_queryset(self):
-        return Dataset.objects.visible_to(self.context["request"].user)
+        visible = Dataset.objects.visible_to(self.context["request"].user)
+        source = self.context.get("clone_of")
+        if source is not None:
+            visible = visible | Dataset.objects.filter(pk=source.dataset_id)
+        return visible
+
+
+def strategy_params_schema() -> dict:
+    """OpenAPI: the parameters object of each strategy, with types, defaults and ranges."""
+    variants = []
+    for strategy in describe_strategies():
+        properties = {}
+        for parameter in strategy["parameters"]:
+            schema = {
+                "type": "integer" if parameter["type"] == "int" else "number",
+                "default": parameter["default"],
+                "description": parameter.get("description", ""),
+            }
+            for bound in ("minimum", "maximum"):
+                if parameter.get(bound) is not None:
+                    schema[bound] = parameter[bound]
+            if parameter.get("exclusive_minimum"):
+                schema["exclusiveMinimum"] = True
+            properties[parameter["name"]] = schema
+        variants.append(
+            {
+                "title": strategy["name"],
+                "description": f"{strategy['title']} ({strategy['paper']})",
+                "type": "object",
+                "properties": properties,
+                "additionalProperties": False,
+            }
+        )
+    return {
+        "type": "object",
+        "description": "The chosen strategy's parameters; a missing one takes its default. "
+        "One variant per strategy, titled by its name.",
+        "anyOf": variants,
+    }
+
+
+@extend_schema_field(strategy_params_schema())
+class StrategyParamsField(serializers.JSONField):
+    """A JSON object checked against the chosen strategy in ExperimentSerializer.validate."""
+
+
+def strategy_choices() -> list[tuple[str, str]]:
+    titles = {strategy["name"]: strategy["title"] for strategy in describe_strategies()}
+    return [(name, titles.get(name, name)) for name in available_strategies()]
+
+
+# The experiment settings a user chooses: what a clone copies and a sweep varies.
+EXPERIMENT_SETTINGS = (
+    "name", "description", "dataset", "sites", "network", "network_params", "strategy",
+    "strategy_params", "partition", "num_rounds", "clients_per_round", "client_fraction",
+    "min_clients", "aggregation_weighting", "local_epochs", "batch_size", "learning_rate",
+    "optimizer", "seed", "round_timeout_seconds", "dp_clip", "dp_noise", "dp_delta", "dp_at",
+    "local_dp_noise", "local_dp_clip",
+)  # fmt: skip
 
 
 class ExperimentSerializer(serializers.ModelSerializer):
@@ -183,33 +248,23 @@ class ExperimentSerializer(serializers.ModelSerializer):
         help_text="Slugs of the sites that may be picked as clients.",
     )
     network = serializers.ChoiceField(choices=available_networks(), default="cnn-small")
-    strategy = serializers.ChoiceField(choices=available_strategies(), default="fedavg")
+    strategy = serializers.ChoiceField(
+        choices=strategy_choices(),
+        default="fedavg",
+        help_text="The aggregation strategy; GET /api/strategies/ describes each one.",
+    )
+    strategy_params = StrategyParamsField(required=False)
 
     class Meta:
         model = Experiment
         fields = [
             "id",
-            "name",
-            "description",
+            *EXPERIMENT_SETTINGS,
             "owner",
             "members",
-            "dataset",
             "dataset_name",
-            "sites",
-            "network",
-            "network_params",
-            "strategy",
-            "strategy_params",
-            "partition",
-            "num_rounds",
-            "clients_per_round",
-            "min_clients",
-            "local_epochs",
-            "batch_size",
-            "learning_rate",
-            "optimizer",
-            "seed",
-            "round_timeout_seconds",
+            "cloned_from",
+            "sweep",
             "status",
             "current_round",
             "failure_reason",
@@ -219,6 +274,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "finished_at",
         ]
         read_only_fields = [
+            "cloned_from",
+            "sweep",
             "status",
             "current_round",
             "failure_reason",
@@ -227,10 +284,38 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "started_at",
             "finished_at",
         ]
+        extra_kwargs = {
+            "clients_per_round": {
+                "help_text": "Clients picked per round; ignored (set from the pool) when "
+                "client_fraction is given."
+            },
+            "client_fraction": {
+                "help_text": "Clients per round as a share in (0, 1] of the experiment's "
+                "sites: ceil(fraction * sites), picked reproducibly from the seed and round."
+            },
+            "aggregation_weighting": {
+                "help_text": "samples: each update weighs its number of samples; uniform: "
+                "each update weighs the same."
+            },
+        }
 
     def validate_network_params(self, value):
         if not isinstance(value, dict):
             raise serializers.ValidationError("Give an object of network parameters.")
+        return value
+
+    def validate_strategy_params(self, value):
+        if not isinstance(value, dict):
+            raise serializers.ValidationError(
+                'Give an object of the strategy\'s parameters, e.g. {"proximal_mu": 0.01}.'
+            )
+        return value
+
+    def validate_client_fraction(self, value):
+        if value is not None and not 0 < value <= 1:
+            raise serializers.ValidationError(
+                "Give a share of the sites in (0, 1], e.g. 0.5 for half of them."
+            )
         return value
 
     @staticmethod
@@ -275,11 +360,9 @@ class ExperimentSerializer(serializers.ModelSerializer):
         )
         if network_error:
             errors["network_params"] = network_error
-        if merged["min_clients"] > merged["clients_per_round"]:
-            errors["min_clients"] = (
-                f"Must not exceed clients_per_round ({merged['clients_per_round']})."
-            )
         sites = merged.get("sites") or []
+        errors.update(self.sampling_errors(merged, attrs, len(sites)))
+        errors.update(self.privacy_errors(merged))
         dataset = merged["dataset"]
         if dataset.is_federated:
             declared = set(dataset.declarations.values_list("site_id", flat=True))
@@ -289,7 +372,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
                     f"Sites {', '.join(missing)} hold no data of {dataset.name!r}; choose among "
                     "the sites that declared it, or ask their operators to declare it."
                 )
-        if len(sites) < merged["clients_per_round"]:
+        if merged.get("client_fraction") is None and len(sites) < merged["clients_per_round"]:
             errors["sites"] = (
                 f"Choose at least clients_per_round ({merged['clients_per_round']}) sites; "
                 f"{len(sites)} given."
@@ -298,12 +381,59 @@ class ExperimentSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError(errors)
         return attrs
 
+    @staticmethod
+    def sampling_errors(merged: dict, attrs: dict, num_sites: int) -> dict[str, str]:
+        """min_clients against the clients a round will have; with a fraction, the stored
+        clients_per_round becomes that number (so the row's own constraint holds)."""
+        fraction = merged.get("client_fraction")
+        if fraction is None:
+            per_round, what = merged["clients_per_round"], "clients_per_round"
+        else:
+            per_round = clients_in_round(
+                num_sites, clients_per_round=0, client_fraction=fraction, min_clients=0
+            )
+            attrs["clients_per_round"] = max(per_round, 1)
+            what = f"the clients a round will have (ceil({fraction} x {num_sites} sites))"
+        if merged["min_clients"] > per_round:
+            return {"min_clients": f"Must not exceed {what} ({per_round})."}
+        return {}
+
+    @staticmethod
+    def privacy_errors(merged: dict) -> dict[str, str]:
+        """Client-level DP needs a clipping norm (the noise is a multiple of it) and a
+        usable delta; local DP-SGD needs both its noise and its clipping norm."""
+        errors = {}
+        clip, noise = merged.get("dp_clip"), merged.get("dp_noise") or 0.0
+        if clip is not None and clip <= 0:
+            errors["dp_clip"] = "Give a positive L2 norm, or leave it empty for no clipping."
+        elif clip is None and noise > 0:
+            errors["dp_clip"] = (
+                "Noise is dp_noise x dp_clip: give a clipping norm (dp_clip) with dp_noise."
+            )
+        elif clip is None and merged.get("dp_at") == NoiseLocation.CLIENT:
+            errors["dp_at"] = "Noise at the clients needs a clipping norm (dp_clip)."
+        delta = merged.get("dp_delta")
+        if noise > 0 and (delta is None or not 0 < delta < 1):
+            errors["dp_delta"] = "Give a delta in (0, 1) for the privacy accounting, e.g. 1e-5."
+        local_noise, local_clip = merged.get("local_dp_noise"), merged.get("local_dp_clip")
+        if (local_noise is None) != (local_clip is None):
+            missing = "local_dp_clip" if local_clip is None else "local_dp_noise"
+            errors[missing] = (
+                "Local DP-SGD needs both local_dp_noise (noise multiplier) and local_dp_clip "
+                "(per-sample gradient norm); give both or neither."
+            )
+        elif local_clip is not None and local_clip <= 0:
+            errors["local_dp_clip"] = "Give a positive per-sample gradient norm."
+        return errors
+
     def _current_values(self) -> dict:
-        defaults = {"strategy": "fedavg", "min_clients": 1, "clients_per_round": 2}
+        defaults = {"strategy": "fedavg", "min_clients": 1, "clients_per_round": 2,
+                    "dp_noise": 0.0, "dp_delta": 1e-5, "dp_at": NoiseLocation.SERVER}  # fmt: skip
         if self.instance is None:
             return defaults
         fields = ("strategy", "strategy_params", "min_clients", "clients_per_round", "network",
-                  "network_params", "dataset")  # fmt: skip
+                  "network_params", "dataset", "client_fraction", "dp_clip", "dp_noise",
+                  "dp_delta", "dp_at", "local_dp_noise", "local_dp_clip")  # fmt: skip
         current = {field: getattr(self.instance, field) for field in fields}
         current["sites"] = list(self.instance.sites.all())
         return current
@@ -348,11 +478,13 @@ class RoundSerializer(serializers.ModelSerializer):
             "id",
             "experiment",
             "number",
+            "kind",
             "status",
             "opened_at",
             "closed_at",
             "deadline",
             "metrics",
+            "federated_evaluation",
             "checkpoint",
         ]
 

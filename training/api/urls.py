@@ -2,7 +2,7 @@ from django.urls import include, path
 from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
-from training.api import views
+from training.api import sweeps, views
 
 router = DefaultRouter()
 router.register("sites", views.SiteViewSet, basename="site")
@@ -11,10 +11,12 @@ router.register("experiments", views.ExperimentViewSet, basename="experiment")
 router.register("rounds", views.RoundViewSet, basename="round")
 router.register("client-updates", views.ClientUpdateViewSet, basename="client-update")
 router.register("checkpoints", views.CheckpointViewSet, basename="checkpoint")
+router.register("sweeps", sweeps.SweepViewSet, basename="sweep")
 
 
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="auth-token"),
     path("site/", include("training.api.site_urls")),
+    path("strategies/", views.strategy_list, name="strategy-list"),
     path("", include(router.urls)),
 ]

@@ -4,13 +4,13 @@ from django.db.models import Prefetch
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import viewsets
-from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound
+from rest_framework import status, viewsets
+from rest_framework.decorators import action, api_view, permission_classes
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from training import services
+from training import services, sweeps
 from training.api.filters import (
     CheckpointFilter,
     ClientUpdateFilter,
@@ -28,6 +28,7 @@ from training.api.serializers import (
     RoundSerializer,
     SiteSerializer,
 )
+from training.fl.strategies import describe_strategies
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -108,6 +109,28 @@ class ExperimentViewSet(viewsets.ModelViewSet):
         experiment = services.start_experiment(self.get_object().pk)
         return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
 
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses={201: ExperimentSerializer, 400: OpenApiTypes.OBJECT},
+        description="Run again with changes: a new draft of yours with this experiment's "
+        "settings and the ones in the body (any experiment setting, e.g. "
+        '{"strategy": "fedprox", "seed": 1}); its cloned_from is this experiment. Anyone who '
+        "can see the experiment may clone it.",
+    )
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated])
+    def clone(self, request, pk=None):
+        """Clone the experiment into a new draft of the requesting user, with changes."""
+        if not isinstance(request.data, dict):
+            raise ValidationError({"detail": "Give an object of the settings to change."})
+        try:
+            clone = sweeps.clone_experiment(self.get_object(), request.user, dict(request.data))
+        except sweeps.SettingsError as refused:
+            raise ValidationError(refused.errors) from refused
+        return Response(
+            self.get_serializer(self.get_queryset().get(pk=clone.pk)).data,
+            status=status.HTTP_201_CREATED,
+        )
+
     @extend_schema(request=None, responses={200: ExperimentSerializer, 409: OpenApiTypes.OBJECT})
     @action(detail=True, methods=["post"])
     def stop(self, request, pk=None):
@@ -186,3 +209,11 @@ class CheckpointViewSet(ExperimentLedgerViewSet):
         )
         response["X-Checksum-SHA256"] = checkpoint.sha256
         return response
+
+
+@extend_schema(responses={200: OpenApiTypes.OBJECT})
+@api_view(["GET"])
+@permission_classes([IsAuthenticated])
+def strategy_list(request):
+    """Every aggregation strategy: its paper, and each parameter's type, default and range."""
+    return Response(describe_strategies())

@@ -1,0 +1,266 @@
+"""What a comparison of experiments shows, defined once for the sweep's comparison (page and
+JSON) and the compare page: final metrics, rounds to reach a target, final metrics per
+site, and learning curves; for a sweep, grouped by its grid values except the seed, as
+mean ± standard deviation over the seeds.
+
+A round's metrics are the server's held-out evaluation when the server holds data, else
+the sites' sample-weighted federated evaluation, else the clients' own training metrics;
+each result says which ("source"). The standard deviation is the sample one (n - 1), as
+usual for a spread over seeds; it is None for a single run.
+"""
+
+import json
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from training.models import (
+    ClientUpdate,
+    ClientUpdateStatus,
+    Experiment,
+    Round,
+    RoundKind,
+    RoundStatus,
+    Sweep,
+)
+
+# Shown when present, in this order; a target metric outside the list is added.
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+def round_metrics(fl_round: Round) -> tuple[str, dict[str, Any]]:
+    """(source, metrics) of one closed training round."""
+    if fl_round.metrics.get("global"):
+        return "global", fl_round.metrics["global"]
+    weighted = (fl_round.federated_evaluation or {}).get("weighted")
+    if weighted:
+        return "federated", weighted
+    return "clients", fl_round.metrics.get("clients") or {}
+
+
+def number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """{"mean", "std", "n"} of the values (None when there are none; std None for one)."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def rounds_to_reach(curve: list[tuple[int, float]], target: float, metric: str) -> int | None:
+    """The first round whose metric reaches the target (at or above it; at or below for a
+    loss), or None if none did."""
+    for round_number, value in curve:
+        reached = value <= target if lower_is_better(metric) else value >= target
+        if reached:
+            return round_number
+    return None
+
+
+def experiment_result(
+    experiment: Experiment,
+    rounds: list[Round],
+    last_round_clients: list[ClientUpdate],
+    *,
+    target_metric: str,
+    target_value: float,
+) -> dict[str, Any]:
+    """One experiment's final metrics, curve of every summary metric, rounds to reach the
+    target and final metrics per site. `rounds`: its closed training rounds by number."""
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    source, final = "", {}
+    for fl_round in rounds:
+        source, metrics = round_metrics(fl_round)
+        for name, value in metrics.items():
+            if number(value) is not None:
+                curves[name].append((fl_round.number, float(value)))
+        final = metrics
+    return {
+        "id": experiment.pk,
+        "name": experiment.name,
+        "status": experiment.status,
+        "seed": experiment.seed,
+        "rounds_closed": len(rounds),
+        "source": source,
+        "final": {
+            name: number(value) for name, value in final.items() if number(value) is not None
+        },
+        "rounds_to_target": rounds_to_reach(curves[target_metric], target_value, target_metric),
+        "sites": site_metrics(rounds[-1] if rounds else None, last_round_clients),
+        "curves": {name: [list(point) for point in points] for name, points in curves.items()},
+    }
+
+
+def site_metrics(last_round: Round | None, clients: list[ClientUpdate]) -> dict[str, Any]:
+    """{"source", "values": {slug: {metric: value}}} of the last round: each site's
+    evaluation of the global model on its own data, or, without federated evaluation, the
+    metrics each client reported of its training."""
+    sites = ((last_round.federated_evaluation or {}).get("sites") or {}) if last_round else {}
+    if sites:
+        source = "federated"
+    else:
+        source = "clients"
+        sites = {update.site.slug: update.metrics for update in clients}
+    values = {
+        slug: {name: number(v) for name, v in metrics.items() if number(v) is not None}
+        for slug, metrics in sites.items()
+        if isinstance(metrics, dict)
+    }
+    return {"source": source, "values": values}
+
+
+def load_results(
+    experiments: list[Experiment], *, target_metric: str, target_value: float
+) -> list[dict[str, Any]]:
+    """experiment_result of each experiment, in three queries for all of them."""
+    rounds_by_experiment: dict[int, list[Round]] = defaultdict(list)
+    closed = Round.objects.filter(
+        experiment__in=[e.pk for e in experiments],
+        kind=RoundKind.TRAIN,
+        status=RoundStatus.CLOSED,
+    ).order_by("experiment_id", "number")
+    for fl_round in closed:
+        rounds_by_experiment[fl_round.experiment_id].append(fl_round)
+    last_rounds = [rounds[-1].pk for rounds in rounds_by_experiment.values()]
+    clients_by_round: dict[int, list[ClientUpdate]] = defaultdict(list)
+    for update in ClientUpdate.objects.filter(
+        round__in=last_rounds, status=ClientUpdateStatus.SUCCEEDED
+    ).select_related("site"):
+        clients_by_round[update.round_id].append(update)
+    results = []
+    for experiment in experiments:
+        rounds = rounds_by_experiment[experiment.pk]
+        results.append(
+            experiment_result(
+                experiment,
+                rounds,
+                clients_by_round[rounds[-1].pk] if rounds else [],
+                target_metric=target_metric,
+                target_value=target_value,
+            )
+        )
+    return results
+
+
+def summary_metrics(results: list[dict[str, Any]], target_metric: str) -> list[str]:
+    present = {name for result in results for name in result["final"]}
+    names = [name for name in SUMMARY_METRICS if name in present]
+    if target_metric in present and target_metric not in names:
+        names.append(target_metric)
+    return names
+
+
+def group_summary(
+    label: str, settings: dict[str, Any], results: list[dict[str, Any]], metrics: list[str],
+    target_metric: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Mean ± std over the group's runs (its seeds) of every statistic of experiment_result."""
+    reached = [r["rounds_to_target"] for r in results if r["rounds_to_target"] is not None]
+    slugs = sorted({slug for r in results for slug in r["sites"]["values"]})
+    per_site = {
+        slug: {
+            name: mean_std(
+                [
+                    r["sites"]["values"][slug][name]
+                    for r in results
+                    if name in r["sites"]["values"].get(slug, {})
+                ]
+            )
+            for name in sorted({n for r in results for n in r["sites"]["values"].get(slug, {})})
+        }
+        for slug in slugs
+    }
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for result in results:
+        for round_number, value in result["curves"].get(target_metric, []):
+            by_round[round_number].append(value)
+    return {
+        "label": label,
+        "settings": settings,
+        "experiments": [{k: v for k, v in r.items() if k != "curves"} for r in results],
+        "final": {
+            name: mean_std([r["final"][name] for r in results if name in r["final"]])
+            for name in metrics
+        },
+        "rounds_to_target": {**mean_std(reached), "reached": len(reached), "runs": len(results)},
+        "sites": per_site,
+        "site_sources": sorted({r["sites"]["source"] for r in results if r["sites"]["values"]}),
+        "curve": [
+            {"round": round_number, **mean_std(values)}
+            for round_number, values in sorted(by_round.items())
+        ],
+        "runs": {str(r["id"]): r["curves"].get(target_metric, []) for r in results},
+    }
+
+
+def describe_value(value: Any) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+
+
+def sweep_comparison(sweep: Sweep) -> dict[str, Any]:
+    """The comparison of a sweep: its experiments grouped by their grid values but the seed."""
+    from training.sweeps import experiment_settings
+
+    experiments = list(
+        sweep.experiments.order_by("pk").select_related("dataset").prefetch_related("sites")
+    )
+    results = load_results(
+        experiments, target_metric=sweep.target_metric, target_value=sweep.target_value
+    )
+    varied = [field for field in sweep.grid if field != "seed"]
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for experiment, result in zip(experiments, results, strict=True):
+        settings = experiment_settings(experiment)
+        key = {field: settings[field] for field in varied}
+        label = ", ".join(f"{field}={describe_value(value)}" for field, value in key.items())
+        groups.setdefault(label, (key, []))[1].append(result)
+    metrics = summary_metrics(results, sweep.target_metric)
+    return {
+        "sweep": sweep.pk,
+        "name": sweep.name,
+        "target_metric": sweep.target_metric,
+        "target_value": sweep.target_value,
+        "varied": varied,
+        "metrics": metrics,
+        "statuses": status_counts(experiments),
+        "groups": [
+            group_summary(label or sweep.name, key, members, metrics, sweep.target_metric)
+            for label, (key, members) in groups.items()
+        ],
+    }
+
+
+def experiments_comparison(
+    experiments: list[Experiment], *, target_metric: str = "accuracy", target_value: float = 0.8
+) -> dict[str, Any]:
+    """The compare page's table: each experiment a group of its own."""
+    results = load_results(experiments, target_metric=target_metric, target_value=target_value)
+    metrics = summary_metrics(results, target_metric)
+    return {
+        "target_metric": target_metric,
+        "target_value": target_value,
+        "metrics": metrics,
+        "groups": [
+            group_summary(result["name"], {"id": result["id"]}, [result], metrics, target_metric)
+            for result in results
+        ],
+    }
+
+
+def status_counts(experiments: list[Experiment]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for experiment in experiments:
+        counts[experiment.status] += 1
+    return dict(counts)
