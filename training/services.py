@@ -23,7 +23,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from flproject.celery import app as celery_app
-from training import federation, modelstore, signals
+from training import federation, modelstore, signals, site_evaluation
 from training.log_events import log_event
 from training.models import (
     ApprovalStatus,
@@ -36,6 +36,7 @@ from training.models import (
     ExperimentStatus,
     InvalidTransition,
     Round,
+    RoundKind,
     RoundStatus,
     Site,
     SiteDataset,
@@ -46,6 +47,7 @@ from training.queues import (
     TRAIN_CLIENT_TASK,
     TRAINING_QUEUE,
 )
+from training.sampling import clients_in_round
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,12 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
             f"Experiment {experiment.pk} needs at least {experiment.min_clients} active sites "
             f"and has {len(candidates)}; activate or add sites first."
         )
-    wanted = min(experiment.clients_per_round, len(candidates))
+    wanted = clients_in_round(
+        len(candidates),
+        clients_per_round=experiment.clients_per_round,
+        client_fraction=experiment.client_fraction,
+        min_clients=experiment.min_clients,
+    )
     # Seeded by experiment and round, so that a rerun picks the same clients.
     chooser = random.Random(experiment.seed * 100_003 + number)  # noqa: S311 - not security
     return sorted(chooser.sample(candidates, wanted), key=lambda site: site.pk)
@@ -421,8 +428,15 @@ def counted_round_if_open(round_id: int) -> Round | None:
 def close_round(experiment: Experiment, fl_round: Round) -> None:
     """Move an open round whose clients have all finished (`fl_round` as counted by
     counted_round_if_open) to aggregation, or fail it (and its experiment) if too few
-    clients succeeded. The caller holds the experiment's lock; this happens exactly once
-    per round."""
+    clients succeeded; a cross-site round closes without aggregation. The caller holds the
+    experiment's lock; this happens exactly once per round."""
+    if fl_round.kind == RoundKind.EVALUATE:
+        close_cross_site_round(experiment, fl_round)
+        return
+    # Its clients evaluated its starting model, the round before's, before training.
+    evaluated = site_evaluation.file_starting_model_evaluations(fl_round)
+    if evaluated is not None:
+        signals.round_evaluated.send(Round, fl_round=evaluated)
     succeeded, total = fl_round.succeeded, fl_round.total
     if succeeded < experiment.min_clients:
         reason = (
@@ -598,14 +612,19 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
         )
         if experiment.status != ExperimentStatus.RUNNING:
             return True
+        # The aggregation task's copy of the configuration spares reading the dataset.
         if fl_round.number < experiment.num_rounds:
-            # The aggregation task's copy of the configuration spares reading the dataset.
             open_round(experiment, fl_round.number + 1, fl_round.experiment.dataset)
         else:
-            experiment.transition_to(ExperimentStatus.COMPLETED)
-            signals.experiment_ended.send(Experiment, experiment=experiment)
-            log_event(logger, "experiment.finished", experiment=experiment.pk)
+            finish_training(experiment, fl_round.experiment.dataset, fl_round.number)
     return True
+
+
+def complete_experiment(experiment: Experiment) -> None:
+    """running -> completed; the caller holds the experiment's lock."""
+    experiment.transition_to(ExperimentStatus.COMPLETED)
+    signals.experiment_ended.send(Experiment, experiment=experiment)
+    log_event(logger, "experiment.finished", experiment=experiment.pk)
 
 
 def fail_round(round_id: int, reason: str) -> None:
@@ -617,3 +636,91 @@ def fail_round(round_id: int, reason: str) -> None:
         still_aggregating = Round.objects.filter(pk=round_id, status=RoundStatus.AGGREGATING)
         if experiment.status == ExperimentStatus.RUNNING and still_aggregating.exists():
             fail_experiment(experiment, reason)
+
+
+# --- Evaluation where the data is ------------------------------------------------------------
+
+
+def evaluating_sites(experiment: Experiment) -> list[Site]:
+    """The sites asked to evaluate in the cross-site round: every active site of the
+    experiment whose operator did not refuse it."""
+    refused = ExperimentApproval.objects.filter(
+        experiment=experiment, status=ApprovalStatus.REFUSED
+    ).values("site_id")
+    return list(experiment.sites.filter(is_active=True).exclude(pk__in=refused).order_by("pk"))
+
+
+def finish_training(experiment: Experiment, dataset: Dataset, last_round_number: int) -> None:
+    """After the last training round closed: open the cross-site round, or complete the
+    experiment when the sites keep no validation data (or none may take part)."""
+    sites = evaluating_sites(experiment) if dataset.validation_fraction > 0 else []
+    if sites:
+        open_cross_site_round(experiment, dataset, sites, last_round_number + 1)
+    else:
+        complete_experiment(experiment)
+
+
+def open_cross_site_round(
+    experiment: Experiment, dataset: Dataset, sites: list[Site], number: int
+) -> Round:
+    """Create the cross-site round with one pending task per site, each to evaluate the
+    final global model and every site's last local model on its own validation split, and
+    queue them once the transaction commits. The caller holds the experiment's lock. The
+    experiment's current_round stays its last training round."""
+    now = timezone.now()
+    new_round = Round.objects.create(
+        experiment=experiment,
+        number=number,
+        kind=RoundKind.EVALUATE,
+        opened_at=now,
+        deadline=now + timedelta(seconds=experiment.round_timeout_seconds),
+        metrics={"models": site_evaluation.evaluation_models(experiment.pk)},
+    )
+    updates = ClientUpdate.objects.bulk_create(
+        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4())) for site in sites
+    )
+    Round.checkpoint.related.set_cached_value(new_round, None)
+    signals.round_opened.send(Round, fl_round=new_round, client_updates=updates)
+    log_event(
+        logger,
+        "round.opened",
+        experiment=experiment.pk,
+        round=number,
+        kind=RoundKind.EVALUATE.value,
+        clients=len(updates),
+    )
+    queues = [training_queue(dataset, site) for site in sites]
+    transaction.on_commit(lambda: enqueue_training(updates, queues))
+    return new_round
+
+
+def close_cross_site_round(experiment: Experiment, fl_round: Round) -> None:
+    """Close the cross-site round (`fl_round` as counted by counted_round_if_open): its
+    sites' evaluations of the final global model become the last training round's
+    federated evaluation, and the experiment completes. Failed or late sites are recorded
+    and leave their cells empty; they never fail the experiment. The caller holds the
+    experiment's lock."""
+    evaluated = site_evaluation.file_final_model_evaluations(fl_round)
+    if evaluated is not None:
+        signals.round_evaluated.send(Round, fl_round=evaluated)
+    now = timezone.now()
+    fl_round.status = RoundStatus.CLOSED
+    fl_round.closed_at = now
+    fl_round.metrics = {
+        **fl_round.metrics,
+        "succeeded": fl_round.succeeded,
+        "wall_seconds": (now - fl_round.opened_at).total_seconds(),
+    }
+    fl_round.save(update_fields=["status", "closed_at", "metrics"])
+    Round.checkpoint.related.set_cached_value(fl_round, None)  # it aggregates nothing
+    signals.round_closed.send(Round, fl_round=fl_round)
+    log_event(
+        logger,
+        "round.closed",
+        experiment=experiment.pk,
+        round=fl_round.number,
+        kind=RoundKind.EVALUATE.value,
+        succeeded=fl_round.succeeded,
+    )
+    if experiment.status == ExperimentStatus.RUNNING:
+        complete_experiment(experiment)
