@@ -6,9 +6,19 @@ from training.fl.data.datasets import (
     ImageFolderDataset,
     NpzDataset,
     load_dataset,
+    native_channels,
 )
 from training.fl.data.partition import holdout_split, parse_partition_spec, partition_indices
-from training.fl.data.preprocess import Preprocessor, normalize_intensity, resample
+from training.fl.data.preprocess import (
+    NORMALIZATION_FORMS,
+    Normalization,
+    NormalizationError,
+    Preprocessor,
+    check_normalization,
+    normalize_intensity,
+    parse_normalization,
+    resample,
+)
 from training.fl.data.readers import (
     ImageArray,
     ImageReadError,
@@ -19,17 +29,23 @@ from training.fl.data.readers import (
 from training.fl.data.synthetic import generate_synthetic_dataset
 
 __all__ = [
+    "NORMALIZATION_FORMS",
     "ClassificationDataset",
     "DatasetFormatError",
     "ImageArray",
     "ImageFolderDataset",
     "ImageReadError",
+    "Normalization",
+    "NormalizationError",
     "NpzDataset",
     "Preprocessor",
+    "check_normalization",
     "generate_synthetic_dataset",
     "holdout_split",
     "load_dataset",
+    "native_channels",
     "normalize_intensity",
+    "parse_normalization",
     "parse_partition_spec",
     "partition_indices",
     "read_image",

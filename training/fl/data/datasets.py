@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -17,7 +18,15 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from training.fl.data.preprocess import Preprocessor, normalize_intensity
+from training.fl.data.preprocess import (
+    DEFAULT_NPZ_NORMALIZATION,
+    DEFAULT_UINT8_NPZ_NORMALIZATION,
+    LUMA_WEIGHTS,
+    Normalization,
+    NormalizationError,
+    Preprocessor,
+    parse_normalization,
+)
 from training.fl.data.readers import read_image
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "ImageFolderDataset",
     "NpzDataset",
     "load_dataset",
+    "native_channels",
 ]
 
 LABELS_FILE = "labels.csv"
@@ -152,8 +162,13 @@ class NpzDataset(ClassificationDataset):
     """One split of a MedMNIST-style ``.npz`` (``train_images``, ``train_labels``, ...).
 
     Images are (N, H, W) grey, (N, H, W, 3) RGB or (N, D, H, W) volumes; uint8 pixels
-    are scaled to [0, 1]. An optional ``<split>_sites`` array gives acquisition sites.
-    Multi-label tasks (labels with more than one column) are not supported.
+    are scaled to [0, 1] before ``normalization`` (a spec for
+    :func:`~training.fl.data.preprocess.parse_normalization`; blank means the format's
+    default: ``mean-std:0.5,0.5`` for uint8 pixels, MedMNIST's convention, else ``none``).
+    ``channels`` (1 or 3) converts grey to RGB or RGB to grey; None keeps the file's.
+    An optional ``<split>_sites`` array gives acquisition sites. Row ``i`` of the
+    dataset is row ``i`` of the split's arrays. Multi-label tasks (labels with more than
+    one column) are not supported.
     """
 
     def __init__(
@@ -161,10 +176,13 @@ class NpzDataset(ClassificationDataset):
         path: str | os.PathLike[str],
         split: str = "train",
         *,
-        normalization: str | None = None,
+        normalization: str = "",
+        channels: int | None = None,
     ) -> None:
         if split not in _NPZ_SPLITS:
             raise ValueError(f"split must be one of {_NPZ_SPLITS}, got {split!r}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or None, got {channels}")
         self.path = Path(path)
         try:
             archive = np.load(self.path, allow_pickle=False)
@@ -186,10 +204,23 @@ class NpzDataset(ClassificationDataset):
         _check_labels(self.labels, self.path)
         if len(images) != len(self.labels):
             raise DatasetFormatError(f"{self.path}: {split} images and labels differ in length")
-        self.images = self._to_tensor(images, normalization)
+        if not normalization.strip():
+            normalization = (
+                DEFAULT_UINT8_NPZ_NORMALIZATION
+                if images.dtype == np.uint8
+                else DEFAULT_NPZ_NORMALIZATION
+            )
+        parsed = parse_normalization(normalization)
+        #: The normalization applied, with the format's default filled in.
+        self.normalization = parsed.spec
+        self.images = self._to_tensor(images, parsed, channels)
 
-    @staticmethod
-    def _to_tensor(images: npt.NDArray[np.generic], normalization: str | None) -> torch.Tensor:
+    def _to_tensor(
+        self,
+        images: npt.NDArray[np.generic],
+        normalization: Normalization,
+        channels: int | None,
+    ) -> torch.Tensor:
         pixels = images.astype(np.float32)
         if images.dtype == np.uint8:
             pixels /= 255.0
@@ -198,16 +229,63 @@ class NpzDataset(ClassificationDataset):
         elif pixels.ndim in (3, 4):  # grey 2D images or volumes: add the channel axis
             pixels = pixels[:, np.newaxis]
         else:
-            raise DatasetFormatError(f"cannot interpret images of shape {images.shape}")
-        if normalization is not None:
-            pixels = np.stack([normalize_intensity(image, normalization) for image in pixels])
-        return torch.from_numpy(np.ascontiguousarray(pixels))
+            raise DatasetFormatError(
+                f"{self.path}: cannot interpret images of shape {images.shape}"
+            )
+        if channels == 3 and pixels.shape[1] == 1:
+            pixels = np.repeat(pixels, 3, axis=1)
+        elif channels == 1 and pixels.shape[1] == 3:
+            pixels = np.tensordot(pixels, LUMA_WEIGHTS, axes=([1], [0]))[:, np.newaxis]
+        try:
+            normalization.check_channels(pixels.shape[1])
+        except NormalizationError as error:
+            raise DatasetFormatError(f"{self.path}: {error}") from None
+        return torch.from_numpy(np.ascontiguousarray(normalization.batch(pixels)))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
+
+
+def native_channels(path: str | os.PathLike[str], fmt: str | None = None) -> int:
+    """The channels a dataset's images have as stored, 1 (grey) or 3 (colour), read from
+    the first image only (for ``.npz``, from the array's header, not its pixels)."""
+    path = Path(path)
+    fmt = fmt or _detect_format(path)
+    if fmt == "npz":
+        shape = _npz_array_shape(path, "train_images")
+        return 3 if len(shape) == 4 and shape[-1] == 3 else 1
+    if fmt == "folder":
+        first = ImageFolderDataset(path, cache=False).paths[0]
+        # As to_channels keeps them: grey (+ alpha) is 1 channel, RGB(A) 3.
+        return 1 if read_image(first).channels in (1, 2) else 3
+    raise ValueError(f"unknown dataset format {fmt!r}; expected 'folder' or 'npz'")
+
+
+def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
+    """The shape of one array of an .npz, from its .npy header."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(member)
+    except KeyError:
+        raise DatasetFormatError(f"{path}: no {name} array in this file") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DatasetFormatError(f"{path}: not a readable .npz file ({error})") from None
+    return tuple(int(size) for size in shape)
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir() and (path / LABELS_FILE).is_file():
+        return "folder"
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return "npz"
+    raise DatasetFormatError(f"{path}: expected a folder containing {LABELS_FILE} or a .npz file")
 
 
 def load_dataset(
@@ -219,20 +297,20 @@ def load_dataset(
 ) -> ClassificationDataset:
     """Open a dataset, detecting its format unless ``fmt`` is ``"folder"`` or ``"npz"``.
 
-    ``split`` applies to ``.npz`` files and ``preprocessor`` to folders.
+    ``split`` applies to ``.npz`` files. ``preprocessor`` is applied whole to folders;
+    ``.npz`` files take its normalization and channels (their images keep their size).
     """
     path = Path(path)
-    if fmt is None:
-        if path.is_dir() and (path / LABELS_FILE).is_file():
-            fmt = "folder"
-        elif path.is_file() and path.suffix.lower() == ".npz":
-            fmt = "npz"
-        else:
-            raise DatasetFormatError(
-                f"{path}: expected a folder containing {LABELS_FILE} or a .npz file"
-            )
+    fmt = fmt or _detect_format(path)
     if fmt == "folder":
         return ImageFolderDataset(path, preprocessor=preprocessor)
     if fmt == "npz":
-        return NpzDataset(path, split)
+        if preprocessor is None:
+            return NpzDataset(path, split)
+        return NpzDataset(
+            path,
+            split,
+            normalization=preprocessor.normalization,
+            channels=preprocessor.channels,
+        )
     raise ValueError(f"unknown dataset format {fmt!r}; expected 'folder' or 'npz'")
