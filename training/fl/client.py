@@ -70,6 +70,9 @@ class DataSpec:
     channels: int
     # (depth,) height, width: images are resampled to it; empty keeps each image's own.
     image_shape: Sequence[int]
+    # The dataset's intensity normalization spec (training.fl.data.preprocess); blank
+    # means the default of the format the client's data is stored in.
+    normalization: str = ""
     # The seeded share of the site's samples kept for evaluation, never trained on.
     validation_fraction: float = 0.0
 
