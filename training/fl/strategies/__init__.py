@@ -12,21 +12,59 @@ from training.fl.strategies.base import (
     StrategyContext,
     validate_weighting,
 )
+from training.fl.strategies.fedadagrad import FedAdagrad
+from training.fl.strategies.fedadam import FedAdam
 from training.fl.strategies.fedavg import FedAvg
+from training.fl.strategies.fedavgm import FedAvgM
+from training.fl.strategies.fedbn import FedBN, batch_norm_parameters
+from training.fl.strategies.fedmedian import FedMedian
+from training.fl.strategies.fedprox import FedProx
+from training.fl.strategies.fedtrimmedavg import FedTrimmedAvg
+from training.fl.strategies.fedyogi import FedYogi
+from training.fl.strategies.krum import Krum, MultiKrum
+from training.fl.strategies.scaffold import Scaffold
 
 __all__ = [
     "WEIGHTINGS",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedBN",
+    "FedMedian",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
+    "MultiKrum",
     "Parameter",
+    "Scaffold",
     "Strategy",
     "StrategyContext",
     "available_strategies",
+    "batch_norm_parameters",
     "build_strategy",
     "describe_strategies",
     "validate_strategy_params",
 ]
 
-_REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+_REGISTRY: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedAdagrad,
+        FedAdam,
+        FedAvg,
+        FedAvgM,
+        FedBN,
+        FedMedian,
+        FedProx,
+        FedTrimmedAvg,
+        FedYogi,
+        Krum,
+        MultiKrum,
+        Scaffold,
+    )
+}
 
 
 def available_strategies() -> list[str]:

@@ -32,6 +32,8 @@ __all__ = [
     "Parameter",
     "Strategy",
     "StrategyContext",
+    "check_state_matches",
+    "round_counter",
     "validate_weighting",
 ]
 
@@ -104,6 +106,26 @@ class Parameter:
             description["maximum"] = self.maximum
             description["exclusive_maximum"] = self.exclusive_maximum
         return description
+
+
+def check_state_matches(
+    strategy: str,
+    saved: Mapping[str, torch.Tensor],
+    global_weights: Mapping[str, torch.Tensor],
+) -> None:
+    """Refuse per-weight state (keyed by weight name) saved for another model."""
+    for name, tensor in saved.items():
+        weight = global_weights.get(name)
+        if weight is None or not weight.dtype.is_floating_point or weight.shape != tensor.shape:
+            raise ValueError(
+                f"strategy {strategy!r}: its saved state for {name!r} does not match the "
+                "model's weights; the state belongs to another network"
+            )
+
+
+def round_counter(value: int) -> torch.Tensor:
+    """The number of rounds a stateful strategy has aggregated, as a 0-d tensor."""
+    return torch.tensor(value, dtype=torch.int64)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,27 +49,35 @@ class FedAvg(Strategy):
         super().__init__(weighting=weighting)
         params = FedAvg.validate_params({"server_learning_rate": server_learning_rate})
         self.server_learning_rate: float = params["server_learning_rate"]
+        # Entries the server does not average but keeps at their global values (FedBN).
+        self._kept_global: frozenset[str] = frozenset()
         self._global: dict[str, torch.Tensor] = {}
         self._weighted_sum: dict[str, torch.Tensor] = {}
         self._buffer_max: dict[str, torch.Tensor] = {}
         self._total_weight = 0.0
 
+    def _server_step_needs_global(self) -> bool:
+        """Whether :meth:`_server_step` reads the global weights (plain FedAvg does not)."""
+        return self.server_learning_rate != 1.0
+
     def _start(self, global_weights: Mapping[str, torch.Tensor]) -> None:
         # Plain FedAvg needs only the shapes of the global weights, which the base class keeps.
-        self._global = (
-            {name: t.detach().to("cpu").clone() for name, t in global_weights.items()}
-            if self.server_learning_rate != 1.0
-            else {}
-        )
+        needs_global = self._server_step_needs_global()
+        self._global = {
+            name: tensor.detach().to("cpu").clone()
+            for name, tensor in global_weights.items()
+            if name in self._kept_global or (needs_global and tensor.dtype.is_floating_point)
+        }
         self._weighted_sum = {}
         self._buffer_max = {}
         self._total_weight = 0.0
 
     def _add(self, update: Mapping[str, torch.Tensor], num_samples: int) -> None:
-        floating = {name: t for name, t in update.items() if t.dtype.is_floating_point}
+        averaged = {name: t for name, t in update.items() if name not in self._kept_global}
+        floating = {name: t for name, t in averaged.items() if t.dtype.is_floating_point}
         weight = self.update_weight(num_samples)
         add_weighted_(self._weighted_sum, floating, weight)
-        for name, tensor in update.items():
+        for name, tensor in averaged.items():
             if not tensor.dtype.is_floating_point:
                 # A copy: the update's tensors may be reused for the next one.
                 value = tensor.detach().to("cpu", copy=True)
@@ -79,17 +87,33 @@ class FedAvg(Strategy):
                 )
         self._total_weight += weight
 
+    def _server_step(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global floating-point weights from the clients' means (which it may
+        overwrite); ``self._global`` holds the round's starting weights when needed."""
+        if self.server_learning_rate == 1.0:
+            return means
+        return {
+            name: mean.sub_(self._global[name])
+            .mul_(self.server_learning_rate)
+            .add_(self._global[name])
+            for name, mean in means.items()
+        }
+
     def _aggregate(self) -> dict[str, torch.Tensor]:
         if self._shapes is None:  # finish_round calls this before it resets the shapes
             raise RuntimeError("_aggregate called outside finish_round")
+        means = {
+            name: self._weighted_sum.pop(name).div_(self._total_weight)
+            for name, (_, dtype) in self._shapes.items()
+            if dtype.is_floating_point and name not in self._kept_global
+        }
+        stepped = self._server_step(means)
         new_weights: dict[str, torch.Tensor] = {}
         for name, (_, dtype) in self._shapes.items():
-            if not dtype.is_floating_point:
+            if name in self._kept_global:
+                new_weights[name] = self._global[name]
+            elif dtype.is_floating_point:
+                new_weights[name] = stepped[name].to(dtype)
+            else:
                 new_weights[name] = self._buffer_max[name].to(dtype)
-                continue
-            mean = self._weighted_sum.pop(name).div_(self._total_weight)
-            if self.server_learning_rate != 1.0:
-                start = self._global[name].to(mean.dtype)
-                mean = start.add_(mean.sub_(start), alpha=self.server_learning_rate)
-            new_weights[name] = mean.to(dtype)
         return new_weights
