@@ -264,3 +264,40 @@ def status_counts(experiments: list[Experiment]) -> dict[str, int]:
     for experiment in experiments:
         counts[experiment.status] += 1
     return dict(counts)
+
+
+def format_statistic(statistic: dict[str, Any]) -> str:
+    """mean ± std as text ("-" without values; the mean alone for one run)."""
+    if statistic["mean"] is None:
+        return "-"
+    if statistic["std"] is None:
+        return f"{statistic['mean']:.4f}"
+    return f"{statistic['mean']:.4f} ± {statistic['std']:.4f}"
+
+
+def format_rounds_to_target(statistic: dict[str, Any]) -> str:
+    """Rounds to reach the target: mean ± std over the runs that reached it, and how many."""
+    if not statistic["reached"]:
+        return "not reached"
+    spread = "" if statistic["std"] is None else f" ± {statistic['std']:.1f}"
+    return f"{statistic['mean']:.1f}{spread} ({statistic['reached']}/{statistic['runs']})"
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The comparison as a text table: a row per group of the grid (seeds pooled)."""
+    target = f"rounds to {result['target_metric']} {result['target_value']}"
+    columns = ["group", "runs", *result["metrics"], target]
+    rows = [
+        [
+            group["label"],
+            str(len(group["experiments"])),
+            *(format_statistic(group["final"][metric]) for metric in result["metrics"]),
+            format_rounds_to_target(group["rounds_to_target"]),
+        ]
+        for group in result["groups"]
+    ]
+    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(columns, widths, strict=True))]
+    for row in rows:
+        lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)))
+    return "\n".join(lines)
