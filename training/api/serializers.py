@@ -1,5 +1,6 @@
 """Serializers: what the API shows of the ledger and how it checks what users send."""
 
+import math
 from pathlib import Path
 
 from django.conf import settings
@@ -7,6 +8,14 @@ from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from training.fl.data import (
+    NORMALIZATION_FORMS,
+    DatasetFormatError,
+    ImageReadError,
+    NormalizationError,
+    check_normalization,
+    native_channels,
+)
 from training.fl.data.partition import parse_partition_spec
 from training.fl.networks import available_networks, build_network
 from training.fl.strategies import (
@@ -53,6 +62,24 @@ class DatasetSerializer(serializers.ModelSerializer):
     sites = serializers.SerializerMethodField(
         help_text="For a federated dataset: the slugs of the sites that declared it."
     )
+    channels = serializers.IntegerField(
+        required=False,
+        help_text="Image channels the network takes: 1 (grey) or 3 (colour); grey images "
+        "are repeated, colour ones collapsed by luma. Left out, it is read from the data.",
+    )
+    normalization = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=100,
+        help_text=f"Intensity normalization: {NORMALIZATION_FORMS}. Blank uses the format's "
+        "default: zscore for image folders, mean-std:0.5,0.5 for 8-bit .npz (MedMNIST's "
+        "convention, after dividing by 255), none for other .npz.",
+    )
+    validation_fraction = serializers.FloatField(
+        required=False,
+        help_text="The seeded share of each site's data kept for federated evaluation, "
+        "from 0 to 0.9 (default 0.2).",
+    )
 
     class Meta:
         model = Dataset
@@ -65,8 +92,11 @@ class DatasetSerializer(serializers.ModelSerializer):
             "storage_format",
             "num_classes",
             "class_names",
+            "channels",
             "image_shape",
             "spacing",
+            "normalization",
+            "validation_fraction",
             "path",
             "is_federated",
             "sites",
@@ -97,6 +127,27 @@ class DatasetSerializer(serializers.ModelSerializer):
         ):
             raise serializers.ValidationError(
                 "Give 2 or 3 positive whole numbers, e.g. [64, 64] or [32, 64, 64]."
+            )
+        return value
+
+    def validate_channels(self, value):
+        if value not in (1, 3):
+            raise serializers.ValidationError(
+                "Give 1 (grey) or 3 (colour), or leave it out to read it from the data."
+            )
+        return value
+
+    def validate_normalization(self, value):
+        try:
+            return check_normalization(value)
+        except NormalizationError as error:
+            raise serializers.ValidationError(str(error)) from None
+
+    def validate_validation_fraction(self, value):
+        if not (math.isfinite(value) and 0 <= value <= 0.9):
+            raise serializers.ValidationError(
+                "Give the share of each site's data kept for federated evaluation, from 0 "
+                "to 0.9 (e.g. 0.2)."
             )
         return value
 
@@ -146,7 +197,23 @@ class DatasetSerializer(serializers.ModelSerializer):
             errors["spacing"] = "Give one spacing per image dimension (same length as image_shape)."
         if errors:
             raise serializers.ValidationError(errors)
+        if "channels" not in merged:
+            attrs["channels"] = merged["channels"] = self._channels_of_the_data(merged)
+        try:
+            check_normalization(merged.get("normalization") or "", channels=merged["channels"])
+        except NormalizationError as error:
+            raise serializers.ValidationError({"normalization": str(error)}) from None
         return attrs
+
+    @staticmethod
+    def _channels_of_the_data(merged: dict) -> int:
+        """A new dataset's channels when not given: the stored images' (1 or 3). Data that
+        cannot be read yet keeps the default of 1, as registration never required readable
+        data; an experiment on it reports the read error."""
+        try:
+            return native_channels(merged["path"], merged["storage_format"])
+        except (DatasetFormatError, ImageReadError, OSError, ValueError):
+            return Dataset._meta.get_field("channels").default
 
     def _current_values(self) -> dict:
         if self.instance is None:
@@ -160,6 +227,8 @@ class DatasetSerializer(serializers.ModelSerializer):
                 "num_classes",
                 "image_shape",
                 "spacing",
+                "channels",
+                "normalization",
             )
         }
 

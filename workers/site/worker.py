@@ -85,14 +85,16 @@ _networks = _ProcessCache()
 
 
 def open_local_data(task: ClientTask, declared: Mapping[str, Any]) -> LocalData:
-    """The declared dataset, preprocessed to the task's image shape; all of its samples
-    are this client's."""
+    """The declared dataset, preprocessed to the task's image shape, channels and
+    normalization; all of its samples are this client's."""
     # image_shape is in array order ((depth,) height, width); resampling takes x, y(, z).
     size = tuple(reversed(task.data.image_shape)) or None
-    key = (declared["path"], declared["format"], size, task.data.channels)
+    key = (declared["path"], declared["format"], size, task.data.channels, task.data.normalization)
 
     def load() -> ClassificationDataset:
-        preprocessor = Preprocessor(size=size, channels=task.data.channels)
+        preprocessor = Preprocessor(
+            size=size, channels=task.data.channels, normalization=task.data.normalization
+        )
         return open_dataset(declared["path"], declared["format"], preprocessor)
 
     dataset: ClassificationDataset = _datasets.get(key, load)
@@ -141,7 +143,7 @@ def run_site_task(home: SiteHome, client_update_id: int, round_id: int, worker: 
     except TaskFormatError as error:
         api.send_failure(client_update_id, str(error))
         return "failed"
-    connection = RemoteConnection(api, home.weights_cache)
+    connection = RemoteConnection(api, home)
     refusal = approval_refusal(home.approvals(), task.experiment)
     if refusal:
         connection.send_failure(task, refusal)

@@ -5,7 +5,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from training.api.serializers import DatasetSerializer
-from training.fl.data import DatasetFormatError, load_dataset, read_image
+from training.fl.data import NORMALIZATION_FORMS, DatasetFormatError, load_dataset, read_image
 from training.models import Dataset, Modality, StorageFormat
 from training.runner import ExperimentInputError, default_owner
 
@@ -36,6 +36,27 @@ class Command(BaseCommand):
         parser.add_argument("--format", choices=StorageFormat.values, help="skip detection")
         parser.add_argument("--modality", choices=Modality.values, default=Modality.OTHER)
         parser.add_argument("--class-names", help="comma-separated, in label order")
+        parser.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            help="channels the network takes (default: the images'); grey is repeated to "
+            "make 3, colour collapsed by luma to make 1",
+        )
+        parser.add_argument(
+            "--normalization",
+            default="",
+            metavar="SPEC",
+            help=f"intensity normalization: {NORMALIZATION_FORMS}; default: zscore for "
+            "folders, mean-std:0.5,0.5 for 8-bit .npz (after dividing by 255), none for "
+            "other .npz",
+        )
+        parser.add_argument(
+            "--validation-fraction",
+            type=float,
+            metavar="SHARE",
+            help="share of each site's data kept for federated evaluation, 0 to 0.9 (default 0.2)",
+        )
         parser.add_argument("--description", default="")
         parser.add_argument("--owner", help="username (default: the first superuser)")
 
@@ -59,8 +80,13 @@ class Command(BaseCommand):
             "modality": options["modality"],
             "description": options["description"],
             "class_names": class_names.split(",") if class_names else [],
+            "normalization": options["normalization"],
             **facts,
         }
+        if options["channels"] is not None:
+            payload["channels"] = options["channels"]
+        if options["validation_fraction"] is not None:
+            payload["validation_fraction"] = options["validation_fraction"]
         serializer = DatasetSerializer(data=payload)
         if not serializer.is_valid():
             raise CommandError(
@@ -73,6 +99,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"Registered {name!r}: {dataset.num_classes} classes, {dataset.channels} "
-                f"channel(s), images {dataset.image_shape}, owner {owner.username}."
+                f"channel(s), images {dataset.image_shape}, normalization "
+                f"{dataset.normalization or 'the format default'}, owner {owner.username}."
             )
         )
