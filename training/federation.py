@@ -17,7 +17,11 @@ from torch import nn
 from training import modelstore
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
-from training.fl.data.partition import holdout_split, partition_indices
+from training.fl.data.partition import (
+    holdout_split,
+    parse_partition_spec,
+    partition_indices,
+)
 from training.fl.local import TrainConfig, client_seed, evaluate
 from training.fl.networks import build_network
 from training.fl.strategies import Strategy, build_strategy
@@ -65,19 +69,30 @@ EVAL_BATCH_SIZE = 256
 
 @lru_cache(maxsize=8)
 def open_dataset(
-    path: str, storage_format: str, split: str, image_shape: tuple[int, ...], channels: int
+    path: str,
+    storage_format: str,
+    split: str,
+    image_shape: tuple[int, ...],
+    channels: int,
+    normalization: str = "",
 ) -> ClassificationDataset:
     preprocessor = Preprocessor(
         # The ledger stores shapes as (depth,) height, width; SimpleITK sizes are x, y(, z).
         size=tuple(reversed(image_shape)) if image_shape else None,
         channels=channels,
+        normalization=normalization,
     )
     return load_dataset(path, storage_format, split=split, preprocessor=preprocessor)
 
 
 def open_dataset_at(dataset: Dataset, path: str, split: str = "train") -> ClassificationDataset:
     return open_dataset(
-        path, dataset.storage_format, split, tuple(dataset.image_shape), dataset.channels
+        path,
+        dataset.storage_format,
+        split,
+        tuple(dataset.image_shape),
+        dataset.channels,
+        dataset.normalization,
     )
 
 
@@ -107,13 +122,26 @@ def simulated_split(
 
     Returns the dataset indices per site id, and the held-out indices for evaluation (None
     when the dataset has a test split of its own, as MedMNIST files do).
+
+    A ``file:`` partition's indices are rows of the dataset as registered (the .npz train
+    split's rows, or labels.csv's data rows, from 0): each site gets exactly its rows, and
+    an image folder's rows that the file gives to no site are the held-out data.
     """
     experiment = Experiment.objects.select_related("dataset").get(pk=experiment_id)
     data = open_dataset_at(experiment.dataset, experiment.dataset.path)
     labels, sites = data.labels, data.sites
     kept: list[int] = list(range(len(labels)))
     held_out: list[int] | None = None
-    if experiment.dataset.storage_format == StorageFormat.FOLDER:
+    is_folder = experiment.dataset.storage_format == StorageFormat.FOLDER
+    if parse_partition_spec(experiment.partition).kind == "file":
+        parts = partition_indices(
+            experiment.partition, labels=labels, num_clients=len(site_ids), seed=experiment.seed
+        )
+        if is_folder:
+            assigned = {index for part in parts for index in part}
+            held_out = [index for index in kept if index not in assigned]
+        return dict(zip(site_ids, parts, strict=True)), held_out
+    if is_folder:
         kept, held_out = holdout_split(labels, fraction=HOLDOUT_FRACTION, seed=experiment.seed)
         kept, held_out = [int(i) for i in kept], [int(i) for i in held_out]
     parts = partition_indices(
@@ -175,6 +203,8 @@ def evaluation_data(experiment: Experiment) -> EvaluationData | None:
         return EvaluationData(open_dataset_at(dataset, dataset.path, split="test"), None)
     if is_simulation(dataset):
         _, held_out = simulated_split(experiment.pk, experiment_site_ids(experiment))
+        if held_out == []:  # a partition file gave every row to a site
+            return None
         return EvaluationData(open_dataset_at(dataset, dataset.path), held_out)
     # A federated dataset's server copy is held-out data in its entirety.
     return EvaluationData(open_dataset_at(dataset, dataset.path), None)
@@ -295,6 +325,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             class_names=dataset.class_names,
             channels=dataset.channels,
             image_shape=dataset.image_shape,
+            normalization=dataset.normalization,
             validation_fraction=dataset.validation_fraction,
         ),
         train=TrainConfig(
