@@ -323,6 +323,13 @@ class ExperimentSerializer(serializers.ModelSerializer):
         help_text="The aggregation strategy; GET /api/strategies/ describes each one.",
     )
     strategy_params = StrategyParamsField(required=False)
+    # Declared here so that one message says the range, (0, 1], rather than the model's two.
+    client_fraction = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        help_text="Clients per round as a share in (0, 1] of the experiment's sites: "
+        "ceil(fraction * sites), picked reproducibly from the seed and round.",
+    )
 
     class Meta:
         model = Experiment
@@ -357,10 +364,6 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "clients_per_round": {
                 "help_text": "Clients picked per round; ignored (set from the pool) when "
                 "client_fraction is given."
-            },
-            "client_fraction": {
-                "help_text": "Clients per round as a share in (0, 1] of the experiment's "
-                "sites: ceil(fraction * sites), picked reproducibly from the seed and round."
             },
             "aggregation_weighting": {
                 "help_text": "samples: each update weighs its number of samples; uniform: "
