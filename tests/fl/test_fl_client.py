@@ -2,14 +2,13 @@
 connection, whichever connection that is."""
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fl.connections import RecordingConnection
 from training.fl.client import (
-    ClientReport,
     ClientTask,
     DataSpec,
     NetworkSpec,
@@ -34,28 +33,6 @@ def a_task(**change) -> ClientTask:
         **change,
     }  # fmt: skip
     return ClientTask(**fields)
-
-
-class RecordingConnection:
-    """The server's side of the seam, as a test sees it: what the client fetched and sent."""
-
-    def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self.weights = weights
-        self.fetched = 0
-        self.updates: list[tuple[dict[str, torch.Tensor], ClientReport]] = []
-        self.failures: list[str] = []
-
-    def starting_weights(self, task: ClientTask) -> Mapping[str, torch.Tensor]:
-        self.fetched += 1
-        return self.weights
-
-    def send_update(self, task, weights, report) -> bool:
-        self.updates.append(({k: v.clone() for k, v in weights.items()}, report))
-        return True
-
-    def send_failure(self, task, error: str) -> bool:
-        self.failures.append(error)
-        return True
 
 
 def network(task: ClientTask) -> torch.nn.Module:
@@ -110,7 +87,7 @@ def test_a_client_trains_the_global_model_and_reports_without_changing_it(
 
 @pytest.mark.parametrize(
     ("change", "named"),
-    [({"options": {"proximal_mu": 0.01}}, "['proximal_mu']"), ({"kind": "evaluate"}, "'evaluate'")],
+    [({"options": {"server_secret": 1}}, "['server_secret']"), ({"kind": "distill"}, "'distill'")],
 )
 def test_what_the_client_cannot_do_fails_the_task_before_any_work(change, named) -> None:
     connection = RecordingConnection({})

@@ -13,8 +13,9 @@ CUDA kernels and mixed precision are not guaranteed to be.
 from __future__ import annotations
 
 import math
+import secrets
 import time
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +23,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.fl.metrics import classification_metrics
 
 __all__ = [
     "OPTIMIZERS",
+    "DpSgd",
     "LocalResult",
     "TrainConfig",
     "client_seed",
@@ -74,6 +76,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DpSgd:
+    """Per-sample DP-SGD (Abadi et al. 2016, arXiv:1607.00133) in local training: each
+    sample's gradient clipped to ``max_grad_norm``, Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` added to their sum, Poisson-sampled batches."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LocalResult:
     """Outcome of one local training call; loss and accuracy are over its last epoch."""
 
@@ -81,6 +99,10 @@ class LocalResult:
     loss: float
     accuracy: float
     seconds: float
+    # Optimizer steps taken (SCAFFOLD's K).
+    steps: int
+    # With DP-SGD, the probability of each sample being in a batch (for the accountant).
+    sample_rate: float | None = None
 
 
 def default_device() -> torch.device:
@@ -130,6 +152,43 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     )
 
 
+def _gradient_adjustment(
+    model: nn.Module,
+    proximal_mu: float,
+    gradient_correction: Mapping[str, torch.Tensor] | None,
+) -> Callable[..., None] | None:
+    """An optimizer step pre-hook that adds to each parameter's gradient, or None when
+    nothing is to be added (so that plain training stays bit for bit what it was).
+
+    FedProx: mu * (w - w_start), the gradient of mu/2 * ||w - w_start||^2 added to the
+    loss. SCAFFOLD: the constant correction c - c_i. Added to the gradients the optimizer
+    is about to use: after the mixed-precision scaler unscaled them, and with DP-SGD after
+    the clipping and noise (neither term depends on the data, so privacy is unchanged).
+    """
+    corrected: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    for name, parameter in model.named_parameters():
+        anchor = parameter.detach().clone() if proximal_mu else None
+        correction = None
+        if gradient_correction is not None and name in gradient_correction:
+            correction = gradient_correction[name].to(parameter.device, parameter.dtype)
+        if anchor is not None or correction is not None:
+            corrected.append((parameter, anchor, correction))
+    if not corrected:
+        return None
+
+    def adjust(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for parameter, anchor, correction in corrected:
+                if parameter.grad is None:
+                    continue
+                if anchor is not None:
+                    parameter.grad.add_(parameter.detach() - anchor, alpha=proximal_mu)
+                if correction is not None:
+                    parameter.grad.add_(correction)
+
+    return adjust
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[Sample],
@@ -138,66 +197,119 @@ def train_local(
     *,
     device: torch.device | None = None,
     start_epoch: int = 0,
+    proximal_mu: float = 0.0,
+    gradient_correction: Mapping[str, torch.Tensor] | None = None,
+    dp_sgd: DpSgd | None = None,
 ) -> LocalResult:
     """Train ``model`` in place on ``dataset[indices]`` for ``config.epochs`` epochs.
 
     ``start_epoch`` is the number of epochs this client has already trained in earlier
     rounds (see the module docstring). The model is left on ``device``.
+
+    ``proximal_mu`` adds FedProx's mu/2 * ||w - w_start||^2 to the loss (w_start: the
+    model's weights when called); ``gradient_correction`` (parameter name to tensor) is
+    added to those parameters' gradients at every step (SCAFFOLD's c - c_i); ``dp_sgd``
+    trains with per-sample DP-SGD through Opacus. DP-SGD runs are not repeatable: their
+    batches and noise come from fresh randomness, since whoever knows them (the server
+    knows the task's seed) could take the noise back out.
     """
     index_list = [int(index) for index in indices]
     if not index_list:
         raise ValueError("train_local needs at least one sample index")
     if start_epoch < 0:
         raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+    if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
+        raise ValueError(f"proximal_mu must be a number >= 0, got {proximal_mu}")
     device = device or default_device()
+    # Opacus's per-sample gradients are kept in full precision.
     on_cuda = device.type == "cuda"
+    mixed_precision = on_cuda and dp_sgd is None
     model.to(device)
     model.train()
     optimizer = _make_optimizer(model, config)
-    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda)
+    adjustment = _gradient_adjustment(model, proximal_mu, gradient_correction)
+    if adjustment is not None:
+        # On the optimizer itself: Opacus's wrapper calls its step after adding the noise.
+        optimizer.register_step_pre_hook(adjustment)
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision)
     criterion = nn.CrossEntropyLoss()
+    trainee: nn.Module = model
+    private_loader: DataLoader[Sample] | None = None
+    sample_rate: float | None = None
+    if dp_sgd is not None:
+        # privacy imports this module (derive_seed): imported here, once both are loaded.
+        from training.fl.privacy import make_private_training
+
+        fresh = torch.Generator().manual_seed(secrets.randbits(63))
+        trainee, optimizer, private_loader, _ = make_private_training(
+            model,
+            optimizer,
+            DataLoader(Subset(dataset, index_list), batch_size=config.batch_size),
+            noise_multiplier=dp_sgd.noise_multiplier,
+            max_grad_norm=dp_sgd.max_grad_norm,
+            noise_generator=torch.Generator(device).manual_seed(secrets.randbits(63)),
+        )
+        sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
     started = time.perf_counter()
+    steps = 0
     epoch_loss, epoch_accuracy = 0.0, 0.0
-    with torch.random.fork_rng(devices=_rng_devices(device)):
-        for epoch in range(start_epoch, start_epoch + config.epochs):
-            epoch_seed = derive_seed(config.seed, epoch)
-            _seed_generators(epoch_seed, device)
-            order = torch.randperm(
-                len(index_list), generator=torch.Generator().manual_seed(epoch_seed)
-            )
-            loader = DataLoader(
-                dataset,
-                batch_size=config.batch_size,
-                sampler=[index_list[position] for position in order.tolist()],
-                num_workers=0,
-                pin_memory=on_cuda,
-            )
-            # Summed on the device: reading them back every batch would stall the GPU.
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            for inputs, targets in loader:
-                inputs = inputs.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, enabled=on_cuda):
-                    logits = model(inputs)
-                    loss = criterion(logits, targets)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach().float() * len(targets)
-                correct += (logits.detach().argmax(dim=1) == targets).sum()
-            epoch_loss = float(loss_sum) / len(index_list)
-            epoch_accuracy = int(correct) / len(index_list)
-            if not math.isfinite(epoch_loss):
-                raise FloatingPointError(
-                    f"training diverged in epoch {epoch} (loss {epoch_loss}); try a lower lr"
-                )
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(device)):
+            for epoch in range(start_epoch, start_epoch + config.epochs):
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                if private_loader is not None:
+                    _seed_generators(int(torch.randint(2**62, (), generator=fresh)), device)
+                    batches = private_loader
+                else:
+                    epoch_seed = derive_seed(config.seed, epoch)
+                    _seed_generators(epoch_seed, device)
+                    order = torch.randperm(
+                        len(index_list), generator=torch.Generator().manual_seed(epoch_seed)
+                    )
+                    batches = DataLoader(
+                        dataset,
+                        batch_size=config.batch_size,
+                        sampler=[index_list[position] for position in order.tolist()],
+                        num_workers=0,
+                        pin_memory=on_cuda,
+                    )
+                # Summed on the device: reading them back every batch would stall the GPU.
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), dtype=torch.int64, device=device)
+                seen = 0
+                for inputs, targets in batches:
+                    if len(targets) == 0:  # a Poisson batch may come out empty
+                        continue
+                    inputs = inputs.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(device_type=device.type, enabled=mixed_precision):
+                        logits = trainee(inputs)
+                        loss = criterion(logits, targets)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    steps += 1
+                    seen += len(targets)
+                    loss_sum += loss.detach().float() * len(targets)
+                    correct += (logits.detach().argmax(dim=1) == targets).sum()
+                epoch_loss = float(loss_sum) / max(seen, 1)
+                epoch_accuracy = int(correct) / max(seen, 1)
+                if not math.isfinite(epoch_loss):
+                    raise FloatingPointError(
+                        f"training diverged in epoch {epoch} (loss {epoch_loss}); try a lower lr"
+                    )
+    finally:
+        if trainee is not model:
+            # The module is reused for later tasks: Opacus's hooks must not stay on it.
+            trainee.to_standard_module()  # type: ignore[operator]
     return LocalResult(
         num_samples=len(index_list),
         loss=epoch_loss,
         accuracy=epoch_accuracy,
         seconds=time.perf_counter() - started,
+        steps=steps,
+        sample_rate=sample_rate,
     )
 
 
