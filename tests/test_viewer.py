@@ -599,8 +599,31 @@ def test_the_viewer_page_renders_for_the_owner(lesions, owner, checkpoint, clien
     assert f'"/api/datasets/{lesions.pk}/images/"' in page
     assert '<option value="site-3">site-3 (12)</option>' in page
     assert f'<option value="{checkpoint.pk}">' in page
-    assert 'data-preset="ct-lung"' in page
     assert "private" in response["Cache-Control"]
+
+
+@pytest.mark.parametrize(
+    ("modality", "offered", "default"),
+    [
+        ("CT", {"ct-soft-tissue", "ct-lung", "ct-bone", "auto"}, "ct-soft-tissue"),
+        ("MR", {"mr-auto", "auto"}, "mr-auto"),
+        ("XR", {"auto", "mr-auto"}, "auto"),
+    ],
+)
+def test_the_viewer_offers_the_windows_of_the_dataset_modality(
+    lesions, owner, client, modality, offered, default
+):
+    lesions.modality = modality
+    lesions.save(update_fields=["modality"])
+    client.force_login(owner)
+
+    response = client.get(f"/datasets/{lesions.pk}/viewer/")
+
+    config = response.context["viewer_config"]
+    assert {preset["name"] for preset in config["presets"]} == offered
+    assert config["defaultPreset"] == default
+    page = response.content.decode()
+    assert ('data-preset="ct-lung"' in page) == (modality == "CT")
 
 
 def test_the_viewer_page_is_a_404_for_another_user(lesions, client):

@@ -34,6 +34,7 @@ __all__ = [
     "describe_image",
     "display_size",
     "extract_slice",
+    "presets_for_modality",
     "render_png",
     "resolve_window",
     "slice_count",
@@ -64,6 +65,18 @@ PRESET_LABELS = {
     "auto": "Full range",
 }
 DEFAULT_PRESET = "auto"
+# Hounsfield windows mean nothing for MR or X-ray intensities: each modality is offered the
+# presets that fit it, its first one chosen when the viewer opens.
+_PRESETS_BY_MODALITY: dict[str, tuple[str, ...]] = {
+    "CT": ("ct-soft-tissue", "ct-lung", "ct-bone", "auto"),
+    "MR": ("mr-auto", "auto"),
+}
+
+
+def presets_for_modality(modality: str) -> tuple[str, ...]:
+    """The presets that fit a dataset of ``modality`` (a Modality code), default first."""
+    return _PRESETS_BY_MODALITY.get(modality, ("auto", "mr-auto"))
+
 
 # Percentiles of huge volumes are estimated from an evenly strided subset of this many voxels.
 _PERCENTILE_SAMPLE = 2_000_000

@@ -378,9 +378,10 @@ def dataset_viewer(request, dataset_id: int):
         "pageSize": BROWSER_PAGE_SIZE,
         "classNames": class_names_of(dataset),
         "presets": [
-            {"name": name, "label": rendering.PRESET_LABELS[name]} for name in rendering.PRESETS
+            {"name": name, "label": rendering.PRESET_LABELS[name]}
+            for name in rendering.presets_for_modality(dataset.modality)
         ],
-        "defaultPreset": rendering.DEFAULT_PRESET,
+        "defaultPreset": rendering.presets_for_modality(dataset.modality)[0],
     }
     context = {
         "dataset": dataset,
