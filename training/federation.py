@@ -24,7 +24,12 @@ from training.fl.data.partition import (
 )
 from training.fl.local import TrainConfig, client_seed, evaluate
 from training.fl.networks import build_network
-from training.fl.strategies import Strategy, build_strategy
+from training.fl.strategies import (
+    Strategy,
+    StrategyContext,
+    batch_norm_parameters,
+    build_strategy,
+)
 from training.fl.weights import l2_distance
 from training.models import (
     Checkpoint,
@@ -285,11 +290,46 @@ class LocalTrainingOutcome:
     evaluation: dict[str, Any] = field(default_factory=dict)
 
 
+def strategy_context(experiment: Experiment) -> StrategyContext:
+    """What the experiment's strategy needs beside its parameters: the size of the site
+    pool (SCAFFOLD) and the network's batch-norm entries (FedBN), read off a network built
+    on the meta device (names only, no memory)."""
+    with torch.device("meta"):
+        network = build_experiment_network(experiment)
+    return StrategyContext(
+        num_sites=len(experiment_site_ids(experiment)),
+        batch_norm_parameters=batch_norm_parameters(network),
+    )
+
+
+def experiment_strategy(experiment: Experiment) -> Strategy:
+    """A new instance of the experiment's strategy, with its weighting, before any state."""
+    return build_strategy(
+        experiment.strategy,
+        weighting=experiment.aggregation_weighting,
+        context=strategy_context(experiment),
+        **experiment.strategy_params,
+    )
+
+
 @cached_by_ledger_id(maxsize=64)
 def configured_strategy(experiment_id: int) -> Strategy:
-    """The experiment's strategy as it configures clients (aggregation builds its own)."""
-    experiment = experiment_configuration(experiment_id)
-    return build_strategy(experiment.strategy, **experiment.strategy_params)
+    """The experiment's strategy as it configures clients (aggregation builds its own: this
+    per-process copy never holds the state carried between rounds)."""
+    return experiment_strategy(experiment_configuration(experiment_id))
+
+
+def strategy_payload_file(experiment_id: int, round_number: int) -> tuple[str, str] | None:
+    """(name, SHA-256) of the tensors the strategy sends every client of the round (stored
+    by the previous round's aggregation), or None when it sends none."""
+    return stored_strategy_payload(starting_checkpoint(experiment_id, round_number)[0])
+
+
+@cached_by_ledger_id(maxsize=64)
+def stored_strategy_payload(checkpoint_name: str) -> tuple[str, str] | None:
+    """The payload beside a checkpoint, hashed once per process (neither ever changes once
+    the checkpoint is recorded)."""
+    return modelstore.stored_strategy_payload(checkpoint_name)
 
 
 def network_spec(experiment: Experiment) -> NetworkSpec:
@@ -311,6 +351,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
     dataset = experiment.dataset
     client_index = experiment_site_ids(experiment).index(update.site_id)
     _, weights_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
+    payload = strategy_payload_file(experiment.pk, fl_round.number)
     return ClientTask(
         client_update=update.pk,
         round_id=fl_round.pk,
@@ -341,6 +382,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             round_number=fl_round.number, site=update.site.slug
         ),
         weights_sha256=weights_sha256,
+        payload_sha256=payload[1] if payload else "",
     )
 
 
@@ -357,10 +399,11 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     """Stream the round's successful updates through the strategy, then evaluate."""
     experiment = fl_round.experiment
     started = time.perf_counter()
-    strategy = build_strategy(experiment.strategy, **experiment.strategy_params)
-    strategy.begin_round(
-        modelstore.load_stored_weights(*starting_checkpoint(experiment.pk, fl_round.number))
-    )
+    strategy = experiment_strategy(experiment)
+    start_name, start_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
+    # What the previous round's aggregation left, from the store: any worker may aggregate.
+    strategy.load_state_dict(modelstore.load_strategy_state(start_name))
+    strategy.begin_round(modelstore.load_stored_weights(start_name, start_sha256))
     updates = list(
         fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
     )
@@ -376,6 +419,9 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     new_weights = strategy.finish_round()
     stored = modelstore.save_weights(
         modelstore.global_weights_name(experiment.pk, fl_round.number), new_weights
+    )
+    modelstore.save_strategy_files(
+        stored.name, state=strategy.state_dict(), payload=strategy.client_payload()
     )
     # A second pass, one update at a time again, for each site's distance from the result.
     client_metrics = {

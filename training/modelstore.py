@@ -90,3 +90,58 @@ def stream_stored_weights(
     for name, sha256 in files:
         received = load_stored_weights(name, sha256, into=received)
         yield received
+
+
+# --- A strategy's state and payload, beside the checkpoint they belong to ----------------
+# Named after the checkpoint file, so that a round's aggregation finds what the previous
+# one left from the starting checkpoint alone, and a duplicate aggregation (whose checkpoint
+# has another name) never replaces them. Written before the checkpoint is recorded: a
+# recorded checkpoint always has its strategy files. A strategy without state or payload
+# writes none, and a missing file reads as empty.
+
+
+def strategy_state_name(checkpoint_name: str) -> str:
+    return checkpoint_name.removesuffix(".safetensors") + ".strategy-state.safetensors"
+
+
+def strategy_payload_name(checkpoint_name: str) -> str:
+    return checkpoint_name.removesuffix(".safetensors") + ".strategy-payload.safetensors"
+
+
+def save_strategy_files(
+    checkpoint_name: str,
+    *,
+    state: Mapping[str, torch.Tensor],
+    payload: Mapping[str, torch.Tensor],
+) -> None:
+    """Store what the strategy carries to the next round and what its clients receive."""
+    for name, tensors in (
+        (strategy_state_name(checkpoint_name), state),
+        (strategy_payload_name(checkpoint_name), payload),
+    ):
+        if tensors:
+            stored = save_weights(name, tensors)
+            if stored.name != name:  # the store renamed it: the next round would not find it
+                delete_weights(stored.name)
+                raise RuntimeError(f"the model store saved {name} as {stored.name}")
+
+
+def load_strategy_state(checkpoint_name: str) -> dict[str, torch.Tensor]:
+    """The state stored beside ``checkpoint_name`` ({} when its strategy kept none)."""
+    name = strategy_state_name(checkpoint_name)
+    storage = model_store()
+    if not storage.exists(name):
+        return {}
+    # Server-written safetensors (no pickle); the ledger records no hash for it.
+    with storage.open(name, "rb") as handle:
+        return load_weights(handle.read())
+
+
+def stored_strategy_payload(checkpoint_name: str) -> tuple[str, str] | None:
+    """(file name, SHA-256) of the payload stored beside ``checkpoint_name``, or None."""
+    name = strategy_payload_name(checkpoint_name)
+    storage = model_store()
+    if not storage.exists(name):
+        return None
+    with storage.open(name, "rb") as handle:
+        return name, sha256_hex(handle.read())
