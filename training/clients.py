@@ -15,13 +15,107 @@ from typing import IO
 
 import torch
 from django.core.files import File
+from django.db import transaction
 
 from training import federation, modelstore, services
-from training.fl.client import ClientReport, ClientTask, LocalData, run_client_task
-from training.fl.weights import WeightsError, load_weights_file
-from training.models import ClientUpdate, ClientUpdateStatus, Experiment, model_store
+from training.fl.client import (
+    GLOBAL_MODEL,
+    SITE_STATE_NAME,
+    ClientReport,
+    ClientTask,
+    LocalData,
+    run_client_task,
+)
+from training.fl.weights import WeightsError, load_weights, load_weights_file
+from training.models import (
+    ClientUpdate,
+    ClientUpdateStatus,
+    Experiment,
+    RoundKind,
+    model_store,
+)
 
 logger = logging.getLogger(__name__)
+
+# A simulated site's state: SITE_STATE_FOLDER/<experiment>/<site slug>/<name>.safetensors.
+SITE_STATE_FOLDER = "site-state"
+
+
+class StoredSiteState:
+    """A simulated site's state in one experiment, kept in the model store (the server
+    plays the site, so the store is the site's own disk)."""
+
+    def __init__(self, experiment_id: int, site_slug: str) -> None:
+        self.folder = f"{SITE_STATE_FOLDER}/{experiment_id}/{site_slug}"
+
+    def file_name(self, name: str) -> str:
+        if not SITE_STATE_NAME.fullmatch(name):
+            raise ValueError(f"a site state entry's name must match {SITE_STATE_NAME.pattern}")
+        return f"{self.folder}/{name}.safetensors"
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        file_name = self.file_name(name)
+        storage = model_store()
+        if not storage.exists(file_name):
+            return None
+        with storage.open(file_name, "rb") as handle:
+            return load_weights(handle.read())
+
+    def save(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        modelstore.save_weights(self.file_name(name), tensors)
+
+
+def forget_site_state(sender, instance: Experiment, **kwargs) -> None:
+    """When an experiment is deleted, its simulated sites' state goes with it (once the
+    deletion is committed)."""
+    folder = f"{SITE_STATE_FOLDER}/{instance.pk}"
+
+    def delete() -> None:
+        storage = model_store()
+        if not storage.exists(folder):
+            return
+        sites, _ = storage.listdir(folder)
+        for site in sites:
+            for entry in storage.listdir(f"{folder}/{site}")[1]:
+                storage.delete(f"{folder}/{site}/{entry}")
+
+    transaction.on_commit(delete)
+
+
+class EvaluationModelUnavailable(LookupError):
+    """An evaluate task asked for a model it does not name, or that does not exist."""
+
+
+def evaluation_models(update: ClientUpdate) -> list[str]:
+    """The labels of the models an evaluate task names (none for a training task)."""
+    if update.round.kind != RoundKind.EVALUATE:
+        return []
+    return list(federation.client_options(update.round, update.site.slug).get("models", []))
+
+
+def evaluation_model_file(experiment_id: int, round_number: int, label: str) -> tuple[str, str]:
+    """File name and SHA-256 of a model of an evaluate task: the experiment's final global
+    model (what the evaluate round starts from) for "global", else the last successful
+    update of the site whose slug is ``label``."""
+    if label == GLOBAL_MODEL:
+        return federation.starting_checkpoint(experiment_id, round_number)
+    last = (
+        ClientUpdate.objects.filter(
+            round__experiment_id=experiment_id,
+            round__kind=RoundKind.TRAIN,
+            site__slug=label,
+            status=ClientUpdateStatus.SUCCEEDED,
+        )
+        .exclude(update_file="")
+        .order_by("-round__number")
+        .values_list("update_file", "update_sha256")
+        .first()
+    )
+    if last is None:
+        raise EvaluationModelUnavailable(
+            f"Site {label!r} has no successful update in experiment {experiment_id}."
+        )
+    return last
 
 
 class InProcessConnection:
@@ -35,6 +129,23 @@ class InProcessConnection:
             *federation.starting_checkpoint(task.experiment, task.round_number)
         )
 
+    def strategy_payload(self, task: ClientTask) -> Mapping[str, torch.Tensor]:
+        stored = federation.strategy_payload_file(task.experiment, task.round_number)
+        if stored is None:
+            raise LookupError(f"round {task.round_number}'s strategy payload is not stored")
+        # Checked against the task's hash, not the stored one: the task says what to apply.
+        return modelstore.load_stored_weights(stored[0], task.payload_sha256)
+
+    def site_state(self, task: ClientTask) -> StoredSiteState:
+        return StoredSiteState(task.experiment, task.site)
+
+    def evaluation_weights(self, task: ClientTask, label: str) -> Mapping[str, torch.Tensor]:
+        if label not in task.options.get("models", ()):
+            raise EvaluationModelUnavailable(f"The task names no model {label!r}.")
+        return modelstore.load_stored_weights(
+            *evaluation_model_file(task.experiment, task.round_number, label)
+        )
+
     def send_update(
         self, task: ClientTask, weights: Mapping[str, torch.Tensor], report: ClientReport
     ) -> bool:
@@ -42,6 +153,9 @@ class InProcessConnection:
             modelstore.client_update_name(task.experiment, task.round_number, task.site), weights
         )
         return services.record_client_result(self.claimed, outcome=outcome(stored, report))
+
+    def send_evaluation(self, task: ClientTask, report: ClientReport) -> bool:
+        return services.record_client_result(self.claimed, outcome=outcome(None, report))
 
     def send_failure(self, task: ClientTask, error: str) -> bool:
         logger.warning("client update %s failed: %s", task.client_update, error)
@@ -214,7 +328,10 @@ def keep_uploaded_update(update: ClientUpdate, stored: modelstore.StoredWeights)
 
 
 def record_remote_result(update: ClientUpdate, report: ClientReport) -> bool:
-    """Record a site's report on the update it uploaded for this task before."""
+    """Record a site's report on the update it uploaded for this task before (an evaluate
+    task uploads none)."""
+    if update.round.kind == RoundKind.EVALUATE:
+        return services.record_client_result(update, outcome=outcome(None, report))
     shapes = expected_weights(update.round.experiment_id)
     stored = modelstore.StoredWeights(
         name=update.update_file.name,

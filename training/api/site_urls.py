@@ -32,6 +32,16 @@ urlpatterns = [
         name="site-task-weights",
     ),
     path(
+        "tasks/<int:client_update_id>/payload/",
+        site_views.TaskPayloadView.as_view(),
+        name="site-task-payload",
+    ),
+    path(
+        "tasks/<int:client_update_id>/models/<str:label>/",
+        site_views.TaskEvaluationModelView.as_view(),
+        name="site-task-model",
+    ),
+    path(
         "tasks/<int:client_update_id>/update/",
         site_views.TaskUpdateView.as_view(),
         name="site-task-update",

@@ -38,6 +38,7 @@ from training.models import (
     ClientUpdate,
     ClientUpdateStatus,
     ExperimentApproval,
+    RoundKind,
     SiteDataset,
     model_store,
 )
@@ -255,6 +256,81 @@ class TaskWeightsView(SiteAgentView):
         return weights_response(request, name, sha256)
 
 
+class TaskPayloadView(SiteAgentView):
+    @extend_schema(
+        tags=TAG,
+        summary="The strategy's payload for every client of the task's round",
+        description="Tensors the strategy sends every client of a round (SCAFFOLD's server "
+        "control variate), as safetensors; the task's payload_sha256 is their SHA-256. "
+        "404 when the round has none (the task's payload_sha256 is empty).",
+        parameters=[
+            OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False),
+            OpenApiParameter("If-None-Match", str, OpenApiParameter.HEADER, required=False),
+        ],
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The payload (safetensors)."
+            ),
+            (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY),
+            304: None,
+            403: OpenApiTypes.OBJECT,
+            404: OpenApiTypes.OBJECT,
+            409: OpenApiTypes.OBJECT,
+            416: OpenApiTypes.OBJECT,
+        },
+    )
+    def get(self, request, client_update_id: int):
+        update = self.own_update(client_update_id)
+        if update.status != ClientUpdateStatus.RUNNING:
+            return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
+        payload = federation.strategy_payload_file(update.round.experiment_id, update.round.number)
+        if payload is None:
+            raise NotFound("The strategy sends no payload in this round.")
+        return weights_response(request, *payload)
+
+
+class TaskEvaluationModelView(SiteAgentView):
+    @extend_schema(
+        tags=TAG,
+        summary="A model that the task's cross-site evaluation names",
+        description="For an evaluate task only: 'global' is the experiment's final global "
+        "model, a site's slug that site's last successful update in the experiment. The "
+        "X-Content-SHA256 header (also the ETag) is the file's SHA-256.",
+        parameters=[
+            OpenApiParameter("Range", str, OpenApiParameter.HEADER, required=False),
+            OpenApiParameter("If-None-Match", str, OpenApiParameter.HEADER, required=False),
+        ],
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The model's weights (safetensors)."
+            ),
+            (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY),
+            304: None,
+            403: OpenApiTypes.OBJECT,
+            404: OpenApiTypes.OBJECT,
+            409: OpenApiTypes.OBJECT,
+            416: OpenApiTypes.OBJECT,
+        },
+    )
+    def get(self, request, client_update_id: int, label: str):
+        update = self.own_update(client_update_id)
+        if update.status != ClientUpdateStatus.RUNNING:
+            return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
+        named = clients.evaluation_models(update)
+        if label not in named:
+            raise NotFound(
+                f"This task names no model {label!r} to evaluate"
+                + (f"; it names {named}." if named else " (it is not an evaluate task).")
+            )
+        try:
+            name, sha256 = clients.evaluation_model_file(
+                update.round.experiment_id, update.round.number, label
+            )
+        except clients.EvaluationModelUnavailable as missing:
+            raise NotFound(str(missing)) from None
+        return weights_response(request, name, sha256)
+
+
 def weights_response(request, name: str, sha256: str) -> HttpResponse:
     """A weights file with its hash as ETag, whole or from a byte offset (Range)."""
     etag = f'"{sha256}"'
@@ -339,6 +415,12 @@ class TaskUpdateView(SiteAgentView):
         update = self.own_update(client_update_id)
         if update.status != ClientUpdateStatus.RUNNING:
             return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
+        if update.round.kind == RoundKind.EVALUATE:
+            return Response(
+                {"detail": "An evaluate task sends no weights: post its evaluation to "
+                 ".../result/."},
+                status=status.HTTP_409_CONFLICT,
+            )  # fmt: skip
         declared_sha256 = request.headers.get("X-Content-SHA256", "")
         if not SHA256_HEX.fullmatch(declared_sha256):
             return Response(
@@ -385,7 +467,13 @@ class TaskResultView(SiteAgentView):
             return Response(
                 {"recorded": False, "detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT
             )
-        if not update.update_file:
+        evaluating = update.round.kind == RoundKind.EVALUATE
+        if evaluating and not given.validated_data.get("evaluation"):
+            raise ValidationError(
+                {"evaluation": ["An evaluate task reports its evaluation: model label to "
+                                "metrics."]}
+            )  # fmt: skip
+        if not evaluating and not update.update_file:
             return Response(
                 {"detail": "Upload the trained weights first (PUT .../update/)."},
                 status=status.HTTP_400_BAD_REQUEST,

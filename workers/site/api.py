@@ -15,11 +15,12 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3
@@ -39,6 +40,7 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 WEIGHTS_KEPT = 2
 # The longest failure message the server stores.
 MAX_ERROR_CHARACTERS = 4000
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class SiteApiError(SiteAgentError):
@@ -248,18 +250,37 @@ class SiteApi:
         A dropped connection resumes where it stopped (Range); the file is used only once
         its SHA-256 is ``sha256``, and older rounds' files are removed.
         """
+        return self.download_file(f"tasks/{client_update}/weights/", sha256, cache)
+
+    def download_payload(self, client_update: int, sha256: str, cache: Path) -> Path:
+        """The strategy's payload for the task's round, checked against ``sha256``."""
+        return self.download_file(f"tasks/{client_update}/payload/", sha256, cache)
+
+    def download_evaluation_model(self, client_update: int, label: str, cache: Path) -> Path:
+        """A model the evaluate task names, checked against the SHA-256 the server gives
+        for it (asked first, so that a model the node already holds is not fetched again)."""
+        path = f"tasks/{client_update}/models/{quote(label, safe='')}/"
+        sha256 = self.request("HEAD", path).headers.get("X-Content-SHA256", "")
+        if not SHA256_HEX.fullmatch(sha256):
+            raise SiteApiError(f"the server gave no SHA-256 for model {label!r} of the task")
+        return self.download_file(path, sha256, cache)
+
+    def download_file(self, path: str, sha256: str, cache: Path) -> Path:
+        """The file at ``path`` in ``cache``, named by its SHA-256 and fetched once per node
+        (resumed with Range after a dropped connection), used only if its SHA-256 is
+        ``sha256``; the least recently used files are removed."""
         sha256 = sha256.lower()
         final = cache / f"{sha256}.safetensors"
         with locked(cache / ".lock"):
             if not final.exists():
                 partial = cache / f"{sha256}.safetensors.part"
-                self._download(f"tasks/{client_update}/weights/", partial, sha256)
+                self._download(path, partial, sha256)
                 actual = file_sha256(partial)
                 if actual != sha256:
                     partial.unlink()
                     raise SiteApiError(
-                        f"the weights downloaded for task {client_update} have SHA-256 {actual}, "
-                        f"not the task's {sha256}; they were discarded"
+                        f"the file downloaded from {path} has SHA-256 {actual}, not the "
+                        f"expected {sha256}; the bytes were discarded"
                     )
                 os.replace(partial, final)
             final.touch()  # the newest use decides which files the pruning keeps

@@ -9,6 +9,9 @@ or a full disk never leaves a half-written credential behind.
     datasets.json      dataset name -> {path, format}; paths never leave the node
     approvals.json     whether approval is required, and the operator's decisions
     cache/weights/     round weights, by SHA-256
+    state/<experiment>/<name>.safetensors
+                       what the site keeps between an experiment's rounds (FedBN's local
+                       layers, SCAFFOLD's control variate); it never leaves the node
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from training.fl.client import SITE_STATE_NAME
+from training.fl.weights import load_weights, weights_to_bytes
 
 HOME_VARIABLE = "FEDLENS_SITE_HOME"
 DEFAULT_HOME = "~/.fedlens-site"
@@ -47,21 +55,47 @@ class Credentials:
     visibility_timeout: float = 4200.0
 
 
-def write_private_json(path: Path, content: Any) -> None:
-    """Replace ``path`` with ``content`` as JSON, atomically and readable by the owner only."""
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, atomically and readable by the owner only."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         # mkstemp creates the file 0600 already; say so rather than rely on it.
         os.fchmod(descriptor, PRIVATE_FILE)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_private_json(path: Path, content: Any) -> None:
+    """Replace ``path`` with ``content`` as JSON, atomically and readable by the owner only."""
+    text = json.dumps(content, indent=2, sort_keys=True) + "\n"
+    write_private_file(path, text.encode("utf-8"))
+
+
+class PrivateSiteState:
+    """The site's state in one experiment (training.fl.client.SiteState): safetensors
+    files in a 0700 folder of the home, each 0600."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def file(self, name: str) -> Path:
+        if not SITE_STATE_NAME.fullmatch(name):
+            raise ValueError(f"a site state entry's name must match {SITE_STATE_NAME.pattern}")
+        return self.folder / f"{name}.safetensors"
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.file(name)
+        return load_weights(path) if path.exists() else None
+
+    def save(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        SiteHome.private_folder(self.folder)
+        write_private_file(self.file(name), weights_to_bytes(tensors))
 
 
 class SiteHome:
@@ -91,6 +125,10 @@ class SiteHome:
     @property
     def weights_cache(self) -> Path:
         return self.private_folder(self.path / "cache" / "weights")
+
+    def site_state(self, experiment: int) -> PrivateSiteState:
+        self.ensure()
+        return PrivateSiteState(self.private_folder(self.path / "state") / str(int(experiment)))
 
     def ensure(self) -> Path:
         """Create the folder 0700, or narrow an existing one to 0700."""
