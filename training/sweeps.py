@@ -46,6 +46,13 @@ class SettingsError(ValueError):
             "; ".join(f"{field}: {describe_error(problem)}" for field, problem in errors.items())
         )
 
+    def as_api_errors(self) -> dict[str, Any]:
+        """The errors as DRF shows a field's: a list of messages (or nested errors)."""
+        return {
+            field: problem if isinstance(problem, list | dict) else [str(problem)]
+            for field, problem in self.errors.items()
+        }
+
 
 def describe_error(problem: Any) -> str:
     if isinstance(problem, list | tuple):

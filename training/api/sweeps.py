@@ -60,7 +60,7 @@ class SweepSerializer(serializers.ModelSerializer):
         try:
             return sweeps.create_sweep(self.context["request"].user, **validated_data)
         except sweeps.SettingsError as refused:
-            raise ValidationError(refused.errors) from refused
+            raise ValidationError(refused.as_api_errors()) from refused
 
 
 class SweepViewSet(

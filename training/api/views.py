@@ -125,7 +125,7 @@ class ExperimentViewSet(viewsets.ModelViewSet):
         try:
             clone = sweeps.clone_experiment(self.get_object(), request.user, dict(request.data))
         except sweeps.SettingsError as refused:
-            raise ValidationError(refused.errors) from refused
+            raise ValidationError(refused.as_api_errors()) from refused
         return Response(
             self.get_serializer(self.get_queryset().get(pk=clone.pk)).data,
             status=status.HTTP_201_CREATED,
