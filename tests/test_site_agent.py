@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import PROJECT_ROOT
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
@@ -40,6 +41,9 @@ class FakeSiteApi:
     """What the agent's requests reached, and what the server answers."""
 
     weights: bytes = b""
+    # The round's strategy payload, and the models an evaluate task names, by label.
+    payload: bytes = b""
+    models: dict[str, bytes] = field(default_factory=dict)
     # Bytes of the weights served before the connection drops, on the first download only.
     drop_after: int | None = None
     send_etag: bool = True
@@ -98,7 +102,12 @@ def handler_for(api: FakeSiteApi) -> type[BaseHTTPRequestHandler]:
             if route == ("POST", "tasks/N/claim/"):
                 return self.answer(api.claim_status, api.task or {"detail": "closed"})
             if route == ("GET", "tasks/N/weights/"):
-                return self.send_weights()
+                return self.send_weights(api.weights)
+            if route == ("GET", "tasks/N/payload/"):
+                return self.send_weights(api.payload)
+            label = re.fullmatch(r"tasks/\d+/models/([^/]+)/", path)
+            if label and self.command in ("HEAD", "GET") and label.group(1) in api.models:
+                return self.send_weights(api.models[label.group(1)])
             if route == ("PUT", "tasks/N/update/"):
                 if hashlib.sha256(body).hexdigest() != self.headers["X-Content-SHA256"]:
                     return self.answer(400, {"detail": "SHA-256 mismatch"})
@@ -109,10 +118,10 @@ def handler_for(api: FakeSiteApi) -> type[BaseHTTPRequestHandler]:
                 return self.answer(200, {})
             return self.answer(404, {"detail": "Not found."})
 
-        def send_weights(self) -> None:
-            data, start = api.weights, 0
+        def send_weights(self, data: bytes) -> None:
+            start = 0
             digest = hashlib.sha256(data).hexdigest()
-            headers = {"Accept-Ranges": "bytes"}
+            headers = {"Accept-Ranges": "bytes", "X-Content-SHA256": digest}
             if api.send_etag:
                 headers["ETag"] = f'"{digest}"'
             requested = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
@@ -126,6 +135,8 @@ def handler_for(api: FakeSiteApi) -> type[BaseHTTPRequestHandler]:
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
+            if self.command == "HEAD":
+                return
             if api.drop_after is not None:
                 cut, api.drop_after = api.drop_after, None
                 self.wfile.write(data[start:cut])
@@ -135,7 +146,7 @@ def handler_for(api: FakeSiteApi) -> type[BaseHTTPRequestHandler]:
                 return
             self.wfile.write(data[start:])
 
-        do_GET = do_POST = do_PUT = do_DELETE = handle_any
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = handle_any
 
     return Handler
 
@@ -375,16 +386,18 @@ def test_a_cached_round_is_downloaded_once_and_older_rounds_are_dropped(home, si
 
 
 # --- a task, end to end over HTTP -----------------------------------------------------------
-def task_description(experiment: int, weights: bytes, dataset: str = "lesions") -> dict:
-    return ClientTask(
-        client_update=41, round_id=9, round_number=1, experiment=experiment, site="st-mary",
-        kind="train",
-        network=NetworkSpec(name="cnn-small", in_channels=1, num_classes=2, spatial_dims=2),
-        data=DataSpec(name=dataset, num_classes=2, class_names=[], channels=1,
-                      image_shape=[16, 16]),
-        train=TrainConfig(epochs=1, batch_size=4, lr=0.01), start_epoch=0, options={},
-        weights_sha256=hashlib.sha256(weights).hexdigest(),
-    ).to_json()  # fmt: skip
+def task_description(
+    experiment: int, weights: bytes, dataset: str = "lesions", **change: Any
+) -> dict:
+    return ClientTask(**{
+        "client_update": 41, "round_id": 9, "round_number": 1, "experiment": experiment,
+        "site": "st-mary", "kind": "train",
+        "network": NetworkSpec(name="cnn-small", in_channels=1, num_classes=2, spatial_dims=2),
+        "data": DataSpec(name=dataset, num_classes=2, class_names=[], channels=1,
+                         image_shape=[16, 16], validation_fraction=0.25),
+        "train": TrainConfig(epochs=1, batch_size=4, lr=0.01), "start_epoch": 0, "options": {},
+        "weights_sha256": hashlib.sha256(weights).hexdigest(), **change,
+    }).to_json()  # fmt: skip
 
 
 def test_approval_is_needed_only_while_required_and_a_refusal_always_holds():
@@ -457,8 +470,75 @@ def test_an_approved_task_trains_on_local_data_and_uploads_its_update(home, site
     assert claim == {"round": 9, "worker": "gpu0@test"}
     assert set(load_weights(update)) == set(load_weights(api.weights))
     assert update != api.weights
-    assert result["num_samples"] == 12
+    # A quarter of the 12 samples is kept for validation, where the starting model is
+    # evaluated before training.
+    assert result["num_samples"] == 9
     assert set(result["metrics"]) >= {"loss", "accuracy", "update_norm"}
+    assert result["evaluation"]["num_samples"] == 3
+
+
+def test_a_payload_of_another_hash_is_refused_and_not_kept(home, site_api):
+    api, server = site_api
+    api.payload = weights_to_bytes({"0.weight": torch.ones(3)})
+    expected = hashlib.sha256(b"the payload the task names").hexdigest()
+
+    with pytest.raises(SiteApiError, match="task expects"):
+        SiteApi(server, "secret-1").download_payload(17, expected, home.weights_cache)
+
+    assert not list(home.weights_cache.glob("*.safetensors*"))
+
+
+def test_a_scaffold_task_fetches_the_payload_and_keeps_its_control_variate_privately(
+    home, site_api, lesions
+):
+    api, server = site_api
+    enrolled_home(home, server)
+    api.weights = some_weights()
+    api.payload = weights_to_bytes(
+        {name: torch.zeros_like(t) for name, t in load_weights(api.weights).items()
+         if t.is_floating_point()}
+    )  # fmt: skip
+    api.task = task_description(
+        experiment=8, weights=api.weights, options={"scaffold": True},
+        payload_sha256=hashlib.sha256(api.payload).hexdigest(),
+    )  # fmt: skip
+    home.save_datasets({"lesions": {"path": str(lesions), "format": "folder"}})
+
+    assert run_site_task(home, 41, 9, "gpu0@test") == "counted"
+
+    assert "tasks/41/payload/" in api.paths("GET")
+    kept = home.path / "state" / "8" / "scaffold_control.safetensors"
+    assert mode(kept) == 0o600 and mode(kept.parent) == 0o700 and mode(kept.parent.parent) == 0o700
+    assert load_weights(kept).keys() == load_weights(api.payload).keys()
+    assert api.body_of("POST", "tasks/41/result/")["extras"] == {
+        "local_steps": 3, "learning_rate": 0.01
+    }  # fmt: skip
+
+
+def test_an_evaluate_task_fetches_each_model_and_reports_one_evaluation_each(
+    home, site_api, lesions
+):
+    api, server = site_api
+    enrolled_home(home, server)
+    api.weights = some_weights()
+    api.models = {"global": api.weights, "st-anne": weights_to_bytes(
+        build_network("cnn-small", in_channels=1, num_classes=2, seed=9).state_dict())}  # fmt: skip
+    api.task = task_description(
+        experiment=8, weights=api.weights, kind="evaluate",
+        options={"models": ["global", "st-anne"]},
+    )  # fmt: skip
+    home.save_datasets({"lesions": {"path": str(lesions), "format": "folder"}})
+
+    assert run_site_task(home, 41, 9, "gpu0@test") == "counted"
+
+    result = api.body_of("POST", "tasks/41/result/")
+    assert set(result["evaluation"]) == {"global", "st-anne"}
+    assert result["num_samples"] == result["evaluation"]["global"]["num_samples"] == 3
+    assert result["evaluation"]["global"] != result["evaluation"]["st-anne"]
+    assert not api.paths("PUT")  # no weights leave the site
+    assert {p for m, p, _, _ in api.requests if m == "HEAD"} == {
+        "tasks/41/models/global/", "tasks/41/models/st-anne/"
+    }  # fmt: skip
 
 
 # --- no Django at a hospital -----------------------------------------------------------------

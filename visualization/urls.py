@@ -1,6 +1,6 @@
 from django.urls import path
 
-from visualization import views
+from visualization import datasets, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -8,4 +8,6 @@ urlpatterns = [
     path("experiments/<int:experiment_id>/", views.experiment_detail, name="experiment-page"),
     path("compare/", views.compare, name="compare"),
     path("sites/", views.site_list, name="sites"),
+    path("datasets/", datasets.dataset_list, name="datasets"),
+    path("datasets/upload/", datasets.dataset_upload, name="dataset-upload-page"),
 ]
