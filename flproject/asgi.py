@@ -16,21 +16,12 @@ exit_on_bad_settings()
 # Django must be set up before anything imports models (Channels routing, consumers).
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from visualization.auth import TokenAuthMiddleware, allowed_hosts_origin_validator  # noqa: E402
-from visualization.routing import websocket_urlpatterns  # noqa: E402
+from flproject.websocket_routes import websocket_application  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": allowed_hosts_origin_validator(
-            AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
-        ),
-    }
-)
+application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
 
 if settings.FEDLENS_EMBEDDED:
     from workers.embedded import start_embedded_worker

@@ -18,3 +18,9 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]
+
+# JSON under /api/, the usual pages elsewhere.
+handler400 = "flproject.api_errors.bad_request"
+handler403 = "flproject.api_errors.permission_denied"
+handler404 = "flproject.api_errors.page_not_found"
+handler500 = "flproject.api_errors.server_error"

@@ -36,6 +36,12 @@ def manage(*args: str, **env: str | None) -> subprocess.CompletedProcess:
         ({**PRODUCTION_ENV, "DJANGO_SECRET_KEY": "short"}, "DJANGO_SECRET_KEY is too weak"),
         ({**PRODUCTION_ENV, "DJANGO_ALLOWED_HOSTS": ""}, "DJANGO_ALLOWED_HOSTS must list"),
         ({"FEDLENS_MAX_UPLOAD_MB": "lots"}, "FEDLENS_MAX_UPLOAD_MB must be a whole number"),
+        ({"FEDLENS_MAX_REQUEST_MB": "0"}, "FEDLENS_MAX_REQUEST_MB must be a whole number"),
+        ({"FEDLENS_MAX_JSON_DEPTH": "deep"}, "FEDLENS_MAX_JSON_DEPTH must be a whole number"),
+        (
+            {"FEDLENS_DATASET_ROOTS": "/srv/datasets", "FEDLENS_UPLOADS_DIR": "/srv/uploads"},
+            "FEDLENS_UPLOADS_DIR (/srv/uploads) must lie under one of FEDLENS_DATASET_ROOTS",
+        ),
         ({"DJANGO_DEBUG": "ture"}, "DJANGO_DEBUG must be true or false"),
         ({"DATABASE_URL": "mysql://db/fedlens"}, "DATABASE_URL must be a postgres://"),
         ({"REDIS_URL": "http://cache"}, "REDIS_URL must be a redis://"),

@@ -87,7 +87,6 @@ except OSError as exc:
         f"FEDLENS_DATA_DIR ({FEDLENS_DATA_DIR}) cannot be created: {exc.strerror}."
     ) from exc
 FEDLENS_MODEL_STORE_DIR = FEDLENS_DATA_DIR / "models"
-FEDLENS_MAX_UPLOAD_MB = env_int("FEDLENS_MAX_UPLOAD_MB", 16)
 # Server-side dataset paths must lie under one of these folders, so that an API user cannot
 # point a dataset at arbitrary files of the server.
 FEDLENS_DATASET_ROOTS = [
@@ -95,8 +94,38 @@ FEDLENS_DATASET_ROOTS = [
     for root in env_list("FEDLENS_DATASET_ROOTS", str(FEDLENS_DATA_DIR / "datasets"))
 ]
 
-DATA_UPLOAD_MAX_MEMORY_SIZE = FEDLENS_MAX_UPLOAD_MB * 1024 * 1024
-FILE_UPLOAD_MAX_MEMORY_SIZE = DATA_UPLOAD_MAX_MEMORY_SIZE
+# --- Request limits (training/api/parsers.py, training/api/errors.py) -----------------------
+# Bodies read into memory: JSON and forms. Larger ones are answered 413.
+FEDLENS_MAX_REQUEST_MB = env_int("FEDLENS_MAX_REQUEST_MB", 10)
+DATA_UPLOAD_MAX_MEMORY_SIZE = FEDLENS_MAX_REQUEST_MB * 1024 * 1024
+DATA_UPLOAD_MAX_NUMBER_FIELDS = env_int("FEDLENS_MAX_FORM_FIELDS", 1000)
+# Uploaded files go to a temporary file past this size, never whole into memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# Deeper JSON is refused with a 400 (Python's parser would recurse until it fails).
+FEDLENS_MAX_JSON_DEPTH = env_int("FEDLENS_MAX_JSON_DEPTH", 32)
+
+# --- Dataset uploads (training/uploads.py) --------------------------------------------------
+# The largest archive POST /api/datasets/upload/ accepts.
+FEDLENS_MAX_UPLOAD_MB = env_int("FEDLENS_MAX_UPLOAD_MB", 2048)
+# Refused beyond: this many times the archive's size once unpacked (a zip or gzip bomb) ...
+FEDLENS_UPLOAD_MAX_RATIO = env_int("FEDLENS_UPLOAD_MAX_RATIO", 100)
+# ... this many megabytes unpacked, and this many files.
+FEDLENS_UPLOAD_MAX_UNPACKED_MB = env_int("FEDLENS_UPLOAD_MAX_UNPACKED_MB", 20480)
+FEDLENS_UPLOAD_MAX_FILES = env_int("FEDLENS_UPLOAD_MAX_FILES", 100_000)
+# Each uploader's datasets go into a folder of their own under this one, which must lie
+# under FEDLENS_DATASET_ROOTS (the first root by default).
+FEDLENS_UPLOADS_DIR = Path(
+    env.str("FEDLENS_UPLOADS_DIR", default="").strip()
+    or (FEDLENS_DATASET_ROOTS or [FEDLENS_DATA_DIR / "datasets"])[0] / "uploads"
+).resolve()
+if FEDLENS_DATASET_ROOTS and not any(
+    root == FEDLENS_UPLOADS_DIR or root in FEDLENS_UPLOADS_DIR.parents
+    for root in FEDLENS_DATASET_ROOTS
+):
+    raise ImproperlyConfigured(
+        f"FEDLENS_UPLOADS_DIR ({FEDLENS_UPLOADS_DIR}) must lie under one of "
+        "FEDLENS_DATASET_ROOTS, or uploaded datasets could not be read."
+    )
 
 # --- Database ---------------------------------------------------------------------------------
 DATABASE_URL = env.str(
@@ -247,6 +276,11 @@ REST_FRAMEWORK = {
         "rest_framework.filters.OrderingFilter",
     ],
     "DEFAULT_PAGINATION_CLASS": "training.api.pagination.StandardPagination",
+    "DEFAULT_PARSER_CLASSES": [
+        "training.api.parsers.StrictJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "training.api.errors.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",

@@ -1,11 +1,39 @@
 """Errors of the domain turned into HTTP answers, in one place for every view."""
 
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.db.models import ProtectedError
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from training.models import InvalidTransition
+
+
+def request_too_large_answer(exc: Exception) -> tuple[str, int] | None:
+    """What to tell a client whose request Django refused for its size, or None.
+
+    Django raises these while reading the body (SuspiciousOperation), which DRF does not
+    handle and Django would answer with an HTML page.
+    """
+    if isinstance(exc, RequestDataTooBig):
+        return (
+            "The request body is larger than this server accepts "
+            "(FEDLENS_MAX_REQUEST_MB); send less, or upload datasets through "
+            "/api/datasets/upload/.",
+            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        )
+    if isinstance(exc, TooManyFieldsSent):
+        return (
+            "The request has more form fields than this server accepts "
+            "(FEDLENS_MAX_FORM_FIELDS); send fewer.",
+            status.HTTP_400_BAD_REQUEST,
+        )
+    if isinstance(exc, TooManyFilesSent):
+        return (
+            "The request has more files than this server accepts; send one archive instead.",
+            status.HTTP_400_BAD_REQUEST,
+        )
+    return None
 
 
 def exception_handler(exc, context):
@@ -17,4 +45,8 @@ def exception_handler(exc, context):
             {"detail": f"Still in use by {', '.join(users[:5])}; delete or change those first."},
             status=status.HTTP_409_CONFLICT,
         )
+    too_large = request_too_large_answer(exc)
+    if too_large is not None:
+        detail, code = too_large
+        return Response({"detail": detail}, status=code)
     return drf_exception_handler(exc, context)

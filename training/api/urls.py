@@ -1,8 +1,9 @@
 from django.urls import include, path
-from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.routers import DefaultRouter
+from rest_framework.settings import api_settings
 
-from training.api import sweeps, views
+from training.api import sweeps, uploads, views
 
 router = DefaultRouter()
 router.register("sites", views.SiteViewSet, basename="site")
@@ -15,8 +16,15 @@ router.register("sweeps", sweeps.SweepViewSet, basename="sweep")
 
 
 urlpatterns = [
-    path("auth/token/", obtain_auth_token, name="auth-token"),
+    # DRF's token view names its own parsers; the API's refuse bodies that would fail later.
+    path(
+        "auth/token/",
+        ObtainAuthToken.as_view(parser_classes=api_settings.DEFAULT_PARSER_CLASSES),
+        name="auth-token",
+    ),
     path("site/", include("training.api.site_urls")),
+    # Before the router, whose datasets/<pk>/ would take "upload" for an id.
+    path("datasets/upload/", uploads.DatasetUploadView.as_view(), name="dataset-upload"),
     path("strategies/", views.strategy_list, name="strategy-list"),
     path("", include(router.urls)),
 ]

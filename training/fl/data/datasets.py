@@ -79,6 +79,16 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]], ABC):
         return len(self.sample_shape) - 1
 
 
+def _csv_problem(error: csv.Error) -> str:
+    if "field larger than field limit" in str(error):
+        # csv.field_size_limit() stays at its default: a labels file holds short cells.
+        return (
+            f"a cell is longer than {csv.field_size_limit()} characters; each row holds only "
+            "path,label[,site]"
+        )
+    return f"not valid CSV ({error})"
+
+
 def _check_labels(labels: npt.NDArray[np.int64], source: object) -> None:
     if len(labels) == 0:
         raise DatasetFormatError(f"{source}: dataset has no samples")
@@ -120,30 +130,38 @@ class ImageFolderDataset(ClassificationDataset):
         # utf-8-sig also accepts the byte-order mark that spreadsheet exports add.
         with labels_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            columns = set(reader.fieldnames or ())
-            if not {"path", "label"} <= columns:
-                raise DatasetFormatError(
-                    f"{labels_path}: needs columns path,label[,site]; found {sorted(columns)}"
-                )
-            has_site = "site" in columns
-            for line, row in enumerate(reader, start=2):
-                # Short rows give None for their missing cells.
-                relative = (row["path"] or "").strip()
-                label = (row["label"] or "").strip()
-                path = (root / relative).resolve()
-                if not relative or not path.is_relative_to(root):
-                    raise DatasetFormatError(f"{labels_path}:{line}: path must lie in the folder")
-                if not path.exists():
-                    raise DatasetFormatError(f"{labels_path}:{line}: {relative} not found")
-                try:
-                    labels.append(int(label))
-                except ValueError:
+            try:
+                columns = set(reader.fieldnames or ())
+                if not {"path", "label"} <= columns:
                     raise DatasetFormatError(
-                        f"{labels_path}:{line}: label {label!r} is not an integer"
-                    ) from None
-                paths.append(path)
-                if has_site:
-                    sites.append((row["site"] or "").strip())
+                        f"{labels_path}: needs columns path,label[,site]; found {sorted(columns)}"
+                    )
+                has_site = "site" in columns
+                for line, row in enumerate(reader, start=2):
+                    # Short rows give None for their missing cells.
+                    relative = (row["path"] or "").strip()
+                    label = (row["label"] or "").strip()
+                    path = (root / relative).resolve()
+                    if not relative or not path.is_relative_to(root):
+                        raise DatasetFormatError(
+                            f"{labels_path}:{line}: path must lie in the folder"
+                        )
+                    if not path.exists():
+                        raise DatasetFormatError(f"{labels_path}:{line}: {relative} not found")
+                    try:
+                        labels.append(int(label))
+                    except ValueError:
+                        raise DatasetFormatError(
+                            f"{labels_path}:{line}: label {label!r} is not an integer"
+                        ) from None
+                    paths.append(path)
+                    if has_site:
+                        sites.append((row["site"] or "").strip())
+            except csv.Error as error:
+                # The DictReader's own line_num stops at the last row it could read.
+                raise DatasetFormatError(
+                    f"{labels_path}:{reader.reader.line_num}: {_csv_problem(error)}"
+                ) from None
         return paths, labels, sites if has_site else None
 
     def __len__(self) -> int:

@@ -1,0 +1,537 @@
+"""Dataset upload: an archive of images plus labels.csv becomes the uploader's own dataset;
+anything unsafe or unreadable in it is refused with the member named, and nothing is kept."""
+
+import csv
+import gzip
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.test import Client
+
+from tests.conftest import client_for
+from tests.factories import DatasetFactory, UserFactory
+from training.api.uploads import SizeCappedUploadHandler, UploadTooLarge
+from training.fl.data import ImageArray, generate_synthetic_dataset, write_image
+from training.models import Dataset
+from training.uploads import detect_image_format
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZEROS = b"\0" * (8 * 1024 * 1024)
+
+
+@pytest.fixture
+def uploads_dir(settings, dataset_root):
+    settings.FEDLENS_UPLOADS_DIR = dataset_root / "uploads"
+    return settings.FEDLENS_UPLOADS_DIR
+
+
+@pytest.fixture
+def uploader(db):
+    return UserFactory(username="uploader")
+
+
+@pytest.fixture
+def lesions_folder(tmp_path) -> Path:
+    """2 sites of 4 2D NIfTI images each, with labels.csv (path,label,site)."""
+    return generate_synthetic_dataset(tmp_path / "lesions", sites=2, per_site=4, size=32)
+
+
+def zip_of(folder: Path, target: Path, *, prefix: str = "") -> Path:
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, prefix + path.relative_to(folder).as_posix())
+    return target
+
+
+def tar_of(folder: Path, target: Path, *, mode: str = "w:gz") -> Path:
+    with tarfile.open(target, mode) as archive:
+        for path in sorted(folder.rglob("*")):
+            archive.add(path, path.relative_to(folder).as_posix(), recursive=False)
+    return target
+
+
+def zip_with(target: Path, members: dict[str, bytes], folder: Path | None = None) -> Path:
+    """A zip of `folder` (if given) plus extra members."""
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        if folder is not None:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(folder).as_posix())
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target
+
+
+def png_bytes(tmp_path: Path, name: str = "probe.png") -> bytes:
+    image = ImageArray(
+        array=np.arange(64, dtype=np.float32).reshape(8, 8),
+        spacing=(1.0, 1.0),
+        origin=(0.0, 0.0),
+        direction=(1.0, 0.0, 0.0, 1.0),
+    )
+    return write_image(image, tmp_path / name).read_bytes()
+
+
+def upload(user, archive: Path | None, **fields):
+    data = {"name": "uploaded", "modality": "CT", **fields}
+    if archive is not None:
+        data["archive"] = archive.open("rb")
+    try:
+        return client_for(user).post("/api/datasets/upload/", data, format="multipart")
+    finally:
+        if archive is not None:
+            data["archive"].close()
+
+
+def assert_refused(response, status: int, *, member: str | None, words: str) -> dict:
+    assert response.status_code == status, response.content[:500]
+    assert response["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert words in body["detail"], body
+    assert body["member"] == member, body
+    return body
+
+
+def nothing_kept(uploads_dir: Path) -> bool:
+    return not uploads_dir.exists() or not any(path.is_file() for path in uploads_dir.rglob("*"))
+
+
+# --- Success --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_an_uploaded_zip_becomes_a_dataset_of_the_uploader_in_their_own_folder(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = zip_of(lesions_folder, tmp_path / "lesions.zip", prefix="lesions/")
+
+    response = upload(uploader, archive, class_names="benign, lesion", description="tiny")
+
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert (body["owner"], body["name"], body["modality"]) == ("uploader", "uploaded", "CT")
+    assert body["class_names"] == ["benign", "lesion"]
+    assert (body["num_classes"], body["image_shape"], body["storage_format"]) == (
+        2,
+        [32, 32],
+        "folder",
+    )
+    stored = Path(body["path"])
+    assert stored.parent.parent == uploads_dir / f"user-{uploader.pk}"
+    assert (stored / "labels.csv").read_bytes() == (lesions_folder / "labels.csv").read_bytes()
+    assert Dataset.objects.get().owner == uploader
+
+
+@pytest.mark.django_db
+def test_an_uploaded_dataset_is_visible_to_its_uploader_only(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = tar_of(lesions_folder, tmp_path / "lesions.tar.gz")
+    dataset_id = upload(uploader, archive).json()["id"]
+    someone_else = UserFactory(username="someone-else")
+
+    mine = client_for(uploader).get("/api/datasets/").json()["results"]
+    theirs = client_for(someone_else).get("/api/datasets/").json()["results"]
+    their_look = client_for(someone_else).get(f"/api/datasets/{dataset_id}/images/")
+
+    assert [dataset["id"] for dataset in mine] == [dataset_id]
+    assert theirs == []
+    assert their_look.status_code == 404
+
+
+@pytest.mark.django_db
+def test_the_images_of_an_uploaded_dataset_are_read_through_the_viewer(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = tar_of(lesions_folder, tmp_path / "lesions.tar", mode="w")
+    dataset_id = upload(uploader, archive).json()["id"]
+    with (lesions_folder / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    listing = client_for(uploader).get(f"/api/datasets/{dataset_id}/images/?page_size=100")
+    png = client_for(uploader).get(f"/api/datasets/{dataset_id}/images/0.png")
+
+    assert listing.status_code == 200, listing.json()
+    listed = listing.json()["results"]
+    assert [(image["path"], str(image["label"])) for image in listed] == [
+        (row["path"], row["label"]) for row in rows
+    ]
+    assert png.status_code == 200
+    assert png.content.startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.django_db
+def test_a_zip_of_png_images_with_mac_leftovers_is_accepted(uploader, uploads_dir, tmp_path):
+    image = png_bytes(tmp_path)
+    archive = zip_with(
+        tmp_path / "pngs.zip",
+        {
+            "labels.csv": b"path,label\na.png,0\nb.png,1\n",
+            "a.png": image,
+            "b.png": image,
+            "__MACOSX/._a.png": b"resource fork",
+            ".DS_Store": b"finder",
+        },
+    )
+
+    response = upload(uploader, archive)
+
+    assert response.status_code == 201, response.json()
+    stored = Path(response.json()["path"])
+    assert sorted(path.name for path in stored.iterdir()) == ["a.png", "b.png", "labels.csv"]
+
+
+# --- Refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "member",
+    ["../escaped.png", "images/../../escaped.png", "/var/fedlens-escaped.png", "C:/escaped.png"],
+)
+def test_a_member_outside_the_archive_is_refused(
+    uploader, uploads_dir, lesions_folder, tmp_path, member
+):
+    archive = zip_with(tmp_path / "evil.zip", {member: png_bytes(tmp_path)}, lesions_folder)
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member=member, words="")
+    assert nothing_kept(uploads_dir)
+    assert not (uploads_dir.parent / "escaped.png").exists()
+    assert not Path("/var/fedlens-escaped.png").exists()
+
+
+@pytest.mark.django_db
+def test_a_symbolic_link_in_a_tar_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    archive = tmp_path / "link.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(lesions_folder, "", recursive=True)
+        link = tarfile.TarInfo("site-1/passwd.nii.gz")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="site-1/passwd.nii.gz", words="symbolic link")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_hard_link_in_a_tar_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    archive = tmp_path / "hardlink.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(lesions_folder, "", recursive=True)
+        link = tarfile.TarInfo("site-1/copy.nii.gz")
+        link.type, link.linkname = tarfile.LNKTYPE, "site-1/img-0001.nii.gz"
+        tar.addfile(link)
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="site-1/copy.nii.gz", words="hard link")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_symbolic_link_in_a_zip_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    archive = zip_with(tmp_path / "link.zip", {}, lesions_folder)
+    with zipfile.ZipFile(archive, "a") as zipped:
+        link = zipfile.ZipInfo("site-1/shadow.nii.gz")
+        link.external_attr = (0o120777 << 16) | 0x20
+        zipped.writestr(link, "/etc/shadow")
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="site-1/shadow.nii.gz", words="symbolic link")
+
+
+@pytest.mark.django_db
+def test_a_zip_bomb_is_refused_by_its_compression_ratio(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = zip_with(tmp_path / "bomb.zip", {"site-1/zeros.nii": ZEROS}, lesions_folder)
+    assert archive.stat().st_size < len(ZEROS) / 100
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 413, member="site-1/zeros.nii", words="compression bomb")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_tar_gz_bomb_is_refused_before_its_member_is_written(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(lesions_folder, "", recursive=True)
+        zeros = tarfile.TarInfo("site-1/zeros.nii")
+        zeros.size = len(ZEROS)
+        tar.addfile(zeros, io.BytesIO(ZEROS))
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 413, member="site-1/zeros.nii", words="compression bomb")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_gzipped_nifti_bomb_inside_the_archive_is_refused(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    header = (lesions_folder / "site-1" / "img-0001.nii.gz").read_bytes()
+    nifti_header = gzip.decompress(header)[:352]
+    bomb = gzip.compress(nifti_header + ZEROS)
+    # The zip itself is no bomb: the ratio hides inside the member's own gzip stream.
+    archive = zip_with(
+        tmp_path / "inner-bomb.zip",
+        {"labels.csv": b"path,label\nbomb.nii.gz,0\n", "bomb.nii.gz": bomb},
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 413, member="bomb.nii.gz", words="compression bomb")
+
+
+@pytest.mark.django_db
+def test_a_truncated_gzipped_nifti_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    whole = (lesions_folder / "site-1" / "img-0002.nii.gz").read_bytes()
+    archive = zip_with(
+        tmp_path / "cut.zip",
+        {"labels.csv": b"path,label\ncut.nii.gz,0\n", "cut.nii.gz": whole[: len(whole) // 2]},
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="cut.nii.gz", words="truncated")
+
+
+@pytest.mark.django_db
+def test_a_text_file_named_like_an_image_is_refused(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = zip_with(
+        tmp_path / "fake.zip", {"site-1/notes.png": b"not an image at all\n"}, lesions_folder
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="site-1/notes.png", words="not an image by its content")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_script_among_the_images_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    archive = zip_with(
+        tmp_path / "script.zip", {"run.sh": b"#!/bin/sh\nrm -rf /\n"}, lesions_folder
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="run.sh", words="not an image by its content")
+
+
+@pytest.mark.django_db
+def test_an_image_named_as_another_format_is_refused(uploader, uploads_dir, tmp_path):
+    archive = zip_with(
+        tmp_path / "renamed.zip",
+        {"labels.csv": b"path,label\nscan.nii.gz,0\n", "scan.nii.gz": png_bytes(tmp_path)},
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="scan.nii.gz", words="holds a PNG image but is named")
+
+
+@pytest.mark.django_db
+def test_a_png_with_a_damaged_header_is_refused(uploader, uploads_dir, tmp_path):
+    damaged = PNG_SIGNATURE + b"\0" * 64
+    archive = zip_with(
+        tmp_path / "damaged.zip",
+        {"labels.csv": b"path,label\nscan.png,0\n", "scan.png": damaged},
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="scan.png", words="cannot be read as one")
+
+
+@pytest.mark.django_db
+def test_an_archive_larger_than_the_limit_is_refused_before_it_is_read(
+    uploader, uploads_dir, settings, tmp_path
+):
+    settings.FEDLENS_MAX_UPLOAD_MB = 1
+    archive = tmp_path / "large.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        zipped.writestr("noise.nii", os.urandom(2 * 1024 * 1024))
+
+    response = upload(uploader, archive)
+
+    assert response.status_code == 413
+    assert "FEDLENS_MAX_UPLOAD_MB" in response.json()["detail"]
+    assert nothing_kept(uploads_dir)
+
+
+def test_the_upload_handler_stops_reading_past_the_limit_whatever_the_length_header_said(rf):
+    handler = SizeCappedUploadHandler(rf.post("/api/datasets/upload/"), limit_bytes=1000)
+    handler.new_file("archive", "a.zip", "application/zip", None)
+    handler.receive_data_chunk(b"x" * 600, 0)
+
+    with pytest.raises(UploadTooLarge):
+        handler.receive_data_chunk(b"x" * 600, 600)
+
+
+@pytest.mark.django_db
+def test_an_archive_unpacking_beyond_the_size_limit_is_refused(
+    uploader, uploads_dir, settings, lesions_folder, tmp_path
+):
+    settings.FEDLENS_UPLOAD_MAX_UNPACKED_MB = 1
+    archive = tmp_path / "noise.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
+        zipped.writestr("a-noise.nii", os.urandom(700 * 1024))
+        zipped.writestr("b-noise.nii", os.urandom(700 * 1024))
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 413, member="b-noise.nii", words="FEDLENS_UPLOAD_MAX_UNPACKED_MB")
+
+
+@pytest.mark.django_db
+def test_an_archive_with_too_many_files_is_refused(
+    uploader, uploads_dir, settings, lesions_folder, tmp_path
+):
+    settings.FEDLENS_UPLOAD_MAX_FILES = 5
+    archive = zip_of(lesions_folder, tmp_path / "lesions.zip")
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 413, member="site-2/img-0001.nii.gz", words="more than 5 files")
+
+
+@pytest.mark.django_db
+def test_an_archive_without_labels_is_refused(uploader, uploads_dir, lesions_folder, tmp_path):
+    (lesions_folder / "labels.csv").unlink()
+    archive = zip_of(lesions_folder, tmp_path / "unlabelled.zip")
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member=None, words="no labels.csv")
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_labels_naming_a_missing_image_are_refused_without_server_paths(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    with (lesions_folder / "labels.csv").open("a") as handle:
+        handle.write("site-1/missing.nii.gz,0,site-1\n")
+    archive = zip_of(lesions_folder, tmp_path / "lesions.zip")
+
+    response = upload(uploader, archive)
+
+    body = assert_refused(response, 400, member=None, words="labels.csv:10")
+    assert "missing.nii.gz not found" in body["detail"]
+    assert str(uploads_dir) not in body["detail"]
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_a_file_that_is_no_archive_is_refused(uploader, uploads_dir, tmp_path):
+    not_archive = tmp_path / "scan.zip"
+    not_archive.write_bytes(b"just some bytes, not a zip or a tar")
+
+    response = upload(uploader, not_archive)
+
+    assert_refused(response, 400, member=None, words="not a zip or tar archive")
+
+
+@pytest.mark.django_db
+def test_a_taken_name_is_refused_before_anything_is_unpacked(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    DatasetFactory(name="uploaded", owner=uploader)
+    archive = zip_of(lesions_folder, tmp_path / "lesions.zip")
+
+    response = upload(uploader, archive)
+
+    assert response.status_code == 400
+    assert "name" in response.json()
+    assert nothing_kept(uploads_dir)
+
+
+@pytest.mark.django_db
+def test_an_upload_without_an_archive_says_so(uploader, uploads_dir):
+    response = upload(uploader, None)
+
+    assert response.status_code == 400
+    assert "archive" in response.json()
+
+
+@pytest.mark.django_db
+def test_an_anonymous_upload_is_refused(uploads_dir, lesions_folder, tmp_path):
+    archive = zip_of(lesions_folder, tmp_path / "lesions.zip")
+
+    with archive.open("rb") as handle:
+        response = client_for(None).post(
+            "/api/datasets/upload/", {"name": "x", "archive": handle}, format="multipart"
+        )
+
+    assert response.status_code == 401
+    assert nothing_kept(uploads_dir)
+
+
+# --- Detection, the page and the schema -----------------------------------------------------
+
+
+def test_image_formats_are_told_by_content_not_by_name(lesions_folder, tmp_path):
+    renamed = tmp_path / "image.txt"
+    renamed.write_bytes((lesions_folder / "site-1" / "img-0001.nii.gz").read_bytes())
+    text = tmp_path / "image.nii.gz"
+    text.write_text("path,label\n")
+
+    assert detect_image_format(renamed).name == "gzipped NIfTI"
+    assert detect_image_format(text) is None
+
+
+@pytest.mark.django_db
+def test_the_upload_page_has_a_file_input_and_is_linked_from_the_datasets_page(uploader):
+    browser = Client()
+    browser.force_login(uploader)
+
+    datasets_page = browser.get("/datasets/")
+    upload_page = browser.get("/datasets/upload/")
+
+    assert datasets_page.status_code == 200
+    assert 'href="/datasets/upload/"' in datasets_page.content.decode()
+    page = upload_page.content.decode()
+    assert upload_page.status_code == 200
+    assert 'type="file"' in page and 'name="archive"' in page
+    assert "/api/datasets/upload/" in page
+
+
+@pytest.mark.django_db
+def test_the_datasets_page_lists_only_the_users_own_datasets(uploader):
+    DatasetFactory(name="mine", owner=uploader)
+    DatasetFactory(name="not-mine", owner=UserFactory(username="other"))
+    browser = Client()
+    browser.force_login(uploader)
+
+    page = browser.get("/datasets/").content.decode()
+
+    assert "mine" in page
+    assert "not-mine" not in page
+
+
+@pytest.mark.django_db
+def test_the_upload_endpoint_is_in_the_openapi_schema(uploader):
+    schema = client_for(uploader).get("/api/schema/?format=json").json()
+
+    operation = schema["paths"]["/api/datasets/upload/"]["post"]
+    assert "multipart/form-data" in operation["requestBody"]["content"]
+    assert {"201", "400", "413"} <= set(operation["responses"])

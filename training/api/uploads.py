@@ -1,0 +1,178 @@
+"""POST /api/datasets/upload/: a dataset sent as one archive of images plus labels.csv.
+
+The archive is streamed to a temporary file (never whole in memory), unpacked into a
+folder of the uploader's own under FEDLENS_UPLOADS_DIR by training.uploads (which refuses
+traversal, links, bombs and files that are not images), then registered as a folder
+dataset owned by the uploader, with its facts read from the data like register_dataset.
+"""
+
+import shutil
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.uploadhandler import TemporaryFileUploadHandler
+from django.utils.text import slugify
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from training.api.serializers import DatasetSerializer
+from training.fl.data import DatasetFormatError, ImageReadError
+from training.management.commands.register_dataset import describe
+from training.models import Modality, StorageFormat
+from training.uploads import ArchiveRefused, ArchiveTooLarge, UnpackLimits, unpack_dataset_archive
+
+MEGABYTE = 1024 * 1024
+# The form's other fields and multipart boundaries, beyond the archive itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+class UploadTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "upload_too_large"
+
+    def __init__(self):
+        super().__init__(
+            f"The archive is larger than {settings.FEDLENS_MAX_UPLOAD_MB} MB "
+            "(FEDLENS_MAX_UPLOAD_MB); split the dataset or ask an admin to raise the limit."
+        )
+
+
+class SizeCappedUploadHandler(TemporaryFileUploadHandler):
+    """Writes the upload to a temporary file and stops reading past the limit, whatever
+    Content-Length said (a chunked body has none)."""
+
+    def __init__(self, request, *, limit_bytes: int):
+        super().__init__(request)
+        self.limit_bytes = limit_bytes
+
+    def receive_data_chunk(self, raw_data, start):
+        if start + len(raw_data) > self.limit_bytes:
+            raise UploadTooLarge()
+        return super().receive_data_chunk(raw_data, start)
+
+
+class DatasetUploadSerializer(serializers.Serializer):
+    archive = serializers.FileField(
+        help_text="A .zip, .tar, .tar.gz, .tgz, .tar.bz2 or .tar.xz of images (PNG, NIfTI, "
+        "NRRD, MetaImage .mha, DICOM) and a labels.csv with the columns path,label[,site], "
+        "at its top or in its one top-level folder."
+    )
+    name = serializers.CharField(max_length=100)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    modality = serializers.ChoiceField(choices=Modality.choices, default=Modality.OTHER)
+    class_names = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Comma-separated, in label order; left out: class 0, class 1, ...",
+    )
+
+
+class UploadErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    member = serializers.CharField(
+        allow_null=True, help_text="The archive member to fix, when one is at fault."
+    )
+
+
+def refusal(message: str, *, member: str | None = None, code: int = 400) -> Response:
+    return Response({"detail": message, "member": member}, status=code)
+
+
+def hide_folder(message: str, folder: Path) -> str:
+    """Messages from the data readers name server paths; the uploader knows only the archive's."""
+    return message.replace(f"{folder}/", "").replace(str(folder), "the archive")
+
+
+class DatasetUploadView(APIView):
+    permission_classes = [IsAuthenticated]
+    parser_classes = [MultiPartParser]
+
+    def initial(self, request, *args, **kwargs):
+        # Before authentication: the session's CSRF check already reads the form.
+        limit_bytes = settings.FEDLENS_MAX_UPLOAD_MB * MEGABYTE
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit_bytes + FORM_OVERHEAD_BYTES:
+            raise UploadTooLarge()
+        request._request.upload_handlers = [
+            SizeCappedUploadHandler(request._request, limit_bytes=limit_bytes)
+        ]
+        super().initial(request, *args, **kwargs)
+
+    @extend_schema(
+        operation_id="dataset_upload",
+        request={"multipart/form-data": DatasetUploadSerializer},
+        responses={
+            201: DatasetSerializer,
+            400: OpenApiResponse(
+                UploadErrorSerializer,
+                description="A field, the archive or one of its members to fix.",
+            ),
+            413: OpenApiResponse(
+                UploadErrorSerializer,
+                description="The archive, or what it unpacks to, is larger than allowed.",
+            ),
+        },
+        tags=["datasets"],
+    )
+    def post(self, request):
+        """Upload a dataset: an archive of images and labels.csv, registered as your own."""
+        form = DatasetUploadSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        fields = form.validated_data
+        self.check_name_is_free(fields["name"])
+
+        user_folder = settings.FEDLENS_UPLOADS_DIR / f"user-{request.user.pk}"
+        destination = user_folder / f"{slugify(fields['name']) or 'dataset'}-{uuid.uuid4().hex[:8]}"
+        limits = UnpackLimits(
+            max_unpacked_bytes=settings.FEDLENS_UPLOAD_MAX_UNPACKED_MB * MEGABYTE,
+            max_ratio=settings.FEDLENS_UPLOAD_MAX_RATIO,
+            max_files=settings.FEDLENS_UPLOAD_MAX_FILES,
+        )
+        archive_path = Path(fields["archive"].temporary_file_path())
+        try:
+            folder = unpack_dataset_archive(archive_path, destination, limits)
+        except ArchiveTooLarge as refused:
+            return refusal(str(refused), member=refused.member, code=413)
+        except ArchiveRefused as refused:
+            return refusal(str(refused), member=refused.member)
+
+        try:
+            facts = describe(folder, StorageFormat.FOLDER)
+        except (DatasetFormatError, ImageReadError, ValueError, OSError) as error:
+            shutil.rmtree(destination, ignore_errors=True)
+            return refusal(hide_folder(str(error), folder))
+        names = [name.strip() for name in fields["class_names"].split(",") if name.strip()]
+        dataset = DatasetSerializer(
+            data={
+                "name": fields["name"],
+                "description": fields["description"],
+                "modality": fields["modality"],
+                "class_names": names,
+                "path": str(folder),
+                **facts,
+            },
+            context={"request": request},
+        )
+        if not dataset.is_valid():
+            shutil.rmtree(destination, ignore_errors=True)
+            raise ValidationError(dataset.errors)
+        dataset.save(owner=request.user)
+        return Response(dataset.data, status=status.HTTP_201_CREATED)
+
+    @staticmethod
+    def check_name_is_free(name: str) -> None:
+        """Before the work of unpacking: a taken name would fail registration at the end."""
+        try:
+            DatasetSerializer().fields["name"].run_validation(name)
+        except ValidationError as error:
+            raise ValidationError({"name": error.detail}) from None
