@@ -1,8 +1,6 @@
 """Dashboard pages. They render the frame; the live data comes over the WebSocket
 (ws/experiments/<id>/) and the REST API, so a page and a script see the same thing."""
 
-from types import SimpleNamespace
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
@@ -10,16 +8,17 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from training import services
-from training.api.serializers import ExperimentSerializer
+from training import comparison, services, sweeps
 from training.fl.networks import available_networks
-from training.fl.strategies import available_strategies
+from training.fl.strategies import available_strategies, describe_strategies
 from training.models import (
+    AggregationWeighting,
     Checkpoint,
     Dataset,
     Experiment,
     ExperimentApproval,
     InvalidTransition,
+    NoiseLocation,
     Optimizer,
     Round,
     RoundStatus,
@@ -30,8 +29,14 @@ from training.models import (
 SPARKLINE_WIDTH, SPARKLINE_HEIGHT = 120, 28
 # The experiment form's single-valued inputs (sites is a list); names as in the REST API.
 FORM_FIELDS = ("name", "description", "dataset", "network", "strategy", "partition",
-               "num_rounds", "clients_per_round", "min_clients", "local_epochs", "batch_size",
-               "learning_rate", "optimizer", "seed", "round_timeout_seconds")  # fmt: skip
+               "num_rounds", "clients_per_round", "client_fraction", "min_clients",
+               "aggregation_weighting", "local_epochs", "batch_size", "learning_rate",
+               "optimizer", "seed", "round_timeout_seconds", "dp_clip", "dp_noise", "dp_delta",
+               "dp_at", "local_dp_noise", "local_dp_clip")  # fmt: skip
+# Settings whose empty input means "none" (null), not "the default".
+NULLABLE_FIELDS = ("client_fraction", "dp_clip", "local_dp_noise", "local_dp_clip")
+# The form's strategy parameter inputs are named "strategy_params.<parameter>".
+PARAMETER_PREFIX = "strategy_params."
 
 
 def accuracy_of(metrics: dict) -> float | None:
@@ -89,44 +94,108 @@ def home(request):
     )
 
 
-def form_choices(user) -> dict:
+def form_choices(user, clone_of: Experiment | None = None) -> dict:
+    datasets = Dataset.objects.visible_to(user)
+    if clone_of is not None:  # a clone may keep its source's dataset (see clone_experiment)
+        datasets = datasets | Dataset.objects.filter(pk=clone_of.dataset_id)
     return {
-        "datasets": Dataset.objects.visible_to(user).order_by("name"),
+        "datasets": datasets.order_by("name"),
         "sites": Site.objects.filter(is_active=True).order_by("name"),
         "networks": available_networks(),
         "strategies": available_strategies(),
+        "strategy_descriptions": describe_strategies(),
         "optimizers": Optimizer.choices,
+        "weightings": AggregationWeighting.choices,
+        "noise_locations": NoiseLocation.choices,
     }
+
+
+def strategy_params_from_form(post, strategy: str) -> dict:
+    """The chosen strategy's parameter inputs as numbers (as typed when not a number, so
+    that the validation names it); an empty input takes the parameter's default."""
+    types = {
+        parameter["name"]: parameter["type"]
+        for description in describe_strategies()
+        if description["name"] == strategy
+        for parameter in description["parameters"]
+    }
+    params = {}
+    for key, text in post.items():
+        name = key.removeprefix(PARAMETER_PREFIX)
+        if not key.startswith(PARAMETER_PREFIX) or name not in types or text.strip() == "":
+            continue
+        try:
+            params[name] = int(text) if types[name] == "int" else float(text)
+        except ValueError:
+            params[name] = text
+    return params
+
+
+def settings_from_form(post) -> dict:
+    """The experiment settings of a submitted form, as the REST API takes them."""
+    values = {key: post.get(key, "") for key in FORM_FIELDS}
+    settings = {
+        key: (None if value == "" else value)
+        for key, value in values.items()
+        if value != "" or key in NULLABLE_FIELDS
+    }
+    settings["sites"] = post.getlist("sites")
+    settings["strategy_params"] = strategy_params_from_form(post, values["strategy"])
+    return settings
+
+
+def clone_source(user, experiment_id: str | None) -> Experiment | None:
+    if not experiment_id or not str(experiment_id).isdigit():
+        return None
+    return Experiment.objects.visible_to(user).filter(pk=int(experiment_id)).first()
 
 
 @login_required
 @require_http_methods(["GET", "POST"])
 def new_experiment(request):
-    """Create (and optionally start) an experiment, validated exactly as the REST API does."""
+    """Create (and optionally start) an experiment, validated exactly as the REST API does.
+    ?clone=<id> fills the form with that experiment's settings ("run again with changes")."""
+    source = clone_source(request.user, request.POST.get("cloned_from") or request.GET.get("clone"))
     values, errors = {}, {}
     if request.method == "POST":
-        values = {key: request.POST.get(key, "") for key in FORM_FIELDS}
-        values["sites"] = request.POST.getlist("sites")
-        serializer = ExperimentSerializer(
-            data={key: value for key, value in values.items() if value not in ("", None)},
-            context={"request": SimpleNamespace(user=request.user)},
-        )
-        if serializer.is_valid():
-            experiment = serializer.save(owner=request.user)
+        settings = settings_from_form(request.POST)
+        values = {**settings, "cloned_from": source.pk if source else ""}
+        try:
+            if source is not None:
+                experiment = sweeps.clone_experiment(source, request.user, settings)
+            else:
+                experiment = sweeps.validated(request.user, settings).save(owner=request.user)
+        except sweeps.SettingsError as refused:
+            errors = {
+                field: sweeps.describe_error(problem) for field, problem in refused.errors.items()
+            }
+        else:
             if request.POST.get("start"):
                 try:
                     services.start_experiment(experiment.pk)
                 except InvalidTransition as exc:
                     messages.error(request, str(exc))
             return redirect("experiment-page", experiment_id=experiment.pk)
-        errors = {
-            field: " ".join(map(str, problems)) for field, problems in serializer.errors.items()
-        }
+    elif source is not None:
+        values = {**sweeps.clone_settings(source, {}), "cloned_from": source.pk}
     return render(
         request,
         "visualization/new_experiment.html",
-        {"values": values, "errors": errors, **form_choices(request.user)},
+        {
+            "values": form_values(values),
+            "strategy_params": values.get("strategy_params") or {},
+            "errors": errors,
+            "clone_of": source,
+            **form_choices(request.user, source),
+        },
     )
+
+
+def form_values(values: dict) -> dict:
+    """Settings as the form's inputs show them: text, empty for none."""
+    shown = {key: "" if value is None else str(value) for key, value in values.items()}
+    shown["sites"] = values.get("sites") or []
+    return shown
 
 
 @login_required
@@ -153,10 +222,24 @@ def compare(request):
     visible = Experiment.objects.visible_to(request.user).select_related("dataset")
     chosen_ids = [int(value) for value in request.GET.getlist("experiment") if value.isdigit()]
     chosen = list(visible.filter(pk__in=chosen_ids).order_by("pk"))
+    summary = comparison.experiments_comparison(chosen) if chosen else None
+    rows = [
+        {
+            "experiment": group["experiments"][0],
+            "final": [comparison.format_statistic(group["final"][m]) for m in summary["metrics"]],
+            "rounds_to_target": comparison.format_rounds_to_target(group["rounds_to_target"]),
+        }
+        for group in (summary["groups"] if summary else [])
+    ]
     return render(
         request,
         "visualization/compare.html",
-        {"chosen": chosen, "candidates": visible.order_by("-created_at")[:100]},
+        {
+            "chosen": chosen,
+            "candidates": visible.order_by("-created_at")[:100],
+            "summary": summary,
+            "rows": rows,
+        },
     )
 
 
