@@ -38,6 +38,7 @@ from training.models import (
     Dataset,
     Experiment,
     Round,
+    RoundKind,
     Site,
     StorageFormat,
 )
@@ -343,6 +344,23 @@ def network_spec(experiment: Experiment) -> NetworkSpec:
     )
 
 
+# Of a strategy's client options, those that also apply when a client only evaluates: the
+# layers it keeps at the site (FedBN), loaded over the global model it evaluates.
+EVALUATION_OPTIONS = ("local_parameters",)
+
+
+def client_options(fl_round: Round, site_slug: str) -> dict[str, Any]:
+    """A client's options: its strategy's in a training round; in the cross-site round the
+    models to evaluate (set when the round opened) and the options that apply to them."""
+    options = configured_strategy(fl_round.experiment_id).configure_client(
+        round_number=fl_round.number, site=site_slug
+    )
+    if fl_round.kind == RoundKind.TRAIN:
+        return options
+    kept = {name: options[name] for name in EVALUATION_OPTIONS if name in options}
+    return {"models": list(fl_round.metrics["models"]), **kept}
+
+
 def client_task(update: ClientUpdate) -> ClientTask:
     """What the client of a claimed update is asked to do, for a simulated site in a server
     worker and for a real site's agent alike (`update` as claim_client_update returns it)."""
@@ -358,7 +376,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
         round_number=fl_round.number,
         experiment=experiment.pk,
         site=update.site.slug,
-        kind="train",
+        kind=str(fl_round.kind),
         network=network_spec(experiment),
         data=DataSpec(
             name=dataset.name,
@@ -378,9 +396,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
         ),
         # Epochs are counted across rounds, so a client's data order never repeats a round's.
         start_epoch=(fl_round.number - 1) * experiment.local_epochs,
-        options=configured_strategy(experiment.pk).configure_client(
-            round_number=fl_round.number, site=update.site.slug
-        ),
+        options=client_options(fl_round, update.site.slug),
         weights_sha256=weights_sha256,
         payload_sha256=payload[1] if payload else "",
     )

@@ -665,8 +665,7 @@ def open_cross_site_round(
 ) -> Round:
     """Create the cross-site round with one pending task per site, each to evaluate the
     final global model and every site's last local model on its own validation split, and
-    queue them once the transaction commits. The caller holds the experiment's lock. The
-    experiment's current_round stays its last training round."""
+    queue them once the transaction commits. The caller holds the experiment's lock."""
     now = timezone.now()
     new_round = Round.objects.create(
         experiment=experiment,
@@ -680,6 +679,9 @@ def open_cross_site_round(
         ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4())) for site in sites
     )
     Round.checkpoint.related.set_cached_value(new_round, None)
+    # The round in progress, as for training rounds; it is num_rounds + 1 only here.
+    experiment.current_round = number
+    experiment.save(update_fields=["current_round", "updated_at"])
     signals.round_opened.send(Round, fl_round=new_round, client_updates=updates)
     log_event(
         logger,

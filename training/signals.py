@@ -33,5 +33,10 @@ client_task_ended = Signal(use_caching=True)
 # A round was aggregated and closed: `fl_round`, with its metrics and its checkpoint.
 round_closed = Signal(use_caching=True)
 
+# The sites' evaluations of a round's global model on their validation splits were filed as
+# its federated evaluation (when the next round, or the cross-site round, closed):
+# `fl_round`, with its checkpoint.
+round_evaluated = Signal(use_caching=True)
+
 # An experiment completed, failed or was stopped: `experiment`, in its final status.
 experiment_ended = Signal(use_caching=True)

@@ -33,6 +33,7 @@ from training.models import (
     Experiment,
     ExperimentStatus,
     Round,
+    RoundKind,
     RoundStatus,
     model_store,
 )
@@ -235,7 +236,8 @@ def log_new_rounds(client: Any, run_id: str, experiment: Experiment) -> list[int
 
     logged = {metric.step for metric in client.get_metric_history(run_id, ROUND_MARKER_METRIC)}
     new_rounds = (
-        experiment.rounds.filter(status=RoundStatus.CLOSED)
+        # The cross-site round trains nothing: its results are not a step of the run.
+        experiment.rounds.filter(status=RoundStatus.CLOSED, kind=RoundKind.TRAIN)
         .exclude(number__in=logged)
         .order_by("number")
         .prefetch_related("client_updates")

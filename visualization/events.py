@@ -132,7 +132,17 @@ def round_closed(sender, *, fl_round: Round, **kwargs) -> None:
         fl_round.experiment_id,
         "round.closed",
         round=ROUND.to_representation(fl_round),
-        checkpoint=CHECKPOINT.to_representation(fl_round.checkpoint),
+        # A cross-site round aggregates nothing: it has no checkpoint (known, not queried).
+        checkpoint=CHECKPOINT.to_representation(checkpoint)
+        if (checkpoint := getattr(fl_round, "checkpoint", None)) is not None
+        else None,
+    )
+
+
+def round_evaluated(sender, *, fl_round: Round, **kwargs) -> None:
+    """The sites' federated evaluation of a closed round's global model arrived."""
+    publish_after_commit(
+        fl_round.experiment_id, "round.evaluated", round=ROUND.to_representation(fl_round)
     )
 
 
@@ -167,6 +177,7 @@ def connect_to_the_ledger() -> None:
         (signals.client_reported, client_changed),
         (signals.client_late, client_changed),
         (signals.round_closed, round_closed),
+        (signals.round_evaluated, round_evaluated),
         (signals.experiment_ended, experiment_ended),
     ):
         signal.connect(publisher, dispatch_uid=f"visualization.events.{publisher.__name__}")

@@ -3,15 +3,16 @@
 from django.db import transaction
 
 from training import services, signals, tracking
-from training.models import Experiment, ExperimentStatus
+from training.models import Experiment
 from training.queues import AGGREGATION_QUEUE, EXPORT_TO_TRACKING_TASK
 
 
 def export_ended_experiment_to_tracking(sender, *, experiment: Experiment, **kwargs) -> None:
-    """Close the MLflow run of an experiment that was stopped or failed; a completed one was
-    exported by its last aggregation (workers/tasks.py). A task, queued once the ledger's
-    transaction commits, so that a slow or absent MLflow never holds a request or a lock."""
-    if experiment.status == ExperimentStatus.COMPLETED or not tracking.tracking_uri():
+    """Close the MLflow run of an experiment that ended: stopped, failed, or completed (most
+    complete when their cross-site round closes, after the last aggregation exported its
+    round). A task, queued once the ledger's transaction commits, so that a slow or absent
+    MLflow never holds a request or a lock."""
+    if not tracking.tracking_uri():
         return
     experiment_id = experiment.pk
     transaction.on_commit(
