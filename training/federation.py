@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from training import modelstore
+from training.differential_privacy import round_epsilon, with_privacy
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
 from training.fl.data.partition import (
@@ -317,7 +318,8 @@ def experiment_strategy(experiment: Experiment) -> Strategy:
 def configured_strategy(experiment_id: int) -> Strategy:
     """The experiment's strategy as it configures clients (aggregation builds its own: this
     per-process copy never holds the state carried between rounds)."""
-    return experiment_strategy(experiment_configuration(experiment_id))
+    experiment = experiment_configuration(experiment_id)
+    return with_privacy(experiment_strategy(experiment), experiment)
 
 
 def strategy_payload_file(experiment_id: int, round_number: int) -> tuple[str, str] | None:
@@ -409,13 +411,17 @@ class AggregationOutcome:
     # Client update id to that update's metrics, now with the distance of its weights from
     # the new global weights ("distance_to_aggregate").
     client_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Privacy spent up to this round (ε for the experiment's δ); None without client-level DP.
+    epsilon: float | None = None
 
 
 def run_aggregation(fl_round: Round) -> AggregationOutcome:
     """Stream the round's successful updates through the strategy, then evaluate."""
     experiment = fl_round.experiment
     started = time.perf_counter()
-    strategy = experiment_strategy(experiment)
+    strategy = with_privacy(
+        experiment_strategy(experiment), experiment, round_number=fl_round.number
+    )
     start_name, start_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
     # What the previous round's aggregation left, from the store: any worker may aggregate.
     strategy.load_state_dict(modelstore.load_strategy_state(start_name))
@@ -455,6 +461,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     return AggregationOutcome(
         stored=stored,
         client_metrics=client_metrics,
+        epsilon=round_epsilon(experiment, fl_round.number),
         metrics={
             "global": evaluation,
             "clients": dict(strategy.round_metrics),

@@ -15,6 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
+from training.differential_privacy import privacy_settings
 from training.models import (
     TERMINAL_CLIENT_UPDATE_STATUSES,
     ClientUpdate,
@@ -166,13 +167,16 @@ def round_row(fl_round: Round) -> dict[str, Any]:
         "accuracy": evaluation.get("accuracy"),
         "balanced_accuracy": evaluation.get("balanced_accuracy"),
         "auc": evaluation.get("roc_auc"),
+        "epsilon": fl_round.epsilon,
         "wall_seconds": metrics.get("wall_seconds"),
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ["round", "clients", "train_loss", "train_accuracy", "loss", "accuracy",
-               "balanced_accuracy", "auc", "wall_seconds"]  # fmt: skip
+               "balanced_accuracy", "auc", "epsilon", "wall_seconds"]  # fmt: skip
+    if all(row.get("epsilon") is None for row in rows):
+        columns.remove("epsilon")  # an experiment without differential privacy
 
     def cell(value: Any) -> str:
         if value is None:
@@ -210,6 +214,7 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
                 "status": fl_round.status,
                 "global": fl_round.metrics.get("global"),
                 "clients_aggregate": fl_round.metrics.get("clients"),
+                "epsilon": fl_round.epsilon,
                 "wall_seconds": fl_round.metrics.get("wall_seconds"),
                 "clients": clients,
             }
@@ -232,6 +237,7 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
             "learning_rate": experiment.learning_rate,
             "optimizer": experiment.optimizer,
             "seed": experiment.seed,
+            "differential_privacy": privacy_settings(experiment),
         },
         "rounds": rounds,
         "timing_seconds": {

@@ -569,6 +569,7 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
                 **outcome.metrics,
                 "wall_seconds": (now - fl_round.opened_at).total_seconds(),
             },
+            "epsilon": outcome.epsilon,
         }
         # Conditional: a duplicate aggregation task finds the round closed and writes nothing.
         if not Round.objects.filter(pk=fl_round.pk, status=RoundStatus.AGGREGATING).update(

@@ -132,6 +132,8 @@ def round_closed(sender, *, fl_round: Round, **kwargs) -> None:
         fl_round.experiment_id,
         "round.closed",
         round=ROUND.to_representation(fl_round),
+        # Privacy spent up to this round (null without differential privacy).
+        epsilon=fl_round.epsilon,
         # A cross-site round aggregates nothing: it has no checkpoint (known, not queried).
         checkpoint=CHECKPOINT.to_representation(checkpoint)
         if (checkpoint := getattr(fl_round, "checkpoint", None)) is not None

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from training.differential_privacy import privacy_settings, uses_client_level_dp
 from training.models import ClientUpdate, Dataset, Experiment, Round, RoundStatus
 
 REPORT_CONTENT_TYPES = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
@@ -53,6 +54,7 @@ METRIC_COLUMNS = (
     "global_accuracy",  # ... its held-out accuracy
     "global_balanced_accuracy",  # ... its mean recall over the classes present
     "global_auc",  # ... its ROC AUC (binary tasks with both classes present)
+    "epsilon",  # privacy spent up to the round (ε for the experiment's δ), with client-level DP
 )
 
 NO_DATA = "no data yet"
@@ -128,6 +130,7 @@ def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[st
             "global_accuracy": evaluation.get("accuracy"),
             "global_balanced_accuracy": evaluation.get("balanced_accuracy"),
             "global_auc": evaluation.get("roc_auc"),
+            "epsilon": fl_round.epsilon,
         }
         for update in fl_round.client_updates.all():
             training = as_mapping(update.metrics)
@@ -204,6 +207,7 @@ def metrics_json(experiment: Experiment) -> dict[str, Any]:
             "learning_rate": experiment.learning_rate,
             "optimizer": experiment.optimizer,
             "seed": experiment.seed,
+            "differential_privacy": privacy_settings(experiment),
             "current_round": experiment.current_round,
             "created_at": iso_time(experiment.created_at),
             "started_at": iso_time(experiment.started_at),
@@ -226,6 +230,7 @@ def round_summary(fl_round: Round) -> dict[str, Any]:
         "aggregation_seconds": metrics.get("aggregation_seconds"),
         "evaluation_seconds": metrics.get("evaluation_seconds"),
         "wall_seconds": metrics.get("wall_seconds"),
+        "epsilon": fl_round.epsilon,
     }
 
 
@@ -256,6 +261,7 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
     figure.suptitle(report_title(experiment, rounds), fontsize=13, parse_math=False)
     draw_held_out_loss(loss_axes, rounds)
     draw_held_out_quality(quality_axes, rounds)
+    draw_privacy_spent(quality_axes, experiment, rounds)
     draw_site_metric(site_loss_axes, rounds, "loss", "Training loss per site")
     draw_site_metric(site_accuracy_axes, rounds, "accuracy", "Training accuracy per site")
     draw_confusion_matrix(matrix_axes, shown, dataset)
@@ -295,6 +301,14 @@ def report_title(experiment: Experiment, rounds: Sequence[Round]) -> str:
         f"{closed} of {experiment.num_rounds} rounds closed"
     )
     title = f"{experiment.name} (experiment {experiment.pk})\n{details}"
+    spent = [r.epsilon for r in rounds if r.epsilon is not None]
+    if uses_client_level_dp(experiment):
+        title += (
+            f"\nclient-level DP: clip {experiment.dp_clip:g}, noise multiplier "
+            f"{experiment.dp_noise:g} at the {experiment.dp_at}, "
+            + (f"ε = {spent[-1]:.3g}" if spent else "no round closed yet")
+            + f" for δ = {experiment.dp_delta:g}"
+        )
     if experiment.failure_reason:
         reason = experiment.failure_reason
         title += "\n" + (reason if len(reason) <= 110 else reason[:107] + "...")
@@ -390,6 +404,27 @@ def draw_held_out_quality(axes: Axes, rounds: Sequence[Round]) -> None:
         label_round_axis(axes, "score")
         axes.set_ylim(0, 1.02)
         axes.legend(loc="lower right", fontsize="small")
+
+
+def draw_privacy_spent(axes: Axes, experiment: Experiment, rounds: Sequence[Round]) -> None:
+    """ε after each round on the right axis of the quality panel: what the accuracy cost."""
+    numbers, values = per_round_series(rounds, lambda r: r.epsilon)
+    if not numbers:
+        return
+    privacy_axes = axes.twinx()
+    privacy_axes.plot(
+        numbers,
+        values,
+        color="tab:purple",
+        linestyle="-.",
+        marker="s",
+        markersize=4,
+        label=f"ε spent (δ = {experiment.dp_delta:g}), right axis",
+    )
+    privacy_axes.set_ylabel("ε")
+    privacy_axes.set_ylim(bottom=0)
+    privacy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    privacy_axes.legend(loc="center right", fontsize="small")
 
 
 def draw_site_metric(axes: Axes, rounds: Sequence[Round], key: str, title: str) -> None:

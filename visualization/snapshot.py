@@ -6,6 +6,7 @@ from training.api.serializers import (
     ExperimentSerializer,
     RoundSerializer,
 )
+from training.differential_privacy import uses_client_level_dp
 from training.models import Checkpoint, ClientUpdate, Experiment, Round
 
 
@@ -17,6 +18,24 @@ def visible_experiment(user, experiment_id: int) -> Experiment | None:
         .filter(pk=experiment_id)
         .first()
     )
+
+
+def privacy_summary(experiment: Experiment, rounds) -> dict | None:
+    """The experiment's client-level DP settings and the ε spent after each closed round
+    (for the page's ε curve); None when its rounds add no noise."""
+    if not uses_client_level_dp(experiment):
+        return None
+    return {
+        "clip": experiment.dp_clip,
+        "noise_multiplier": experiment.dp_noise,
+        "delta": experiment.dp_delta,
+        "noise_at": experiment.dp_at,
+        "epsilon": [
+            {"round": fl_round.number, "epsilon": fl_round.epsilon}
+            for fl_round in rounds
+            if fl_round.epsilon is not None
+        ],
+    }
 
 
 def experiment_snapshot(experiment: Experiment) -> dict:
@@ -32,4 +51,5 @@ def experiment_snapshot(experiment: Experiment) -> dict:
         "rounds": RoundSerializer(rounds, many=True).data,
         "client_updates": ClientUpdateSerializer(updates, many=True).data,
         "checkpoints": CheckpointSummarySerializer(checkpoints, many=True).data,
+        "privacy": privacy_summary(experiment, rounds),
     }

@@ -12,7 +12,7 @@
   const PONG_TIMEOUT_MS = 10000;
 
   const state = { experiment: null, classNames: [], rounds: new Map(), updates: new Map(),
-    checkpoints: new Map() };
+    checkpoints: new Map(), privacy: null };
   let chosenRound = null;
 
   // --- Charts -------------------------------------------------------------------------------
@@ -80,6 +80,9 @@
     state.rounds = new Map(snapshot.rounds.map((r) => [r.number, r]));
     state.updates = new Map(snapshot.client_updates.map((u) => [u.id, u]));
     state.checkpoints = new Map(snapshot.checkpoints.map((c) => [c.id, c]));
+    // Client-level DP settings and ε per round; null when the rounds add no noise.
+    state.privacy = snapshot.privacy ? Object.assign({}, snapshot.privacy,
+      { epsilon: new Map(snapshot.privacy.epsilon.map((p) => [p.round, p.epsilon])) }) : null;
   }
 
   function applyEvent(event) {
@@ -97,6 +100,9 @@
         break;
       case "round.closed":
         state.rounds.set(event.round.number, event.round);
+        if (state.privacy && typeof event.epsilon === "number") {
+          state.privacy.epsilon.set(event.round.number, event.epsilon);
+        }
         if (event.checkpoint) {
           if (event.checkpoint.is_best) state.checkpoints.forEach((c) => { c.is_best = false; });
           state.checkpoints.set(event.checkpoint.id, event.checkpoint);
@@ -271,6 +277,24 @@
       });
   }
 
+  // Made when first shown: a chart drawn in a hidden card would have no size.
+  let epsilonChart = null;
+
+  function drawPrivacy() {
+    const card = document.getElementById("privacy-card");
+    card.hidden = !state.privacy;
+    if (!state.privacy) return;
+    const privacy = state.privacy;
+    document.getElementById("privacy-settings").textContent =
+      `δ = ${privacy.delta}; clip ${privacy.clip}, noise multiplier ${privacy.noise_multiplier}` +
+      ` at the ${privacy.noise_at}`;
+    if (!epsilonChart) epsilonChart = lineChart("epsilon-chart", "ε");
+    const points = [...privacy.epsilon.entries()].sort((a, b) => a[0] - b[0])
+      .map(([round, epsilon]) => ({ x: round, y: epsilon }));
+    epsilonChart.data.datasets = [series("ε spent", points, 3)];
+    epsilonChart.update();
+  }
+
   function drawHeader() {
     const experiment = state.experiment;
     const status = document.getElementById("status");
@@ -295,6 +319,7 @@
     drawPerSite(charts.norm, "update_norm");
     drawPerSite(charts.distance, "distance_to_aggregate");
     drawTimeline();
+    drawPrivacy();
     drawEvaluation();
     drawRoundsTable();
     drawCheckpoints();
