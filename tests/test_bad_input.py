@@ -2,16 +2,21 @@
 
 import csv
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 from rest_framework.test import APIClient
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as websocket_connect
 
 from flproject.websocket_routes import websocket_application
-from tests.conftest import client_for
+from tests.conftest import client_for, service_env
 from tests.factories import CheckpointFactory, DatasetFactory, ExperimentFactory, UserFactory
+from tests.test_browser import Server, manage
 from training.fl.data import generate_synthetic_dataset
 from training.models import Dataset
 
@@ -284,3 +289,51 @@ def test_a_known_websocket_path_still_reaches_its_consumer():
 
     # Anonymous: the experiment's own consumer closes with its "sign in" code.
     assert async_to_sync(close_code_of)(f"/ws/experiments/{experiment.pk}/") == 4401
+
+
+# --- Through a real server: uvicorn, Django's ASGI handler and Channels ---------------------
+
+
+@pytest.fixture
+def served(tmp_path):
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+        LOG_FORMAT="plain",
+    )
+    manage(env, "migrate", "--noinput")
+    server = Server(env)
+    server.start()
+    yield server
+    server.stop()
+
+
+def post_to(server, path: str, body: bytes) -> tuple[int, str, dict]:
+    request = urllib.request.Request(  # noqa: S310 - the test's own server
+        f"{server.url}{path}", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310 - local
+            return answer.status, answer.headers["Content-Type"], json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], json.loads(error.read())
+
+
+def test_a_real_server_answers_bad_bodies_with_json_and_closes_unknown_sockets(served):
+    too_large = post_to(served, "/api/auth/token/", b"[" + b"0," * (10 * 1024 * 1024) + b"0]")
+    too_deep = post_to(served, "/api/auth/token/", nested_json(100_000).encode())
+    with (
+        websocket_connect(f"ws://127.0.0.1:{served.port}/ws/no-such-stream/") as socket,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        socket.recv(timeout=10)
+    served.stop()
+    log = served.process.stdout.read()
+
+    assert too_large[0] == 413 and too_large[1] == "application/json"
+    assert "FEDLENS_MAX_REQUEST_MB" in too_large[2]["detail"]
+    assert too_deep[0] == 400 and "nested" in too_deep[2]["detail"]
+    assert closed.value.rcvd.code == 4404
+    assert "Exception" not in log and "Traceback" not in log, log

@@ -12,9 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from django.test import Client
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import client_for
+from tests.conftest import client_for, service_env
 from tests.factories import DatasetFactory, UserFactory
+from tests.test_browser import CHROMEDRIVER, CHROMIUM, PASSWORD, SCREENSHOTS, Server, manage
 from training.api.uploads import SizeCappedUploadHandler, UploadTooLarge
 from training.fl.data import ImageArray, generate_synthetic_dataset, write_image
 from training.models import Dataset
@@ -535,3 +540,87 @@ def test_the_upload_endpoint_is_in_the_openapi_schema(uploader):
     operation = schema["paths"]["/api/datasets/upload/"]["post"]
     assert "multipart/form-data" in operation["requestBody"]["content"]
     assert {"201", "400", "413"} <= set(operation["responses"])
+
+
+# --- In a real browser, against a real server -----------------------------------------------
+
+
+@pytest.fixture
+def upload_server(tmp_path):
+    """FedLens under uvicorn (embedded mode) with one user and no dataset."""
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path / "server"),
+        DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+    )
+    manage(env, "migrate", "--noinput")
+    manage(env, "createsuperuser", "--noinput", "--username", "ana", "--email", "ana@x.org")
+    fedlens = Server(env)
+    fedlens.start()
+    yield fedlens
+    fedlens.stop()
+
+
+@pytest.fixture
+def chromium():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--window-size=1400,1400"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def sign_in(browser, server) -> None:
+    browser.get(f"{server.url}/accounts/login/")
+    browser.find_element(By.ID, "id_username").send_keys("ana")
+    browser.find_element(By.ID, "id_password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.LINK_TEXT, "Datasets"))
+
+
+def send_archive(browser, archive: Path, name: str) -> None:
+    browser.find_element(By.ID, "archive").send_keys(str(archive))
+    browser.find_element(By.ID, "name").send_keys(name)
+    browser.find_element(By.ID, "class_names").send_keys("benign, lesion")
+    browser.find_element(By.ID, "upload-button").click()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists())
+    and os.environ.get("CI", "").lower() != "true",
+    reason="needs Debian's chromium and chromium-driver (`make system-packages` installs them)",
+)
+def test_a_user_uploads_a_dataset_from_the_page_and_browses_its_images(
+    upload_server, chromium, lesions_folder, tmp_path
+):
+    browser = chromium
+    good = zip_of(lesions_folder, tmp_path / "lesions.zip", prefix="lesions/")
+    bad = zip_with(tmp_path / "bad.zip", {"site-1/notes.png": b"just text\n"}, lesions_folder)
+    sign_in(browser, upload_server)
+    browser.find_element(By.LINK_TEXT, "Datasets").click()
+    browser.find_element(By.ID, "upload-link").click()
+
+    send_archive(browser, bad, "refused")
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "upload-error").is_displayed())
+    refusal = browser.find_element(By.ID, "upload-error").text
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / "upload-refused.png"))
+    browser.find_element(By.ID, "name").clear()
+    browser.find_element(By.ID, "class_names").clear()
+    send_archive(browser, good, "uploaded lesions")
+    WebDriverWait(browser, 60).until(lambda d: "/viewer/" in d.current_url)
+    WebDriverWait(browser, 30).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#image-list img")) == 8
+    )
+    browser.save_screenshot(str(SCREENSHOTS / "uploaded-dataset.png"))
+    browser.get(f"{upload_server.url}/datasets/")
+
+    assert "site-1/notes.png" in refusal and "not an image by its content" in refusal
+    assert "uploaded lesions" in browser.find_element(By.ID, "datasets").text
+    assert "refused" not in browser.find_element(By.ID, "datasets").text

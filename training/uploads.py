@@ -87,7 +87,7 @@ OTHER_FORMATS_EXTENSIONS = frozenset(
     for image_format in (PNG, JPEG, NIFTI, NIFTI_GZ, NRRD, METAIMAGE)
     for extension in image_format.extensions
 )
-FORMAT_NAMES = "PNG, JPEG, DICOM, NIfTI (.nii, .nii.gz), NRRD or MetaImage"
+FORMAT_NAMES = "PNG, DICOM, NIfTI (.nii, .nii.gz), NRRD or MetaImage (.mha)"
 
 METAIMAGE_FIRST_KEY = re.compile(rb"\A\s*(ObjectType|NDims)\s*=")
 METAIMAGE_DATA_FILE = re.compile(rb"^\s*ElementDataFile\s*=\s*(\S+)", re.MULTILINE)

@@ -22,6 +22,7 @@ def dataset_list(request):
 def dataset_upload(request):
     context = {
         "modalities": Modality.choices,
+        "default_modality": Modality.OTHER,
         "upload_url": reverse("dataset-upload"),
         "max_upload_mb": settings.FEDLENS_MAX_UPLOAD_MB,
     }
