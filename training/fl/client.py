@@ -369,7 +369,7 @@ def train_round(
             sent, options.dp_noise_std, torch.Generator().manual_seed(secrets.randbits(63))
         )
     if options.dp_sgd is not None and result.sample_rate is not None:
-        steps = result.steps + int(local_dp_steps(state))
+        steps = result.batches_drawn + local_dp_steps(state)
         keep[LOCAL_DP_SGD] = {"steps": torch.tensor(steps, dtype=torch.int64)}
         epsilon = epsilon_spent(
             noise_multiplier=options.dp_sgd.noise_multiplier,

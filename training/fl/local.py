@@ -101,8 +101,10 @@ class LocalResult:
     seconds: float
     # Optimizer steps taken (SCAFFOLD's K).
     steps: int
-    # With DP-SGD, the probability of each sample being in a batch (for the accountant).
+    # With DP-SGD, the probability of each sample being in a batch and the batches drawn,
+    # empty ones included (what the accountant counts).
     sample_rate: float | None = None
+    batches_drawn: int = 0
 
 
 def default_device() -> torch.device:
@@ -251,7 +253,7 @@ def train_local(
         )
         sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
     started = time.perf_counter()
-    steps = 0
+    steps = drawn = 0
     epoch_loss, epoch_accuracy = 0.0, 0.0
     try:
         with torch.random.fork_rng(devices=_rng_devices(device)):
@@ -278,6 +280,7 @@ def train_local(
                 correct = torch.zeros((), dtype=torch.int64, device=device)
                 seen = 0
                 for inputs, targets in batches:
+                    drawn += 1
                     if len(targets) == 0:  # a Poisson batch may come out empty
                         continue
                     inputs = inputs.to(device, non_blocking=True)
@@ -310,6 +313,7 @@ def train_local(
         seconds=time.perf_counter() - started,
         steps=steps,
         sample_rate=sample_rate,
+        batches_drawn=drawn if dp_sgd is not None else 0,
     )
 
 
