@@ -12,7 +12,7 @@
   const PONG_TIMEOUT_MS = 10000;
 
   const state = { experiment: null, classNames: [], rounds: new Map(), updates: new Map(),
-    checkpoints: new Map(), privacy: null };
+    checkpoints: new Map(), privacy: null, crossSite: null };
   let chosenRound = null;
 
   // --- Charts -------------------------------------------------------------------------------
@@ -42,6 +42,7 @@
     siteAccuracy: lineChart("site-accuracy-chart", "accuracy"),
     norm: lineChart("norm-chart", "L2 norm of the update"),
     distance: lineChart("distance-chart", "L2 distance"),
+    federated: lineChart("federated-chart", "accuracy"),
     roc: new Chart(document.getElementById("roc-chart"), {
       type: "line",
       data: { datasets: [] },
@@ -97,6 +98,13 @@
       case "client.finished":
       case "client.failed":
         state.updates.set(event.client_update.id, event.client_update);
+        // A site's cross-site results fill its column as soon as it reports.
+        if (event.type !== "client.started" && isCrossSiteRound(event.client_update.round_number)) {
+          loadCrossSite();
+        }
+        break;
+      case "round.evaluated": // the sites' evaluation of an earlier round's model arrived
+        state.rounds.set(event.round.number, event.round);
         break;
       case "round.closed":
         state.rounds.set(event.round.number, event.round);
@@ -107,6 +115,7 @@
           if (event.checkpoint.is_best) state.checkpoints.forEach((c) => { c.is_best = false; });
           state.checkpoints.set(event.checkpoint.id, event.checkpoint);
         }
+        if (event.round.kind === "evaluate") loadCrossSite();
         chosenRound = null; // follow the newest round
         break;
       case "experiment.finished":
@@ -235,6 +244,90 @@
     return badge;
   }
 
+  // --- Evaluation at the sites -------------------------------------------------------------
+  function isCrossSiteRound(number) {
+    const round = state.rounds.get(number);
+    return Boolean(round && round.kind === "evaluate");
+  }
+
+  function drawFederated() {
+    const rounds = sortedRounds().filter((r) => r.federated_evaluation && r.federated_evaluation.weighted);
+    const names = [...new Set(rounds.flatMap((r) => Object.keys(r.federated_evaluation.sites || {})))].sort();
+    const accuracy = (metrics) => (metrics && typeof metrics.accuracy === "number" ? metrics.accuracy : null);
+    const line = (read) => rounds.filter((r) => accuracy(read(r)) !== null)
+      .map((r) => ({ x: r.number, y: accuracy(read(r)) }));
+    charts.federated.data.datasets = [
+      ...names.map((site, index) => series(site, line((r) => (r.federated_evaluation.sites || {})[site]), index)),
+      series("weighted by samples", line((r) => r.federated_evaluation.weighted), 9,
+        { borderColor: "#000", backgroundColor: "#000", borderWidth: 3 }),
+    ];
+    charts.federated.options.scales.y.min = 0;
+    charts.federated.options.scales.y.max = 1;
+    charts.federated.update();
+  }
+
+  let crossSiteRequest = null;
+
+  // The matrix is read from the API (one request per change, not per event of the stream).
+  function loadCrossSite() {
+    if (crossSiteRequest) return;
+    crossSiteRequest = fetch(`/api/experiments/${page.experiment}/cross-site/`, { credentials: "same-origin" })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((results) => { if (results) { state.crossSite = results; drawCrossSite(); } })
+      .catch(() => {})
+      .finally(() => { crossSiteRequest = null; });
+  }
+
+  function drawCrossSite() {
+    const container = document.getElementById("cross-site");
+    const results = state.crossSite;
+    if (!results || results.round === null || !results.models.length) {
+      container.innerHTML = '<p class="muted">No cross-site evaluation yet: it runs after the last round.</p>';
+      return;
+    }
+    const metric = document.getElementById("cross-site-metric").value;
+    const value = (metrics) => (metrics && typeof metrics[metric] === "number" ? metrics[metric] : null);
+    const values = results.models.flatMap((m) => results.sites.map((s) => value(results.cells[m][s])))
+      .filter((v) => v !== null);
+    const top = metric === "loss" ? Math.max(1e-9, ...values) : 1;
+    const table = document.createElement("table");
+    table.className = "cross-site";
+    table.dataset.round = results.round;
+    table.dataset.status = results.status;
+    const head = table.createTHead().insertRow();
+    head.insertCell().textContent = "model \\ data of";
+    results.sites.forEach((site) => { head.insertCell().textContent = site; });
+    head.insertCell().textContent = "all (weighted)";
+    const body = table.createTBody();
+    results.models.forEach((model) => {
+      const row = body.insertRow();
+      row.dataset.model = model;
+      row.insertCell().textContent =
+        model === "global" ? (results.personalized ? "global (personalized)" : "global") : `${model}'s local`;
+      [...results.sites.map((site) => [site, results.cells[model][site]]),
+        ["weighted", results.weighted[model]]].forEach(([site, metrics]) => {
+        const td = row.insertCell();
+        td.dataset.site = site;
+        const number = value(metrics);
+        if (number === null) {
+          td.className = "missing";
+          const client = results.clients[site];
+          td.textContent = "–";
+          td.title = client && client.error ? `${client.status}: ${client.error}` : "no result";
+          return;
+        }
+        td.textContent = number.toFixed(3);
+        // Darker is better: high accuracy, low loss.
+        const strength = metric === "loss" ? 1 - number / top : number;
+        td.style.background = `rgba(42, 157, 143, ${(0.9 * Math.min(1, Math.max(0, strength))).toFixed(2)})`;
+        if (strength > 0.6) td.style.color = "#fff";
+      });
+    });
+    container.replaceChildren(table);
+  }
+
+  document.getElementById("cross-site-metric").addEventListener("change", drawCrossSite);
+
   function drawRoundsTable() {
     const body = document.querySelector("#rounds-table tbody");
     body.replaceChildren();
@@ -244,7 +337,7 @@
       const done = clients.filter((u) => ["succeeded", "failed", "late"].includes(u.status)).length;
       const row = body.insertRow();
       row.dataset.round = r.number;
-      cell(row, String(r.number));
+      cell(row, r.kind === "evaluate" ? `${r.number} (cross-site)` : String(r.number));
       cell(row, statusBadge(r.status));
       cell(row, `${done}/${clients.length}`);
       cell(row, fmt(evaluation.loss));
@@ -300,8 +393,12 @@
     const status = document.getElementById("status");
     status.className = `status status-${experiment.status}`;
     status.textContent = experiment.status;
+    // As Experiment.round_progress: the cross-site round follows the last training round.
+    const last = `${experiment.num_rounds}/${experiment.num_rounds}`;
     document.getElementById("round-progress").textContent =
-      `${experiment.current_round}/${experiment.num_rounds}`;
+      experiment.current_round <= experiment.num_rounds
+        ? `${experiment.current_round}/${experiment.num_rounds}`
+        : (experiment.status === "running" ? `${last}, cross-site evaluation` : last);
     const failure = document.getElementById("failure");
     failure.hidden = !experiment.failure_reason;
     failure.textContent = experiment.failure_reason || "";
@@ -320,6 +417,7 @@
     drawPerSite(charts.distance, "distance_to_aggregate");
     drawTimeline();
     drawPrivacy();
+    drawFederated();
     drawEvaluation();
     drawRoundsTable();
     drawCheckpoints();
@@ -372,7 +470,12 @@
     socket.addEventListener("message", (message) => {
       const data = JSON.parse(message.data);
       if (data.type === "pong") { clearTimeout(pongDeadline); return; }
-      if (data.type === "snapshot") applySnapshot(data); else applyEvent(data);
+      if (data.type === "snapshot") {
+        applySnapshot(data);
+        if (sortedRounds().some((r) => r.kind === "evaluate")) loadCrossSite();
+      } else {
+        applyEvent(data);
+      }
       draw();
     });
     socket.addEventListener("close", (event) => {
