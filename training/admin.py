@@ -146,7 +146,7 @@ class ExperimentAdmin(admin.ModelAdmin):
 
     @admin.display(description="round")
     def progress(self, experiment: Experiment) -> str:
-        return f"{experiment.current_round}/{experiment.num_rounds}"
+        return experiment.round_progress
 
     @admin.action(description="Stop the selected experiments")
     def stop_experiments(self, request, queryset):

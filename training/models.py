@@ -440,6 +440,15 @@ class Experiment(models.Model):
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_EXPERIMENT_STATUSES
 
+    @property
+    def round_progress(self) -> str:
+        """Training rounds reached, "3/5"; the cross-site round after the last one (its
+        number is num_rounds + 1) is named while it runs."""
+        if self.current_round <= self.num_rounds:
+            return f"{self.current_round}/{self.num_rounds}"
+        done = f"{self.num_rounds}/{self.num_rounds}"
+        return done if self.is_terminal else f"{done}, cross-site evaluation"
+
     def can_transition_to(self, status: str) -> bool:
         return status in EXPERIMENT_TRANSITIONS[self.status]
 

@@ -15,12 +15,15 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
+from training import site_evaluation
 from training.differential_privacy import privacy_settings
 from training.models import (
     TERMINAL_CLIENT_UPDATE_STATUSES,
+    Checkpoint,
     ClientUpdate,
     Experiment,
     Round,
+    RoundKind,
     RoundStatus,
     Site,
 )
@@ -122,7 +125,7 @@ def watch_experiment(
         experiment = Experiment.objects.get(pk=experiment_id)
         current = (
             Round.objects.filter(experiment_id=experiment_id, number=experiment.current_round)
-            .only("pk", "number", "status")
+            .only("pk", "number", "status", "kind")
             .first()
         )
         if current is not None and current.number != shown_round:
@@ -131,7 +134,9 @@ def watch_experiment(
             clients = ClientUpdate.objects.filter(round=current).count()
             bar = tqdm(
                 total=clients,
-                desc=f"round {current.number}",
+                desc="cross-site evaluation"
+                if current.kind == RoundKind.EVALUATE
+                else f"round {current.number}",
                 unit="client",
                 file=_Unterminated(out),
             )
@@ -141,8 +146,9 @@ def watch_experiment(
                 round=current, status__in=TERMINAL_CLIENT_UPDATE_STATUSES
             ).count()
             bar.update(done - bar.n)
+        # Training rounds; the cross-site round's results are in summarize()'s "cross_site".
         for closed in Round.objects.filter(
-            experiment_id=experiment_id, status=RoundStatus.CLOSED
+            experiment_id=experiment_id, status=RoundStatus.CLOSED, kind=RoundKind.TRAIN
         ).exclude(pk__in=reported):
             reported.add(closed.pk)
             if on_round_closed is not None:
@@ -189,11 +195,46 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def initial_federated_evaluation(experiment: Experiment) -> dict[str, Any] | None:
+    initial = Checkpoint.objects.filter(experiment=experiment, round__isnull=True).first()
+    return initial.metrics.get("federated_evaluation") if initial is not None else None
+
+
+# The cross-site table's cells: one metric of each model on each site's validation split.
+CROSS_SITE_METRIC = "accuracy"
+
+
+def format_cross_site(results: dict[str, Any], metric: str = CROSS_SITE_METRIC) -> str:
+    """The cross-site matrix as text: a row per model, a column per site's validation data,
+    and the sample-weighted mean over the sites; "-" where a site has no result."""
+    columns = [*results["sites"], "weighted"]
+    rows = [
+        [model]
+        + [
+            cell.get(metric) if (cell := results["cells"][model][site]) else None
+            for site in results["sites"]
+        ]
+        + [results["weighted"][model].get(metric)]
+        for model in results["models"]
+    ]
+    texts = [
+        [row[0]] + [f"{value:.4f}" if isinstance(value, float) else "-" for value in row[1:]]
+        for row in rows
+    ]
+    header = [f"{metric}: model \\ site data", *columns]
+    widths = [max(len(line[i]) for line in [header, *texts]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True))
+        for line in [header, *texts]
+    )
+
+
 def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
     """The JSON summary: configuration, per-round global and per-client metrics, timings."""
     rounds = []
     local_training = aggregation = evaluation = 0.0
-    for fl_round in experiment.rounds.order_by("number").prefetch_related("client_updates__site"):
+    training_rounds = experiment.rounds.filter(kind=RoundKind.TRAIN).order_by("number")
+    for fl_round in training_rounds.prefetch_related("client_updates__site"):
         clients = [
             {
                 "site": update.site.slug,
@@ -214,6 +255,8 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
                 "status": fl_round.status,
                 "global": fl_round.metrics.get("global"),
                 "clients_aggregate": fl_round.metrics.get("clients"),
+                # Its global model on the sites' validation splits: per site slug, "weighted".
+                "federated_evaluation": fl_round.federated_evaluation or None,
                 "epsilon": fl_round.epsilon,
                 "wall_seconds": fl_round.metrics.get("wall_seconds"),
                 "clients": clients,
@@ -240,6 +283,10 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
             "differential_privacy": privacy_settings(experiment),
         },
         "rounds": rounds,
+        # The initial model on the sites' validation splits (round 1's clients evaluated it).
+        "initial_federated_evaluation": initial_federated_evaluation(experiment),
+        # Every model on every site's validation split (None when no cross-site round ran).
+        "cross_site": site_evaluation.cross_site_results(experiment),
         "timing_seconds": {
             "local_training": local_training,
             "aggregation": aggregation,

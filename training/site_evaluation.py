@@ -32,10 +32,6 @@ GLOBAL_MODEL = "global"
 PERSONALIZED_STRATEGIES = frozenset({"fedbn"})
 
 
-class UnknownEvaluationModel(LookupError):
-    """A cross-site round's model label that names no model of the experiment."""
-
-
 def federated_evaluation(by_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What Round.federated_evaluation holds: each site's metrics and their weighted mean."""
     return {"sites": by_site, "weighted": weighted_metrics(by_site)}
@@ -82,44 +78,6 @@ def evaluation_models(experiment_id: int) -> list[str]:
         .distinct()
     )
     return [GLOBAL_MODEL, *slugs]
-
-
-def evaluation_model_file(experiment_id: int, label: str) -> tuple[str, str]:
-    """File name and SHA-256 of the cross-site round's model `label`: the last training
-    round's global model, or the site's last successful local update. Raises
-    UnknownEvaluationModel when the experiment has no such model."""
-    if label == GLOBAL_MODEL:
-        checkpoint = (
-            Checkpoint.objects.filter(
-                experiment_id=experiment_id,
-                round__kind=RoundKind.TRAIN,
-                round__isnull=False,
-            )
-            .order_by("-round__number")
-            .values_list("file", "sha256")
-            .first()
-        )
-        if checkpoint is None:
-            raise UnknownEvaluationModel(f"Experiment {experiment_id} has no global model yet.")
-        return checkpoint
-    update = (
-        ClientUpdate.objects.filter(
-            round__experiment_id=experiment_id,
-            round__kind=RoundKind.TRAIN,
-            site__slug=label,
-            status=ClientUpdateStatus.SUCCEEDED,
-        )
-        .exclude(update_file="")
-        .order_by("-round__number")
-        .values_list("update_file", "update_sha256")
-        .first()
-    )
-    if update is None:
-        raise UnknownEvaluationModel(
-            f"Experiment {experiment_id} has no model {label!r}: give {GLOBAL_MODEL!r} or the "
-            "slug of a site with a successful update."
-        )
-    return update
 
 
 def cross_site_round(experiment: Experiment) -> Round | None:

@@ -26,11 +26,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from training.differential_privacy import privacy_settings, uses_client_level_dp
-from training.models import ClientUpdate, Dataset, Experiment, Round, RoundStatus
+from training.models import ClientUpdate, Dataset, Experiment, Round, RoundKind, RoundStatus
+from visualization import evaluations
 
 REPORT_CONTENT_TYPES = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 PNG_DPI = 150
-FIGURE_INCHES = (12.0, 13.5)  # 1800 x 2025 pixels at PNG_DPI
+FIGURE_INCHES = (12.0, 18.0)  # 1800 x 2700 pixels at PNG_DPI
 
 # The columns of `metrics_rows`, in the order the CSV export writes them. One row stands for
 # one client update (one site in one round); the round's held-out evaluation is repeated on
@@ -74,15 +75,16 @@ class UnknownRound(ValueError):
 
 
 def ledger_rounds(experiment: Experiment) -> list[Round]:
-    """The experiment's rounds by number, each with its client updates and their sites.
+    """The experiment's training rounds by number, each with its client updates and their
+    sites (the cross-site round is read by visualization/evaluations.py).
 
     Two queries whatever the number of rounds and clients.
     """
     updates = ClientUpdate.objects.select_related("site").order_by("site__slug")
     return list(
-        experiment.rounds.order_by("number").prefetch_related(
-            Prefetch("client_updates", queryset=updates)
-        )
+        experiment.rounds.filter(kind=RoundKind.TRAIN)
+        .order_by("number")
+        .prefetch_related(Prefetch("client_updates", queryset=updates))
     )
 
 
@@ -231,6 +233,8 @@ def round_summary(fl_round: Round) -> dict[str, Any]:
         "evaluation_seconds": metrics.get("evaluation_seconds"),
         "wall_seconds": metrics.get("wall_seconds"),
         "epsilon": fl_round.epsilon,
+        # Its global model on each site's validation split ("sites") and their mean.
+        "federated_evaluation": fl_round.federated_evaluation or None,
     }
 
 
@@ -243,8 +247,9 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
     Panels: held-out loss and quality (accuracy, balanced accuracy, AUC) per round; each
     site's training loss and accuracy per round; the confusion matrix and ROC curve (or, for
     more than two classes, per-class precision and recall) of one round: `round_number`, by
-    default the last closed round with a held-out evaluation. Raises UnknownRound when the
-    experiment has no round `round_number`.
+    default the last closed round with a held-out evaluation; the sites' federated
+    evaluation per round and the cross-site evaluation's heatmap. Raises UnknownRound when
+    the experiment has no training round `round_number`.
     """
     if fmt not in REPORT_CONTENT_TYPES:
         formats = ", ".join(REPORT_CONTENT_TYPES)
@@ -255,9 +260,12 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
 
     figure = Figure(figsize=FIGURE_INCHES, layout="constrained")
     FigureCanvasAgg(figure)
-    (loss_axes, quality_axes), (site_loss_axes, site_accuracy_axes), (matrix_axes, curve_axes) = (
-        figure.subplots(3, 2)
-    )
+    (
+        (loss_axes, quality_axes),
+        (site_loss_axes, site_accuracy_axes),
+        (matrix_axes, curve_axes),
+        (federated_axes, cross_site_axes),
+    ) = figure.subplots(4, 2)
     figure.suptitle(report_title(experiment, rounds), fontsize=13, parse_math=False)
     draw_held_out_loss(loss_axes, rounds)
     draw_held_out_quality(quality_axes, rounds)
@@ -269,6 +277,8 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
         draw_roc_curve(curve_axes, shown)
     else:
         draw_per_class_scores(curve_axes, shown, dataset)
+    evaluations.draw_federated_evaluation(federated_axes, rounds, NO_DATA)
+    evaluations.draw_heatmap(cross_site_axes, evaluations.cross_site_document(experiment), NO_DATA)
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format=fmt, dpi=PNG_DPI, metadata=file_metadata(fmt, experiment))

@@ -21,6 +21,7 @@ from training.models import (
     NoiseLocation,
     Optimizer,
     Round,
+    RoundKind,
     RoundStatus,
     Site,
     SiteDataset,
@@ -58,7 +59,7 @@ def sparkline_points(values: list[float]) -> str:
 
 @login_required
 def home(request):
-    closed_rounds = Round.objects.filter(status=RoundStatus.CLOSED).only(
+    closed_rounds = Round.objects.filter(status=RoundStatus.CLOSED, kind=RoundKind.TRAIN).only(
         "experiment_id", "number", "metrics"
     )
     best = Checkpoint.objects.filter(is_best=True).only("experiment_id", "metrics")

@@ -18,5 +18,7 @@ urlpatterns = [
         ("report.pdf", "report_pdf", "experiment-report-pdf"),
         ("metrics.csv", "metrics_csv", "experiment-metrics-csv"),
         ("metrics.json", "metrics_json", "experiment-metrics-json"),
+        ("cross-site/", "cross_site", "experiment-cross-site"),
+        ("cross-site.csv", "cross_site_csv", "experiment-cross-site-csv"),
     )
 ]

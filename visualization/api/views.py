@@ -10,7 +10,7 @@ from rest_framework.permissions import IsAuthenticated
 
 from training.api.permissions import IsOwnerOrStaffToChange
 from training.models import Experiment
-from visualization import reports
+from visualization import evaluations, reports
 
 
 def report_schema(fmt: str, content_type: str, description: str):
@@ -100,6 +100,66 @@ class ExperimentDownloadViewSet(viewsets.GenericViewSet):
         experiment = self.get_object()
         document = JsonResponse(reports.metrics_json(experiment))
         return self.as_download(document, f"experiment-{experiment.pk}-metrics.json")
+
+    @extend_schema(
+        operation_id="experiments_cross_site",
+        parameters=[
+            OpenApiParameter(
+                "format",
+                str,
+                enum=["json", "csv"],
+                description="csv: one row per model and site, then one per model over all "
+                "sites (weighted by their validation samples); default json.",
+            )
+        ],
+        responses={
+            (200, "application/json"): OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="The cross-site evaluation: `models` (rows: `global`, then "
+                "each site's last local model by slug), `sites` (columns: whose validation "
+                "data), `cells[model][site]` (metrics, or null where the site has none), "
+                "`weighted[model]` (over the sites, by samples), the round's `round` and "
+                "`status` (both null before it opened), `personalized` (the global model "
+                "was evaluated with each site's own local layers, FedBN), and each site's "
+                "task `status` and `error` in `clients`.",
+            ),
+            (200, "text/csv"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="Columns " + ", ".join(evaluations.CSV_COLUMNS) + ".",
+            ),
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="`format` is not json or csv."),
+        },
+    )
+    def cross_site(self, request, pk=None):
+        """The cross-site evaluation: every model on every site's validation data."""
+        experiment = self.get_object()
+        fmt = request.query_params.get("format", "json")
+        if fmt == "csv":
+            return self.cross_site_table(experiment)
+        if fmt != "json":
+            raise ValidationError({"format": [f"Give json or csv, not {fmt!r}."]})
+        return JsonResponse(evaluations.cross_site_document(experiment))
+
+    @extend_schema(
+        operation_id="experiments_cross_site_csv",
+        responses={
+            (200, "text/csv"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="The cross-site evaluation (see cross-site/): columns "
+                + ", ".join(evaluations.CSV_COLUMNS)
+                + ".",
+            )
+        },
+    )
+    def cross_site_csv(self, request, pk=None):
+        """The cross-site evaluation as CSV, one row per model and site."""
+        return self.cross_site_table(self.get_object())
+
+    def cross_site_table(self, experiment: Experiment) -> HttpResponse:
+        table = HttpResponse(
+            evaluations.cross_site_csv(experiment), content_type="text/csv; charset=utf-8"
+        )
+        return self.as_download(table, f"experiment-{experiment.pk}-cross-site.csv")
 
     def report_download(self, request, fmt: str) -> HttpResponse:
         experiment = self.get_object()

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from flproject.celery import app as celery_app
-from training import services, sweeps
+from training import services, site_evaluation, sweeps
 from training.models import (
     AggregationWeighting,
     Dataset,
@@ -24,6 +24,7 @@ from training.runner import (
     ExperimentInputError,
     create_experiment,
     default_owner,
+    format_cross_site,
     format_table,
     quiet_task_logs,
     round_row,
@@ -251,4 +252,8 @@ class Command(BaseCommand):
             raise CommandError(f"Experiment {experiment_id} stopped.") from None
         if rows:
             self.stdout.write(format_table(rows))
+        cross_site = site_evaluation.cross_site_results(final)
+        if cross_site is not None and cross_site["models"]:
+            self.stdout.write("Cross-site evaluation (each model on each site's validation data):")
+            self.stdout.write(format_cross_site(cross_site))
         return final
