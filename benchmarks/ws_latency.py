@@ -27,10 +27,9 @@ POSTGRES_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@1
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 SETUP = """
-from rest_framework.authtoken.models import Token
-from tests.factories import ExperimentFactory, UserFactory
+from tests.factories import ExperimentFactory, UserFactory, api_token
 owner = UserFactory(username="bench")
-print(ExperimentFactory(owner=owner).pk, Token.objects.create(user=owner).key)
+print(ExperimentFactory(owner=owner).pk, api_token(owner))
 """
 
 PUBLISH = """
@@ -51,11 +50,14 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
-async def subscribe(url: str, ready: asyncio.Event, ready_count: list[int], subscribers: int,
-                    events: int, receipts: dict[int, list[float]]) -> None:  # fmt: skip
+async def subscribe(url: str, token: str, ready: asyncio.Event, ready_count: list[int],
+                    subscribers: int, events: int,
+                    receipts: dict[int, list[float]]) -> None:  # fmt: skip
     import websockets
 
-    async with websockets.connect(url, max_size=None) as socket:
+    # The token goes in the handshake's subprotocols, never in the URL (visualization/auth.py).
+    subprotocols = ["fedlens.token", token]
+    async with websockets.connect(url, max_size=None, subprotocols=subprotocols) as socket:
         snapshot = json.loads(await socket.recv())
         if snapshot["type"] != "snapshot":
             raise RuntimeError(f"expected the snapshot first, got {snapshot}")
@@ -71,10 +73,11 @@ async def subscribe(url: str, ready: asyncio.Event, ready_count: list[int], subs
             received += 1
 
 
-async def measure(url: str, subscribers: int, events: int, publisher_command: list[str],
+async def measure(url: str, token: str, subscribers: int, events: int, publisher_command: list[str],
                   env: dict[str, str]) -> dict[int, list[float]]:  # fmt: skip
     ready, ready_count, receipts = asyncio.Event(), [0], {}
-    tasks = [asyncio.create_task(subscribe(url, ready, ready_count, subscribers, events, receipts))
+    tasks = [asyncio.create_task(subscribe(url, token, ready, ready_count, subscribers, events,
+                                           receipts))
              for _ in range(subscribers)]  # fmt: skip
     await asyncio.wait_for(ready.wait(), timeout=60)
     publisher = await asyncio.create_subprocess_exec(*publisher_command, cwd=PROJECT_ROOT, env=env)
@@ -118,10 +121,12 @@ def main() -> None:
                 cwd=PROJECT_ROOT, env=env,
             )  # fmt: skip
             time.sleep(4)
-            url = f"ws://127.0.0.1:{port}/ws/experiments/{experiment}/?token={token}"
+            url = f"ws://127.0.0.1:{port}/ws/experiments/{experiment}/"
             publisher = [sys.executable, "-c", PUBLISH, experiment, str(args.events),
                          str(args.rate)]  # fmt: skip
-            receipts = asyncio.run(measure(url, args.subscribers, args.events, publisher, env))
+            receipts = asyncio.run(
+                measure(url, token, args.subscribers, args.events, publisher, env)
+            )
     finally:
         if server is not None:
             server.terminate()

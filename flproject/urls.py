@@ -13,6 +13,8 @@ urlpatterns = [
     path("", include("visualization.viewer.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
+    # Before training's API: sign-in, the audit log and site operators' routes.
+    path("api/", include("accounts.urls")),
     path("api/", include("training.api.urls")),
     path("api/", include("visualization.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

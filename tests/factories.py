@@ -5,6 +5,7 @@ from datetime import timedelta
 import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
+from knox.models import AuthToken
 
 from training import services
 from training.models import (
@@ -110,6 +111,12 @@ class CheckpointFactory(factory.django.DjangoModelFactory):
     sha256 = "0" * 64
     size_bytes = 7
     num_parameters = 1
+
+
+def api_token(user) -> str:
+    """A new API token of the user, as POST /api/auth/token/ hands it out."""
+    _, token = AuthToken.objects.create(user=user)
+    return token
 
 
 def claim(update: ClientUpdate, *, worker: str) -> ClientUpdate | None:

@@ -24,7 +24,6 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
 from django.db import connection
-from rest_framework.authtoken.models import Token
 
 from tests.conftest import (
     PROJECT_ROOT,
@@ -36,7 +35,7 @@ from tests.conftest import (
     stop_process,
     wait_until_finished,
 )
-from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory
+from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, api_token
 from training import services
 from training.models import Checkpoint, ClientUpdate, ExperimentStatus, model_store
 
@@ -400,7 +399,7 @@ def test_a_restored_backup_serves_the_finished_experiment_with_the_same_ledger_a
     finally:
         worker.stop()
     assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
-    token = Token.objects.create(user=experiment.owner).key
+    token = api_token(experiment.owner)
     best = Checkpoint.objects.get(experiment=experiment, is_best=True)
     source_database = connection.settings_dict["NAME"]
 

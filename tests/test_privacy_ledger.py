@@ -9,7 +9,6 @@ import sqlite3
 import pytest
 from asgiref.sync import async_to_sync
 from django.db import connection, transaction
-from rest_framework.authtoken.models import Token
 
 from tests.factories import (
     CheckpointFactory,
@@ -18,6 +17,7 @@ from tests.factories import (
     RoundFactory,
     SiteFactory,
     UserFactory,
+    api_token,
 )
 from tests.test_federation_e2e import embedded_project, manage  # noqa: F401 - a fixture
 from tests.test_stream import connect
@@ -228,7 +228,7 @@ def test_a_closed_round_reaches_the_page_with_its_epsilon() -> None:
         },
     )
     CheckpointFactory(experiment=experiment, round=fl_round)
-    token = Token.objects.create(user=owner)
+    token = api_token(owner)
 
     def close_round() -> None:
         try:
@@ -238,7 +238,7 @@ def test_a_closed_round_reaches_the_page_with_its_epsilon() -> None:
             connection.close()  # this thread's, or the test database cannot be dropped
 
     async def listen():
-        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        listener = connect(f"/ws/experiments/{experiment.pk}/", token=token)
         await listener.connect()
         assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
         await asyncio.get_running_loop().run_in_executor(None, close_round)

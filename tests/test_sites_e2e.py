@@ -22,9 +22,9 @@ import redis
 import requests
 from django.contrib.auth import get_user_model
 from django.test import Client
-from rest_framework.authtoken.models import Token
 
 from tests import hosts
+from tests.factories import api_token
 from tests.hosts import VENV_PYTHON, environment_of, program_pid, run_as, run_as_check
 from training.fl.data import generate_synthetic_dataset
 from training.models import (
@@ -141,7 +141,7 @@ def test_two_hospitals_train_one_model_without_the_central_database(federation_s
     server, hosts_ = federation_server, federation_server.hosts
     site_a, site_b = hosts_.sites
     admin = get_user_model().objects.create_superuser("admin", password="unused-secret-1")
-    researcher = Researcher(server, Token.objects.create(user=admin).key)
+    researcher = Researcher(server, api_token(admin))
 
     # Given: the admin enrols both hospitals, whose operators declare their local data.
     for site in (site_a, site_b):

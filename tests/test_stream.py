@@ -13,12 +13,15 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.db import connection
-from rest_framework.authtoken.models import Token
 
 from tests.conftest import WorkerProcess, needs_redis, new_experiment
-from tests.factories import ExperimentFactory, RoundFactory, UserFactory
+from tests.factories import ExperimentFactory, RoundFactory, UserFactory, api_token
 from training import services
-from visualization.auth import TokenAuthMiddleware, allowed_hosts_origin_validator
+from visualization.auth import (
+    TOKEN_SUBPROTOCOL,
+    TokenAuthMiddleware,
+    allowed_hosts_origin_validator,
+)
 from visualization.events import publish
 from visualization.routing import websocket_urlpatterns
 
@@ -32,8 +35,12 @@ application = allowed_hosts_origin_validator(
 QUIET_SECONDS = 11
 
 
-def connect(path: str, headers=None) -> WebsocketCommunicator:
-    return WebsocketCommunicator(application, path, headers=headers or [])
+def connect(path: str, headers=None, *, token: str | None = None) -> WebsocketCommunicator:
+    """A client of the stream; with a token, sent as the subprotocol API clients use."""
+    subprotocols = [TOKEN_SUBPROTOCOL, token] if token is not None else None
+    return WebsocketCommunicator(
+        application, path, headers=headers or [], subprotocols=subprotocols
+    )
 
 
 async def close_code(communicator: WebsocketCommunicator) -> int:
@@ -49,9 +56,8 @@ async def close_code(communicator: WebsocketCommunicator) -> int:
 def test_a_page_of_another_site_cannot_open_the_stream():
     owner = UserFactory()
     experiment = ExperimentFactory(owner=owner)
-    token = Token.objects.create(user=owner)
-    listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}",
-                       [(b"origin", b"https://evil.example.com")])  # fmt: skip
+    evil_origin = [(b"origin", b"https://evil.example.com")]
+    listener = connect(f"/ws/experiments/{experiment.pk}/", evil_origin, token=api_token(owner))
 
     connected, _ = async_to_sync(listener.connect)()
 
@@ -83,27 +89,25 @@ def test_a_visitor_without_login_is_refused_with_4401():
 @pytest.mark.django_db(transaction=True)
 def test_a_user_who_may_not_see_the_experiment_is_refused_with_4403():
     experiment = ExperimentFactory()
-    stranger = Token.objects.create(user=UserFactory())
+    stranger = api_token(UserFactory())
 
-    code = async_to_sync(close_code)(
-        connect(f"/ws/experiments/{experiment.pk}/?token={stranger.key}")
-    )
+    code = async_to_sync(close_code)(connect(f"/ws/experiments/{experiment.pk}/", token=stranger))
 
     assert code == 4403
 
 
 @pytest.mark.django_db(transaction=True)
 def test_an_unknown_experiment_is_refused_with_4403():
-    token = Token.objects.create(user=UserFactory())
+    token = api_token(UserFactory())
 
-    assert async_to_sync(close_code)(connect(f"/ws/experiments/999999/?token={token.key}")) == 4403
+    assert async_to_sync(close_code)(connect("/ws/experiments/999999/", token=token)) == 4403
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_wrong_token_is_refused_with_4401():
     experiment = ExperimentFactory()
 
-    code = async_to_sync(close_code)(connect(f"/ws/experiments/{experiment.pk}/?token=nope"))
+    code = async_to_sync(close_code)(connect(f"/ws/experiments/{experiment.pk}/", token="nope"))
 
     assert code == 4401
 
@@ -119,22 +123,22 @@ async def first_message(communicator: WebsocketCommunicator) -> dict:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("how", ["query", "header", "session"])
+@pytest.mark.parametrize("how", ["subprotocol", "header", "session"])
 def test_a_member_first_receives_a_snapshot_of_the_ledger(how, client):
     member = UserFactory()
     experiment = ExperimentFactory(members=[member], status="running", current_round=2)
     RoundFactory(experiment=experiment, number=1, status="closed", metrics={"global": None})
     RoundFactory(experiment=experiment, number=2)
-    path, headers = f"/ws/experiments/{experiment.pk}/", []
-    if how == "query":
-        path += f"?token={Token.objects.create(user=member).key}"
+    path, headers, token = f"/ws/experiments/{experiment.pk}/", [], None
+    if how == "subprotocol":
+        token = api_token(member)
     elif how == "header":
-        headers = [(b"authorization", f"Token {Token.objects.create(user=member).key}".encode())]
+        headers = [(b"authorization", f"Token {api_token(member)}".encode())]
     else:
         client.force_login(member)
         headers = [(b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())]
 
-    messages = async_to_sync(first_message)(connect(path, headers))
+    messages = async_to_sync(first_message)(connect(path, headers, token=token))
 
     snapshot = messages["first"]
     assert snapshot["type"] == "snapshot"
@@ -148,10 +152,10 @@ def test_a_member_first_receives_a_snapshot_of_the_ledger(how, client):
 def test_published_events_reach_every_listener():
     owner = UserFactory()
     experiment = ExperimentFactory(owner=owner)
-    token = Token.objects.create(user=owner)
+    token = api_token(owner)
 
     async def listen_twice():
-        listeners = [connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        listeners = [connect(f"/ws/experiments/{experiment.pk}/", token=token)
                      for _ in range(2)]  # fmt: skip
         for listener in listeners:
             await listener.connect()
@@ -176,10 +180,10 @@ def test_a_listener_still_hears_events_after_a_quiet_spell():
     timeout no longer than that (redis-py 8's default is 5 s) broke quiet connections."""
     owner = UserFactory()
     experiment = ExperimentFactory(owner=owner)
-    token = Token.objects.create(user=owner)
+    token = api_token(owner)
 
     async def listen_after_silence():
-        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        listener = connect(f"/ws/experiments/{experiment.pk}/", token=token)
         await listener.connect()
         assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
         assert await listener.receive_nothing(timeout=QUIET_SECONDS, interval=0.5)
@@ -222,7 +226,7 @@ def test_a_cancelled_receive_on_the_channel_layer_stops_at_once():
 def test_a_burst_of_events_arrives_whole_and_in_order_in_fewer_layer_messages(monkeypatch):
     owner = UserFactory()
     experiment = ExperimentFactory(owner=owner)
-    token = Token.objects.create(user=owner)
+    token = api_token(owner)
     layer_messages = []
     layer = get_channel_layer()
     original_group_send = layer.group_send
@@ -234,7 +238,7 @@ def test_a_burst_of_events_arrives_whole_and_in_order_in_fewer_layer_messages(mo
     monkeypatch.setattr(layer, "group_send", counting_group_send)
 
     async def listen():
-        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        listener = connect(f"/ws/experiments/{experiment.pk}/", token=token)
         await listener.connect()
         assert (await listener.receive_json_from(timeout=5))["type"] == "snapshot"
         for sequence in range(30):
@@ -265,11 +269,11 @@ def start(experiment_id: int) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_events_arrive_in_order_during_a_real_run(lesions_dataset, worker_env):
     experiment = new_experiment(lesions_dataset, num_rounds=2, clients_per_round=2, min_clients=2)
-    token = Token.objects.create(user=experiment.owner)
+    token = api_token(experiment.owner)
     worker = WorkerProcess(f"stream-{uuid.uuid4().hex[:6]}@test", worker_env)
 
     async def watch():
-        listener = connect(f"/ws/experiments/{experiment.pk}/?token={token.key}")
+        listener = connect(f"/ws/experiments/{experiment.pk}/", token=token)
         await listener.connect()
         received = [await listener.receive_json_from(timeout=10)]
         await asyncio.get_running_loop().run_in_executor(None, start, experiment.pk)

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.contrib import admin, messages
 
-from training import services, sites
+from training import audit, services, sites
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -157,6 +157,7 @@ class ExperimentAdmin(admin.ModelAdmin):
             except InvalidTransition as exc:
                 self.message_user(request, str(exc), messages.WARNING)
             else:
+                audit.record(experiment, "stop", actor=request.user)
                 stopped += 1
         if stopped:
             self.message_user(request, f"Stopped {stopped} experiment(s).", messages.SUCCESS)

@@ -3,12 +3,13 @@
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from training import comparison, services, sweeps
+from training import audit, comparison, services, sweeps
 from training.fl.networks import available_networks
 from training.fl.strategies import available_strategies, describe_strategies
 from training.models import (
@@ -156,6 +157,9 @@ def clone_source(user, experiment_id: str | None) -> Experiment | None:
 def new_experiment(request):
     """Create (and optionally start) an experiment, validated exactly as the REST API does.
     ?clone=<id> fills the form with that experiment's settings ("run again with changes")."""
+    if not request.user.has_perm("fedlens.create_experiment"):
+        raise PermissionDenied("Your role may not create experiments: ask an admin for the "
+                               "researcher role.")  # fmt: skip
     source = clone_source(request.user, request.POST.get("cloned_from") or request.GET.get("clone"))
     values, errors = {}, {}
     if request.method == "POST":
@@ -176,6 +180,8 @@ def new_experiment(request):
                     services.start_experiment(experiment.pk)
                 except InvalidTransition as exc:
                     messages.error(request, str(exc))
+                else:
+                    audit.record(experiment, "start", actor=request.user)
             return redirect("experiment-page", experiment_id=experiment.pk)
     elif source is not None:
         values = {**sweeps.clone_settings(source, {}), "cloned_from": source.pk}

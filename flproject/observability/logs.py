@@ -55,6 +55,22 @@ class LogContextFilter(logging.Filter):
         return True
 
 
+# A secret in a query string, as an old client may still send it (the server refuses it).
+SECRET_IN_QUERY = re.compile(r"([?&](?:token|ticket|key|password)=)[^&\s\"']*", re.IGNORECASE)
+
+
+class RedactSecretsFilter(logging.Filter):
+    """Blanks secrets in query strings of every line (uvicorn's access and WebSocket lines
+    print the whole URL), so that no token is written to a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if SECRET_IN_QUERY.search(message):
+            record.msg = SECRET_IN_QUERY.sub(r"\1[redacted]", message)
+            record.args = None
+        return True
+
+
 def json_formatter() -> JsonFormatter:
     return JsonFormatter(
         ["levelname", "name", "message"],

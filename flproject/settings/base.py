@@ -4,7 +4,9 @@ A missing or malformed variable raises ImproperlyConfigured with one sentence na
 manage.py, asgi.py and wsgi.py print that sentence and exit.
 """
 
+import re
 import sys
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -40,6 +42,18 @@ def env_int(name: str, default: int, *, minimum: int = 1) -> int:
             f"{name} must be a whole number of at least {minimum}, not {raw!r}."
         )
     return int(raw)
+
+
+def env_rate(name: str, default: str) -> str:
+    """A request rate as DRF's throttles take it: a number of requests per second, minute,
+    hour or day."""
+    raw = env.str(name, default=default).strip()
+    if not re.fullmatch(r"[1-9][0-9]*/(second|minute|hour|day)", raw):
+        raise ImproperlyConfigured(
+            f"{name} must be a number of requests per second, minute, hour or day, such as "
+            f"600/minute, not {raw!r}."
+        )
+    return raw
 
 
 def env_list(name: str, default: str = "") -> list[str]:
@@ -184,7 +198,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
+    "rules.apps.AutodiscoverRulesConfig",
+    "axes",
+    "auditlog",
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -194,6 +211,7 @@ INSTALLED_APPS = [
     "visualization",
     "workers",
     "flproject.observability",
+    "accounts",
 ]
 
 MIDDLEWARE = [
@@ -207,8 +225,11 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "accounts.audit.AuditActorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After the others: it turns a login refused for too many failures into its answer.
+    "axes.middleware.AxesMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
@@ -237,6 +258,34 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# The first refuses sign-ins while a username is locked out (django-axes); rules' backend
+# answers the roles' permissions (accounts/rules.py); ModelBackend checks passwords.
+AUTHENTICATION_BACKENDS = [
+    "accounts.backends.LoginAttemptsBackend",
+    "rules.permissions.ObjectPermissionBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# What a user in no role group may do: researcher or viewer (accounts/rules.py).
+FEDLENS_DEFAULT_ROLE = env.str("FEDLENS_DEFAULT_ROLE", default="researcher").strip()
+if FEDLENS_DEFAULT_ROLE not in {"researcher", "viewer"}:
+    raise ImproperlyConfigured(
+        f"FEDLENS_DEFAULT_ROLE must be researcher or viewer, not {FEDLENS_DEFAULT_ROLE!r}."
+    )
+# After this many wrong passwords for one username from one address, sign-ins of that
+# username from there are refused (429) for FEDLENS_LOGIN_LOCKOUT_MINUTES, on the login
+# page, the admin and /api/auth/token/ alike. `manage.py axes_reset` lifts every lockout.
+AXES_FAILURE_LIMIT = env_int("FEDLENS_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("FEDLENS_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "accounts.lockout.lockout_response"
+AXES_VERBOSE = False
+# API tokens (django-rest-knox): a new one at each sign-in, stored as a hash, valid this many
+# hours, all of a user's ended by a password change (accounts/audit.py).
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(hours=env_int("FEDLENS_API_TOKEN_HOURS", 10)),
+    "AUTH_HEADER_PREFIX": "Token",
+}
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
@@ -266,7 +315,7 @@ STORAGES = {
 REST_FRAMEWORK = {
     # Token first: its WWW-Authenticate header makes anonymous requests 401 rather than 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "knox.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -284,8 +333,22 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "training.api.errors.exception_handler",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
-    # Enrolment is the one anonymous endpoint that takes a secret: guessing tokens is slowed.
-    "DEFAULT_THROTTLE_RATES": {"site-enrolment": "30/hour"},
+    # Per user (a site's agent counts as its site) and per address for anonymous requests;
+    # views with a throttle_scope also count in that scope (accounts/throttles.py).
+    "DEFAULT_THROTTLE_CLASSES": [
+        "accounts.throttles.AnonymousRateThrottle",
+        "accounts.throttles.PrincipalRateThrottle",
+        "accounts.throttles.ScopeRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": env_rate("FEDLENS_THROTTLE_ANON", "600/minute"),
+        "user": env_rate("FEDLENS_THROTTLE_USER", "6000/minute"),
+        # Passwords tried at /api/auth/token/, per address.
+        "login": env_rate("FEDLENS_THROTTLE_LOGIN", "30/minute"),
+        "upload": env_rate("FEDLENS_THROTTLE_UPLOAD", "60/hour"),
+        # Enrolment is the one anonymous endpoint that takes a secret: guessing is slowed.
+        "site-enrolment": "30/hour",
+    },
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "FedLens API",
@@ -395,7 +458,10 @@ LOG_HANDLERS = ["console", "file"] if LOG_FILE else ["console"]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "flproject.observability.logs.LogContextFilter"}},
+    "filters": {
+        "context": {"()": "flproject.observability.logs.LogContextFilter"},
+        "redact": {"()": "flproject.observability.logs.RedactSecretsFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
         "json": {"()": "flproject.observability.logs.json_formatter"},
@@ -404,7 +470,7 @@ LOGGING = {
         "console": {
             "class": "logging.StreamHandler",
             "formatter": LOG_FORMAT,
-            "filters": ["context"],
+            "filters": ["context", "redact"],
         },
     },
     "root": {"handlers": LOG_HANDLERS, "level": LOG_LEVEL},
@@ -424,5 +490,5 @@ if LOG_FILE:
         "backupCount": 10,
         "encoding": "utf-8",
         "formatter": LOG_FORMAT,
-        "filters": ["context"],
+        "filters": ["context", "redact"],
     }

@@ -72,3 +72,14 @@ DEBUG = False
 # Hashing with a real algorithm takes ~0.3 s per user; tests create many users.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 FEDLENS_DATASET_ROOTS = [FEDLENS_DATA_DIR / "datasets", FEDLENS_DATA_DIR / "test-datasets"]
+# Rates that no test reaches by accident; the throttling tests set low ones themselves.
+REST_FRAMEWORK = {
+    **REST_FRAMEWORK,  # noqa: F405
+    "DEFAULT_THROTTLE_RATES": {
+        **REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"],  # noqa: F405
+        "anon": "100000/minute",
+        "user": "100000/minute",
+        "login": "100000/minute",
+        "upload": "100000/minute",
+    },
+}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db.models import Q
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -175,7 +176,27 @@ class DatasetSerializer(serializers.ModelSerializer):
             )
         if not resolved.exists():
             raise serializers.ValidationError(f"Nothing exists at {resolved}.")
+        if self._folder_of_another_owner(resolved):
+            # Neither the other dataset nor its owner is named: the caller may not see them.
+            raise serializers.ValidationError(
+                "This folder holds, or lies inside, a dataset that another user registered; "
+                "a folder belongs to one owner's datasets only. Choose a folder of your own "
+                "(or upload the data: POST /api/datasets/upload/)."
+            )
         return str(resolved)
+
+    def _folder_of_another_owner(self, folder: Path) -> bool:
+        """Whether `folder` is, contains or lies inside another owner's dataset folder."""
+        if self.instance is not None:
+            owner = self.instance.owner
+        else:  # the command line names the owner; the API's is the requesting user
+            owner = self.context.get("owner") or self.context["request"].user
+        overlapping = (
+            Q(path=str(folder))
+            | Q(path__startswith=f"{folder}/")
+            | Q(path__in=[str(parent) for parent in folder.parents])
+        )
+        return Dataset.objects.exclude(owner=owner).filter(overlapping).exists()
 
     def validate(self, attrs):
         merged = {**self._current_values(), **attrs}

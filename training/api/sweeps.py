@@ -9,6 +9,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
 from training import comparison, sweeps
+from training.api.permissions import RolePermission
 from training.models import Experiment, Sweep
 
 
@@ -74,7 +75,7 @@ class SweepViewSet(
 
     queryset = Sweep.objects.none()  # the schema's model; get_queryset filters
     serializer_class = SweepSerializer
-    permission_classes = [IsAuthenticated]
+    permission_classes = [IsAuthenticated, RolePermission]
     ordering_fields = ["created_at", "name"]
     search_fields = ["name", "description"]
 

@@ -21,6 +21,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from training.api.permissions import RolePermission
 from training.api.serializers import DatasetSerializer
 from training.fl.data import DatasetFormatError, ImageReadError
 from training.management.commands.register_dataset import describe
@@ -91,7 +92,10 @@ def hide_folder(message: str, folder: Path) -> str:
 
 
 class DatasetUploadView(APIView):
-    permission_classes = [IsAuthenticated]
+    permission_classes = [IsAuthenticated, RolePermission]
+    # Registering a dataset: the roles that may create datasets (accounts/rules.py).
+    role_action, role_model = "create", "dataset"
+    throttle_scope = "upload"
     parser_classes = [MultiPartParser]
 
     def initial(self, request, *args, **kwargs):

@@ -1,7 +1,5 @@
 from django.urls import include, path
-from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.routers import DefaultRouter
-from rest_framework.settings import api_settings
 
 from training.api import sweeps, uploads, views
 
@@ -16,12 +14,6 @@ router.register("sweeps", sweeps.SweepViewSet, basename="sweep")
 
 
 urlpatterns = [
-    # DRF's token view names its own parsers; the API's refuse bodies that would fail later.
-    path(
-        "auth/token/",
-        ObtainAuthToken.as_view(parser_classes=api_settings.DEFAULT_PARSER_CLASSES),
-        name="auth-token",
-    ),
     path("site/", include("training.api.site_urls")),
     # Before the router, whose datasets/<pk>/ would take "upload" for an id.
     path("datasets/upload/", uploads.DatasetUploadView.as_view(), name="dataset-upload"),

@@ -10,7 +10,7 @@ from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
-from training import services, sweeps
+from training import audit, services, sweeps
 from training.api.filters import (
     CheckpointFilter,
     ClientUpdateFilter,
@@ -19,7 +19,7 @@ from training.api.filters import (
     RoundFilter,
     SiteFilter,
 )
-from training.api.permissions import IsOwnerOrStaffToChange, IsStaffOrReadOnly
+from training.api.permissions import RolePermission
 from training.api.serializers import (
     CheckpointSerializer,
     ClientUpdateSerializer,
@@ -44,7 +44,7 @@ from training.models import (
 class SiteViewSet(viewsets.ModelViewSet):
     queryset = Site.objects.all()
     serializer_class = SiteSerializer
-    permission_classes = [IsAuthenticated, IsStaffOrReadOnly]
+    permission_classes = [IsAuthenticated, RolePermission]
     filterset_class = SiteFilter
     search_fields = ["name", "slug", "description"]
     ordering_fields = ["name", "slug", "created_at", "last_seen"]
@@ -53,7 +53,7 @@ class SiteViewSet(viewsets.ModelViewSet):
 class DatasetViewSet(viewsets.ModelViewSet):
     queryset = Dataset.objects.none()  # the schema's model; get_queryset filters
     serializer_class = DatasetSerializer
-    permission_classes = [IsAuthenticated, IsOwnerOrStaffToChange]
+    permission_classes = [IsAuthenticated, RolePermission]
     filterset_class = DatasetFilter
     search_fields = ["name", "description"]
     ordering_fields = ["name", "created_at", "num_classes"]
@@ -72,7 +72,7 @@ class DatasetViewSet(viewsets.ModelViewSet):
 class ExperimentViewSet(viewsets.ModelViewSet):
     queryset = Experiment.objects.none()  # the schema's model; get_queryset filters
     serializer_class = ExperimentSerializer
-    permission_classes = [IsAuthenticated, IsOwnerOrStaffToChange]
+    permission_classes = [IsAuthenticated, RolePermission]
     filterset_class = ExperimentFilter
     search_fields = ["name", "description"]
     ordering_fields = ["name", "created_at", "status", "started_at", "finished_at"]
@@ -107,6 +107,7 @@ class ExperimentViewSet(viewsets.ModelViewSet):
     def start(self, request, pk=None):
         """Start a draft experiment: it becomes running and round 1 opens."""
         experiment = services.start_experiment(self.get_object().pk)
+        audit.record(experiment, "start", actor=request.user, status=experiment.status)
         return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
 
     @extend_schema(
@@ -117,7 +118,7 @@ class ExperimentViewSet(viewsets.ModelViewSet):
         '{"strategy": "fedprox", "seed": 1}); its cloned_from is this experiment. Anyone who '
         "can see the experiment may clone it.",
     )
-    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated])
+    @action(detail=True, methods=["post"], permission_classes=[IsAuthenticated, RolePermission])
     def clone(self, request, pk=None):
         """Clone the experiment into a new draft of the requesting user, with changes."""
         if not isinstance(request.data, dict):
@@ -136,6 +137,7 @@ class ExperimentViewSet(viewsets.ModelViewSet):
     def stop(self, request, pk=None):
         """Stop a queued or running experiment; the open round is marked failed."""
         experiment = services.stop_experiment(self.get_object().pk)
+        audit.record(experiment, "stop", actor=request.user)
         return Response(self.get_serializer(self.get_queryset().get(pk=experiment.pk)).data)
 
 

@@ -8,7 +8,7 @@ from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import IsAuthenticated
 
-from training.api.permissions import IsOwnerOrStaffToChange
+from training.api.permissions import RolePermission
 from training.models import Experiment
 from visualization import evaluations, reports
 
@@ -39,7 +39,7 @@ class ExperimentDownloadViewSet(viewsets.GenericViewSet):
     visualization/api/urls.py, as their URLs end in a file name, not a slash."""
 
     queryset = Experiment.objects.none()  # the schema's model; get_queryset filters
-    permission_classes = [IsAuthenticated, IsOwnerOrStaffToChange]
+    permission_classes = [IsAuthenticated, RolePermission]
     filter_backends = []  # one experiment, named by its id: the list filters do not apply
 
     def get_queryset(self):

@@ -87,7 +87,7 @@ class Command(BaseCommand):
             payload["channels"] = options["channels"]
         if options["validation_fraction"] is not None:
             payload["validation_fraction"] = options["validation_fraction"]
-        serializer = DatasetSerializer(data=payload)
+        serializer = DatasetSerializer(data=payload, context={"owner": owner})
         if not serializer.is_valid():
             raise CommandError(
                 "; ".join(

@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
-from training import services
+from training import audit, services
 from training.models import Dataset
 from training.runner import (
     ExperimentInputError,
@@ -79,7 +79,8 @@ class Command(BaseCommand):
             )
         except ExperimentInputError as exc:
             raise CommandError(str(exc)) from exc
-        services.start_experiment(experiment.pk)
+        started = services.start_experiment(experiment.pk)
+        audit.record(started, "start", actor=started.owner, via="manage.py demo")
         self.stdout.write(
             self.style.SUCCESS(
                 f"Experiment {experiment.pk} started; open http://{host}:{port}/ and log in."

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from flproject.celery import app as celery_app
-from training import services, site_evaluation, sweeps
+from training import audit, services, site_evaluation, sweeps
 from training.models import (
     AggregationWeighting,
     Dataset,
@@ -244,11 +244,16 @@ class Command(BaseCommand):
         def show(fl_round):
             rows.append(round_row(fl_round))
 
-        services.start_experiment(experiment_id)
+        started = services.start_experiment(experiment_id)
+        # On the command line, the experiment's owner (--owner) is the one acting.
+        audit.record(started, "start", actor=started.owner, via="manage.py run_experiment")
         try:
             final = watch_experiment(experiment_id, out=self.stderr, on_round_closed=show)
         except KeyboardInterrupt:
-            services.stop_experiment(experiment_id, reason="Interrupted on the command line.")
+            stopped = services.stop_experiment(
+                experiment_id, reason="Interrupted on the command line."
+            )
+            audit.record(stopped, "stop", actor=stopped.owner, via="manage.py run_experiment")
             raise CommandError(f"Experiment {experiment_id} stopped.") from None
         if rows:
             self.stdout.write(format_table(rows))

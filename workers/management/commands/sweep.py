@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from training import comparison, services, sweeps
+from training import audit, comparison, services, sweeps
 from training.models import TERMINAL_EXPERIMENT_STATUSES, Sweep
 from training.runner import POLL_SECONDS, quiet_task_logs
 from workers.embedded import EmbeddedWorker
@@ -119,4 +119,5 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             for experiment in sweep.experiments.exclude(status__in=TERMINAL_EXPERIMENT_STATUSES):
                 services.stop_experiment(experiment.pk, reason="Sweep interrupted.")
+                audit.record(experiment, "stop", actor=sweep.owner, via="manage.py sweep")
             raise CommandError(f"Sweep {sweep.pk} stopped.") from None
