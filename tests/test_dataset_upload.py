@@ -343,6 +343,37 @@ def test_a_script_among_the_images_is_refused(uploader, uploads_dir, lesions_fol
 
 
 @pytest.mark.django_db
+def test_a_member_name_that_is_not_utf8_is_refused_and_shown_escaped(
+    uploader, uploads_dir, lesions_folder, tmp_path
+):
+    archive = tmp_path / "latin1.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        tar.add(lesions_folder, "", recursive=True)
+        image = lesions_folder / "site-1" / "img-0001.nii.gz"
+        tar.add(image, "site-1/r\xf6ntgen.nii.gz")
+
+    response = upload(uploader, archive)
+
+    body = assert_refused(
+        response, 400, member="site-1/r\\udcf6ntgen.nii.gz", words="not UTF-8 text"
+    )
+    assert "rename it" in body["detail"]
+
+
+@pytest.mark.django_db
+def test_labels_that_are_not_utf8_text_are_refused(uploader, uploads_dir, tmp_path):
+    image = png_bytes(tmp_path)
+    archive = zip_with(
+        tmp_path / "latin1.zip",
+        {"labels.csv": "path,label\nr\xf6ntgen.png,0\n".encode("latin-1"), "r\xf6ntgen.png": image},
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member="labels.csv", words="not UTF-8 text")
+
+
+@pytest.mark.django_db
 def test_an_image_named_as_another_format_is_refused(uploader, uploads_dir, tmp_path):
     archive = zip_with(
         tmp_path / "renamed.zip",

@@ -12,6 +12,7 @@ No Django here: the limits come in as arguments (settings in flproject/settings/
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import re
 import shutil
@@ -53,6 +54,9 @@ class ArchiveRefused(ValueError):
     """The archive cannot be accepted; the message says which member and why."""
 
     def __init__(self, message: str, *, member: str | None = None) -> None:
+        if member is not None:
+            # tarfile decodes undecodable bytes of a name as lone surrogates; show them escaped.
+            member = member.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(f"{member}: {message}" if member else message)
         self.member = member
 
@@ -147,6 +151,10 @@ def _checked_name(raw_name: str) -> PurePosixPath | None:
     """The member's path inside the destination, None for what is skipped, or a refusal."""
     if "\0" in raw_name or any(ord(character) < 32 for character in raw_name):
         raise ArchiveRefused("the name holds control characters", member=repr(raw_name))
+    try:
+        raw_name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArchiveRefused("the name is not UTF-8 text; rename it", member=raw_name) from None
     if "\\" in raw_name:
         raise ArchiveRefused("the name holds a backslash; use / between folders", member=raw_name)
     if raw_name.startswith("/") or re.match(r"^[A-Za-z]:", raw_name):
@@ -373,14 +381,28 @@ def _check_detached_data(path: Path, image_format: ImageFormat, name: str) -> No
         )
 
 
+def _check_labels_file(path: Path, name: str) -> None:
+    if path.stat().st_size > MAX_LABELS_FILE_BYTES:
+        raise ArchiveRefused(
+            f"larger than {MAX_LABELS_FILE_BYTES // (1024 * 1024)} MB", member=name
+        )
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as handle:
+        try:
+            while chunk := handle.read(COPY_CHUNK_BYTES):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ArchiveRefused(
+                "not UTF-8 text; save it as CSV UTF-8 (path,label[,site])", member=name
+            ) from None
+
+
 def _check_files(unpacker: _Unpacker, limits: UnpackLimits) -> None:
     for name, path in unpacker.files:
         shown = str(name)
         if name.name == LABELS_FILE:
-            if path.stat().st_size > MAX_LABELS_FILE_BYTES:
-                raise ArchiveRefused(
-                    f"larger than {MAX_LABELS_FILE_BYTES // (1024 * 1024)} MB", member=shown
-                )
+            _check_labels_file(path, shown)
             continue
         image_format = detect_image_format(path)
         if image_format is None:
