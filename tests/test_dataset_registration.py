@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.forms import modelform_factory
 
 from tests.conftest import client_for
-from tests.factories import UserFactory
+from tests.factories import DatasetFactory, UserFactory
+from training.admin import DatasetAdminForm
 from training.fl.data import generate_synthetic_dataset
 from training.models import Dataset
 
@@ -190,3 +192,32 @@ def test_register_dataset_refuses_a_bad_normalization_saying_what_to_write(
             "mean-std:0.5",
         )  # fmt: skip
     assert not Dataset.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "channels", "stored", "error"),
+    [
+        (" ZSCORE ", 1, "zscore", None),
+        ("mean-std:0.5/0.25,0.5,0.5", 3, "mean-std:0.5/0.25,0.5,0.5", None),
+        ("", 3, "", None),
+        ("mean-std:0.5/0.25,0.5,0.5", 1, None, "gives 3 standard deviations"),
+        ("ct-window:40,0", 1, None, "the width must be positive"),
+    ],
+)
+def test_the_admin_checks_the_normalization_as_the_api_does(spec, channels, stored, error):
+    dataset = DatasetFactory()
+    form_class = modelform_factory(
+        Dataset, form=DatasetAdminForm, fields=["name", "channels", "normalization"]
+    )
+    form = form_class(
+        {"name": dataset.name, "channels": channels, "normalization": spec}, instance=dataset
+    )
+
+    if error is None:
+        assert form.is_valid(), form.errors
+        form.save()
+        dataset.refresh_from_db()
+        assert (dataset.normalization, dataset.channels) == (stored, channels)
+    else:
+        assert not form.is_valid()
+        assert error in " ".join(form.errors["normalization"])

@@ -1,9 +1,11 @@
 """Django admin: sites, datasets and experiments are edited here; the ledger is read-only."""
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 
 from training import audit, services, sites
+from training.fl.data import NormalizationError, check_normalization
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -80,8 +82,24 @@ class SiteAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {queryset.count()} site(s).", messages.SUCCESS)
 
 
+class DatasetAdminForm(forms.ModelForm):
+    """Checks the normalization spec as the API does, and stores its canonical text (the
+    admin supplies the model and its fields)."""
+
+    def clean(self):
+        cleaned = super().clean()
+        try:
+            cleaned["normalization"] = check_normalization(
+                cleaned.get("normalization") or "", channels=cleaned.get("channels")
+            )
+        except NormalizationError as error:
+            self.add_error("normalization", str(error))
+        return cleaned
+
+
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
+    form = DatasetAdminForm
     list_display = ["name", "owner", "modality", "storage_format", "num_classes", "created_at"]
     list_filter = ["modality", "storage_format"]
     search_fields = ["name", "description", "owner__username"]

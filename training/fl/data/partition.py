@@ -7,7 +7,10 @@ Partition specs:
   proportions (Hsu et al., 2019, arXiv:1909.06335); small alpha means strong skew.
 * ``quantity:<alpha>`` -- quantity skew: client sizes follow Dirichlet proportions.
 * ``site`` -- one client per acquisition site, in sorted site-name order.
-* ``file:<path>`` -- a JSON list with one list of sample indices per client.
+* ``file:<path>`` -- a JSON list with one list of sample indices per client. The indices
+  are rows of the dataset as registered, counted from 0: an image folder's labels.csv data
+  rows, or the rows of an .npz file's train split (see docs/datasets.md); the server's
+  held-out rows are whichever the file gives to no client.
 
 Every client gets at least ``min(min_samples, num_samples // num_clients)`` samples.
 """
@@ -30,7 +33,10 @@ __all__ = [
     "partition_indices",
 ]
 
-PARTITION_FORMS = "iid, dirichlet:<alpha>, quantity:<alpha>, site, file:<path>"
+PARTITION_FORMS = (
+    "iid, dirichlet:<alpha>, quantity:<alpha>, site, file:<path> (a JSON list of row-index "
+    "lists, one per site; rows of the dataset as registered, from 0)"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
