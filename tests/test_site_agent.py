@@ -536,9 +536,25 @@ def test_an_evaluate_task_fetches_each_model_and_reports_one_evaluation_each(
     assert result["num_samples"] == result["evaluation"]["global"]["num_samples"] == 3
     assert result["evaluation"]["global"] != result["evaluation"]["st-anne"]
     assert not api.paths("PUT")  # no weights leave the site
-    assert {p for m, p, _, _ in api.requests if m == "HEAD"} == {
-        "tasks/41/models/global/", "tasks/41/models/st-anne/"
-    }  # fmt: skip
+    # The global model's hash is the task's own; another site's is asked first.
+    assert [p for m, p, _, _ in api.requests if m == "HEAD"] == ["tasks/41/models/st-anne/"]
+
+
+def test_an_evaluate_task_refuses_a_global_model_other_than_the_tasks(home, site_api, lesions):
+    api, server = site_api
+    enrolled_home(home, server)
+    api.weights = some_weights()
+    api.models = {"global": weights_to_bytes(
+        build_network("cnn-small", in_channels=1, num_classes=2, seed=9).state_dict())}  # fmt: skip
+    api.task = task_description(
+        experiment=8, weights=api.weights, kind="evaluate", options={"models": ["global"]}
+    )
+    home.save_datasets({"lesions": {"path": str(lesions), "format": "folder"}})
+
+    assert run_site_task(home, 41, 9, "gpu0@test") == "counted"  # the failure was recorded
+
+    assert "task expects" in api.body_of("POST", "tasks/41/failure/")["error"]
+    assert not [p for m, p, _, _ in api.requests if m == "POST" and p.endswith("result/")]
 
 
 # --- no Django at a hospital -----------------------------------------------------------------

@@ -256,13 +256,17 @@ class SiteApi:
         """The strategy's payload for the task's round, checked against ``sha256``."""
         return self.download_file(f"tasks/{client_update}/payload/", sha256, cache)
 
-    def download_evaluation_model(self, client_update: int, label: str, cache: Path) -> Path:
-        """A model the evaluate task names, checked against the SHA-256 the server gives
-        for it (asked first, so that a model the node already holds is not fetched again)."""
+    def download_evaluation_model(
+        self, client_update: int, label: str, cache: Path, *, sha256: str | None = None
+    ) -> Path:
+        """A model the evaluate task names, checked against ``sha256`` when the task gives
+        it, else against the SHA-256 the server gives for it (asked first, so that a model
+        the node already holds is not fetched again)."""
         path = f"tasks/{client_update}/models/{quote(label, safe='')}/"
-        sha256 = self.request("HEAD", path).headers.get("X-Content-SHA256", "")
-        if not SHA256_HEX.fullmatch(sha256):
-            raise SiteApiError(f"the server gave no SHA-256 for model {label!r} of the task")
+        if sha256 is None:
+            sha256 = self.request("HEAD", path).headers.get("X-Content-SHA256", "")
+            if not SHA256_HEX.fullmatch(sha256):
+                raise SiteApiError(f"the server gave no SHA-256 for model {label!r} of the task")
         return self.download_file(path, sha256, cache)
 
     def download_file(self, path: str, sha256: str, cache: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from training.fl.client import ClientReport, ClientTask
+from training.fl.client import GLOBAL_MODEL, ClientReport, ClientTask
 from training.fl.weights import load_weights_file, save_weights
 from workers.site.api import SiteApi
 from workers.site.home import PrivateSiteState, SiteHome
@@ -51,7 +51,11 @@ class RemoteConnection:
         return self.home.site_state(task.experiment)
 
     def evaluation_weights(self, task: ClientTask, label: str) -> Mapping[str, torch.Tensor]:
-        path = self.api.download_evaluation_model(task.client_update, label, self.weights_cache)
+        # The global model is the one the task starts from: the task names its hash.
+        known = task.weights_sha256 if label == GLOBAL_MODEL else None
+        path = self.api.download_evaluation_model(
+            task.client_update, label, self.weights_cache, sha256=known
+        )
         # The file is named by the SHA-256 it was checked against when downloaded.
         return load_weights_file(path, expected_sha256=path.name.removesuffix(".safetensors"))
 
