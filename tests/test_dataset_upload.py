@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from django.test import Client
+from rest_framework.test import APIRequestFactory, force_authenticate
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -20,7 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.conftest import client_for, service_env
 from tests.factories import DatasetFactory, UserFactory
 from tests.test_browser import CHROMEDRIVER, CHROMIUM, PASSWORD, SCREENSHOTS, Server, manage
-from training.api.uploads import SizeCappedUploadHandler, UploadTooLarge
+from training.api.uploads import DatasetUploadView, SizeCappedUploadHandler, UploadTooLarge
 from training.fl.data import ImageArray, generate_synthetic_dataset, write_image
 from training.models import Dataset
 from training.uploads import detect_image_format
@@ -190,6 +191,28 @@ def test_a_zip_of_png_images_with_mac_leftovers_is_accepted(uploader, uploads_di
     assert response.status_code == 201, response.json()
     stored = Path(response.json()["path"])
     assert sorted(path.name for path in stored.iterdir()) == ["a.png", "b.png", "labels.csv"]
+
+
+@pytest.mark.django_db
+def test_an_upload_whose_form_a_middleware_read_first_is_still_unpacked(
+    uploader, uploads_dir, tmp_path
+):
+    image = png_bytes(tmp_path)
+    archive = zip_with(
+        tmp_path / "small.zip",
+        {"labels.csv": b"path,label\na.png,0\nb.png,1\n", "a.png": image, "b.png": image},
+    )
+    with archive.open("rb") as handle:
+        request = APIRequestFactory().post(
+            "/api/datasets/upload/", {"name": "read early", "archive": handle}, format="multipart"
+        )
+    assert "archive" in request.FILES  # read with Django's own handlers: kept in memory
+    force_authenticate(request, user=uploader)
+
+    response = DatasetUploadView.as_view()(request)
+
+    assert response.status_code == 201, response.data
+    assert Dataset.objects.get().name == "read early"
 
 
 # --- Refusals -------------------------------------------------------------------------------

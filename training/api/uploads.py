@@ -7,7 +7,10 @@ dataset owned by the uploader, with its facts read from the data like register_d
 """
 
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -91,6 +94,20 @@ def hide_folder(message: str, folder: Path) -> str:
     return message.replace(f"{folder}/", "").replace(str(folder), "the archive")
 
 
+@contextmanager
+def archive_on_disk(uploaded) -> Iterator[Path]:
+    """The uploaded archive's file: the upload handler's, or a copy of a small one that
+    Django's default handlers kept in memory (when the form was read before this view)."""
+    if hasattr(uploaded, "temporary_file_path"):
+        yield Path(uploaded.temporary_file_path())
+        return
+    with tempfile.NamedTemporaryFile(suffix=".upload") as copy:
+        for chunk in uploaded.chunks():
+            copy.write(chunk)
+        copy.flush()
+        yield Path(copy.name)
+
+
 class DatasetUploadView(APIView):
     permission_classes = [IsAuthenticated, RolePermission]
     # Registering a dataset: the roles that may create datasets (accounts/rules.py).
@@ -107,9 +124,10 @@ class DatasetUploadView(APIView):
             declared = 0
         if declared > limit_bytes + FORM_OVERHEAD_BYTES:
             raise UploadTooLarge()
-        request._request.upload_handlers = [
-            SizeCappedUploadHandler(request._request, limit_bytes=limit_bytes)
-        ]
+        if not hasattr(request._request, "_files"):  # no middleware has read the form yet
+            request._request.upload_handlers = [
+                SizeCappedUploadHandler(request._request, limit_bytes=limit_bytes)
+            ]
         super().initial(request, *args, **kwargs)
 
     @extend_schema(
@@ -142,9 +160,9 @@ class DatasetUploadView(APIView):
             max_ratio=settings.FEDLENS_UPLOAD_MAX_RATIO,
             max_files=settings.FEDLENS_UPLOAD_MAX_FILES,
         )
-        archive_path = Path(fields["archive"].temporary_file_path())
         try:
-            folder = unpack_dataset_archive(archive_path, destination, limits)
+            with archive_on_disk(fields["archive"]) as archive_path:
+                folder = unpack_dataset_archive(archive_path, destination, limits)
         except ArchiveTooLarge as refused:
             return refusal(str(refused), member=refused.member, code=413)
         except ArchiveRefused as refused:
