@@ -22,7 +22,12 @@ from tests.conftest import client_for, service_env
 from tests.factories import DatasetFactory, UserFactory
 from tests.test_browser import CHROMEDRIVER, CHROMIUM, PASSWORD, SCREENSHOTS, Server, manage
 from training.api.uploads import DatasetUploadView, SizeCappedUploadHandler, UploadTooLarge
-from training.fl.data import ImageArray, generate_synthetic_dataset, write_image
+from training.fl.data import (
+    ImageArray,
+    generate_synthetic_dataset,
+    write_dicom_series,
+    write_image,
+)
 from training.models import Dataset
 from training.uploads import detect_image_format
 
@@ -191,6 +196,69 @@ def test_a_zip_of_png_images_with_mac_leftovers_is_accepted(uploader, uploads_di
     assert response.status_code == 201, response.json()
     stored = Path(response.json()["path"])
     assert sorted(path.name for path in stored.iterdir()) == ["a.png", "b.png", "labels.csv"]
+
+
+def volume(side: int = 8) -> ImageArray:
+    return ImageArray(
+        array=np.arange(side**3, dtype=np.float32).reshape(side, side, side) % 100,
+        spacing=(1.0, 1.0, 2.0),
+        origin=(0.0, 0.0, 0.0),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+
+
+@pytest.mark.django_db
+def test_dicom_series_with_and_without_extensions_and_single_file_formats_are_accepted(
+    uploader, uploads_dir, tmp_path
+):
+    data = tmp_path / "mixed"
+    for series in ("series-a", "series-b"):
+        for path in write_dicom_series(volume(), data / series):
+            if series == "series-b":  # scanners often write slices without an extension
+                path.rename(path.with_suffix(""))
+    write_image(volume(), data / "volume.mha")
+    write_image(volume(), data / "volume.nrrd")
+    (data / "labels.csv").write_text(
+        "path,label\nseries-a,0\nseries-b,1\nvolume.mha,0\nvolume.nrrd,1\n"
+    )
+    archive = zip_of(data, tmp_path / "mixed.zip")
+
+    response = upload(uploader, archive)
+
+    assert response.status_code == 201, response.json()
+    dataset_id = response.json()["id"]
+    listing = client_for(uploader).get(f"/api/datasets/{dataset_id}/images/").json()["results"]
+    assert [image["shape"] for image in listing] == [[8, 8, 8]] * 4
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("name", "header", "words"),
+    [
+        (
+            "volume.mhd",
+            b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_FLOAT\n"
+            b"ElementDataFile = volume.raw\n",
+            "save it as one .mha file",
+        ),
+        (
+            "volume.nrrd",
+            b"NRRD0004\ntype: float\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n"
+            b"data file: /etc/shadow\n\n",
+            "save it as one .nrrd file",
+        ),
+    ],
+)
+def test_an_image_whose_pixels_lie_in_another_file_is_refused(
+    uploader, uploads_dir, tmp_path, name, header, words
+):
+    archive = zip_with(
+        tmp_path / "detached.zip", {"labels.csv": f"path,label\n{name},0\n".encode(), name: header}
+    )
+
+    response = upload(uploader, archive)
+
+    assert_refused(response, 400, member=name, words=words)
 
 
 @pytest.mark.django_db
