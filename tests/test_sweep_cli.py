@@ -113,6 +113,7 @@ def test_run_experiment_clone_runs_again_with_the_options_given_changed(project,
     )[0]
     assert copy == (source_id, 6, 0.02, 0.6, "uniform", 2, 2)  # ceil(0.6 x 3)
     assert summary["status"] == "completed"
+    assert summary["configuration"]["cloned_from"] == source_id
     assert [len(r["clients"]) for r in summary["rounds"] if r["number"] == 1] == [2]
 
 

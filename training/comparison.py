@@ -220,12 +220,15 @@ def sweep_comparison(sweep: Sweep) -> dict[str, Any]:
         experiments, target_metric=sweep.target_metric, target_value=sweep.target_value
     )
     varied = [field for field in sweep.grid if field != "seed"]
-    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    # A setting the grid gives one value says nothing about a group: left out of its label.
+    labelled = [field for field in varied if len(sweep.grid[field]) > 1]
+    groups: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
     for experiment, result in zip(experiments, results, strict=True):
         settings = experiment_settings(experiment)
         key = {field: settings[field] for field in varied}
-        label = ", ".join(f"{field}={describe_value(value)}" for field, value in key.items())
-        groups.setdefault(label, (key, []))[1].append(result)
+        label = ", ".join(f"{field}={describe_value(key[field])}" for field in labelled)
+        group_key = json.dumps(key, sort_keys=True, default=str)
+        groups.setdefault(group_key, (label, key, []))[2].append(result)
     metrics = summary_metrics(results, sweep.target_metric)
     return {
         "sweep": sweep.pk,
@@ -237,7 +240,7 @@ def sweep_comparison(sweep: Sweep) -> dict[str, Any]:
         "statuses": status_counts(experiments),
         "groups": [
             group_summary(label or sweep.name, key, members, metrics, sweep.target_metric)
-            for label, (key, members) in groups.items()
+            for label, key, members in groups.values()
         ],
     }
 
