@@ -742,6 +742,7 @@ def test_a_user_uploads_a_dataset_from_the_page_and_browses_its_images(
     )
     browser.save_screenshot(str(SCREENSHOTS / "uploaded-dataset.png"))
     browser.get(f"{upload_server.url}/datasets/")
+    browser.save_screenshot(str(SCREENSHOTS / "datasets-page.png"))
 
     assert "site-1/notes.png" in refusal and "not an image by its content" in refusal
     assert "uploaded lesions" in browser.find_element(By.ID, "datasets").text
