@@ -1,8 +1,9 @@
-"""What a locked-out sign-in gets: JSON under /api/, a short page elsewhere; 429 both."""
+"""What a locked-out sign-in gets: JSON under /api/, a page elsewhere; 429 both."""
 
 from axes.helpers import get_cool_off
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
+from django.shortcuts import render
 
 
 def lockout_message(request) -> str:
@@ -20,6 +21,9 @@ def lockout_response(request, original_response=None, credentials=None) -> HttpR
     message = lockout_message(request)
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": message}, status=settings.AXES_HTTP_RESPONSE_CODE)
-    return HttpResponse(
-        message, status=settings.AXES_HTTP_RESPONSE_CODE, content_type="text/plain; charset=utf-8"
+    return render(
+        request,
+        "accounts/locked_out.html",
+        {"message": message},
+        status=settings.AXES_HTTP_RESPONSE_CODE,
     )

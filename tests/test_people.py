@@ -373,3 +373,15 @@ def test_refusals_name_no_other_users_dataset_nor_username(someone_elses_folder)
         assert 400 <= answer.status_code < 500
         text = answer.content.decode()
         assert "secret-cohort-7" not in text and "hanna" not in text, text
+
+
+@pytest.mark.parametrize("page", ["/experiments/new/", "/sweeps/new/"])
+def test_a_viewer_is_refused_the_pages_that_create(people, client, page):
+    client.force_login(people["users"]["viewer"])
+
+    response = client.get(page)
+
+    assert response.status_code == 403
+    assert "researcher role" in response.content.decode()
+    client.force_login(people["users"]["owner"])
+    assert client.get(page).status_code == 200

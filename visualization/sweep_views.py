@@ -4,6 +4,7 @@ browser from /api/sweeps/<id>/comparison/, so the page and the API show the same
 import json
 
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q
 from django.http import Http404
 from django.shortcuts import redirect, render
@@ -80,6 +81,9 @@ def sweep_from_form(post) -> tuple[dict, dict]:
 @require_http_methods(["GET", "POST"])
 def new_sweep(request):
     """One request, a grid of experiments: strategies x partitions x seeds (x any setting)."""
+    if not request.user.has_perm("fedlens.create_sweep"):
+        raise PermissionDenied("Your role may not create sweeps: ask an admin for the "
+                               "researcher role.")  # fmt: skip
     values, errors = {}, {}
     if request.method == "POST":
         values = {key: request.POST.get(key, "") for key in request.POST}
