@@ -1,6 +1,7 @@
 """Registering a dataset as researchers set it up: channels, normalization and the share
 kept for federated evaluation, through the API and `register_dataset`."""
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,64 @@ def test_the_admin_checks_the_normalization_as_the_api_does(spec, channels, stor
     else:
         assert not form.is_valid()
         assert error in " ".join(form.errors["normalization"])
+
+
+def zipped_folder(folder: Path, target: Path) -> Path:
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return target
+
+
+def upload(user, archive: Path, **fields):
+    with archive.open("rb") as handle:
+        return client_for(user).post(
+            "/api/datasets/upload/",
+            {"name": "uploaded", "archive": handle, **fields},
+            format="multipart",
+        )
+
+
+@pytest.fixture
+def lesions_zip(settings, dataset_root, tmp_path):
+    settings.FEDLENS_UPLOADS_DIR = dataset_root / "uploads"
+    folder = generate_synthetic_dataset(tmp_path / "lesions", sites=1, per_site=4, size=32)
+    return zipped_folder(folder, tmp_path / "lesions.zip")
+
+
+def test_an_upload_takes_a_normalization_and_a_validation_share(owner, lesions_zip):
+    response = upload(owner, lesions_zip, normalization="CT-Window:40,400", validation_fraction=0.3)
+
+    assert response.status_code == 201, response.json()
+    dataset = Dataset.objects.get()
+    assert (dataset.normalization, dataset.channels) == ("ct-window:40,400", 1)
+    assert dataset.validation_fraction == pytest.approx(0.3)
+
+
+def test_an_upload_left_blank_keeps_the_format_default_and_the_default_share(owner, lesions_zip):
+    response = upload(owner, lesions_zip, normalization="", validation_fraction="")
+
+    assert response.status_code == 201, response.json()
+    dataset = Dataset.objects.get()
+    assert (dataset.normalization, dataset.validation_fraction) == ("", 0.2)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"normalization": "zscore:2"}, "normalization", "zscore takes no values"),
+        ({"normalization": "mean-std:0.1,0.2,0.3/1"}, "normalization", "3 means but the images"),
+        ({"validation_fraction": 1.5}, "validation_fraction", "from 0 to 0.9"),
+    ],
+)
+def test_an_upload_with_bad_settings_is_refused_keeping_nothing(
+    owner, lesions_zip, settings, fields, field, message
+):
+    response = upload(owner, lesions_zip, **fields)
+
+    assert response.status_code == 400
+    assert message in " ".join(map(str, response.json()[field]))
+    assert not Dataset.objects.exists()
+    uploads = Path(settings.FEDLENS_UPLOADS_DIR)
+    assert not uploads.exists() or not any(path.is_file() for path in uploads.rglob("*"))

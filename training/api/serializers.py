@@ -58,6 +58,17 @@ def is_within_dataset_roots(path: Path) -> bool:
     return any(path == root or root in path.parents for root in settings.FEDLENS_DATASET_ROOTS)
 
 
+NORMALIZATION_HELP = (
+    f"Intensity normalization: {NORMALIZATION_FORMS}. Blank uses the format's default: "
+    "zscore for image folders, mean-std:0.5,0.5 for 8-bit .npz (MedMNIST's convention, after "
+    "dividing by 255), none for other .npz."
+)
+VALIDATION_FRACTION_HELP = (
+    "The seeded share of each site's data kept for federated evaluation, from 0 to 0.9 "
+    "(default 0.2)."
+)
+
+
 class DatasetSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
     sites = serializers.SerializerMethodField(
@@ -72,15 +83,9 @@ class DatasetSerializer(serializers.ModelSerializer):
         required=False,
         allow_blank=True,
         max_length=100,
-        help_text=f"Intensity normalization: {NORMALIZATION_FORMS}. Blank uses the format's "
-        "default: zscore for image folders, mean-std:0.5,0.5 for 8-bit .npz (MedMNIST's "
-        "convention, after dividing by 255), none for other .npz.",
+        help_text=NORMALIZATION_HELP,
     )
-    validation_fraction = serializers.FloatField(
-        required=False,
-        help_text="The seeded share of each site's data kept for federated evaluation, "
-        "from 0 to 0.9 (default 0.2).",
-    )
+    validation_fraction = serializers.FloatField(required=False, help_text=VALIDATION_FRACTION_HELP)
 
     class Meta:
         model = Dataset

@@ -25,7 +25,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from training.api.permissions import RolePermission
-from training.api.serializers import DatasetSerializer
+from training.api.serializers import (
+    NORMALIZATION_HELP,
+    VALIDATION_FRACTION_HELP,
+    DatasetSerializer,
+)
 from training.fl.data import DatasetFormatError, ImageReadError
 from training.management.commands.register_dataset import describe
 from training.models import Modality, StorageFormat
@@ -76,6 +80,21 @@ class DatasetUploadSerializer(serializers.Serializer):
         default="",
         help_text="Comma-separated, in label order; left out: class 0, class 1, ...",
     )
+    normalization = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=100,
+        help_text=NORMALIZATION_HELP,
+    )
+    validation_fraction = serializers.FloatField(required=False, help_text=VALIDATION_FRACTION_HELP)
+
+    # The dataset's own checks, before the work of unpacking (channels are checked after).
+    def validate_normalization(self, value):
+        return DatasetSerializer().validate_normalization(value)
+
+    def validate_validation_fraction(self, value):
+        return DatasetSerializer().validate_validation_fraction(value)
 
 
 class UploadErrorSerializer(serializers.Serializer):
@@ -180,8 +199,14 @@ class DatasetUploadView(APIView):
                 "description": fields["description"],
                 "modality": fields["modality"],
                 "class_names": names,
+                "normalization": fields["normalization"],
                 "path": str(folder),
                 **facts,
+                **(
+                    {"validation_fraction": fields["validation_fraction"]}
+                    if "validation_fraction" in fields
+                    else {}
+                ),
             },
             context={"request": request},
         )
