@@ -267,7 +267,8 @@ def _unpack_zip(archive: zipfile.ZipFile, unpacker: _Unpacker, limits: UnpackLim
                 member=info.filename,
             )
         members.append(info)
-    # Every size is checked before anything is written: the central directory lists them all.
+    # Links, types and each member's ratio were checked above, before anything is written; the
+    # totals are counted from the declared sizes, which zipfile holds each member to.
     for info in members:
         target = unpacker.target_of(info.filename)
         if target is None:
