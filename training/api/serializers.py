@@ -405,7 +405,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
     def validate_strategy_params(self, value):
         if not isinstance(value, dict):
             raise serializers.ValidationError(
-                'Give an object of the strategy\'s parameters, e.g. {"proximal_mu": 0.01}.'
+                'Give an object of the strategy\'s parameters, e.g. {"mu": 0.01} for fedprox.'
             )
         return value
 

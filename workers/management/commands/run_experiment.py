@@ -75,7 +75,7 @@ def json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON ({exc}); e.g. '{{\"mu\": 0.01}}'") from exc
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"proximal_mu\": 0.01}'")
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"mu\": 0.01}'")
     return value
 
 
