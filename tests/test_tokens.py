@@ -15,8 +15,10 @@ from django.core.cache import cache
 from django.utils import timezone
 from knox.models import AuthToken
 
-from tests.conftest import PROJECT_ROOT, free_port, service_env, stop_process
+from tests.conftest import PROJECT_ROOT, free_port, needs_redis, service_env, stop_process
 from tests.factories import ExperimentFactory, UserFactory, api_token
+from tests.test_settings import PRODUCTION_ENV
+from tests.test_settings import manage as settings_manage
 from tests.test_stream import close_code, connect, first_message
 from visualization.auth import TOKEN_IN_URL_CLOSE_CODE, TOKEN_SUBPROTOCOL
 
@@ -332,3 +334,39 @@ def test_anonymous_requests_are_counted_per_address(api_client, low_rates, setti
     answers = [sign_in(api_client, "nobody", "guess").status_code for _ in range(5)]
 
     assert answers == [400] * 4 + [429]
+
+
+# --- Settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "sentence"),
+    [
+        ({"FEDLENS_THROTTLE_USER": "lots"}, "FEDLENS_THROTTLE_USER must be a number of requests"),
+        ({"FEDLENS_THROTTLE_LOGIN": "5/fortnight"}, "FEDLENS_THROTTLE_LOGIN must be a number"),
+        ({"FEDLENS_DEFAULT_ROLE": "admin"}, "FEDLENS_DEFAULT_ROLE must be researcher or viewer"),
+        ({"FEDLENS_API_TOKEN_HOURS": "0"}, "FEDLENS_API_TOKEN_HOURS must be a whole number"),
+        ({"FEDLENS_LOGIN_FAILURE_LIMIT": "x"}, "FEDLENS_LOGIN_FAILURE_LIMIT must be a whole"),
+    ],
+)
+def test_a_bad_people_setting_stops_start_up_naming_it(env, sentence):
+    result = settings_manage("check", DJANGO_SETTINGS_MODULE="flproject.settings.local", **env)
+
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith(f"FedLens cannot start: {sentence}")
+
+
+SET_COUNT = "from django.core.cache import cache; cache.set('throttle-probe', 7, 60)"
+GET_COUNT = "from django.core.cache import cache; print(cache.get('throttle-probe'))"
+
+
+@needs_redis
+def test_production_processes_share_their_request_counts(settings):
+    """uvicorn's workers are processes: a count kept in one must be seen by the others."""
+    env = {**PRODUCTION_ENV, "REDIS_URL": settings.REDIS_URL}
+
+    writer = settings_manage("shell", "--no-imports", "-c", SET_COUNT, **env)
+    reader = settings_manage("shell", "--no-imports", "-c", GET_COUNT, **env)
+
+    assert writer.returncode == 0, writer.stderr
+    assert reader.stdout.strip() == "7", reader.stderr

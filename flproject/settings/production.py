@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import ALLOWED_HOSTS, SECRET_KEY, env, env_bool, env_int
+from .base import ALLOWED_HOSTS, REDIS_URL, SECRET_KEY, env, env_bool, env_int
 
 if not SECRET_KEY:
     raise ImproperlyConfigured(
@@ -23,6 +23,17 @@ if FEDLENS_METRICS_TOKEN and len(FEDLENS_METRICS_TOKEN) < 32:
     raise ImproperlyConfigured(
         "FEDLENS_METRICS_TOKEN is too weak: use 32 or more random characters."
     )
+
+# The API's request counts (accounts/throttles.py) are shared by every web process, or each
+# of uvicorn's workers would allow the whole rate on its own.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "fedlens-cache",
+        }
+    }
 
 # TLS ends at the reverse proxy (nginx or the ingress), which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
