@@ -45,21 +45,24 @@ class Server:
     def __init__(self, env: dict[str, str]) -> None:
         self.env, self.port, self.process = env, free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its output goes to a file: a pipe nobody reads fills up, and the server's next log
+        # line would then block every thread that logs (the embedded worker's included).
+        self.log = Path(env["FEDLENS_DATA_DIR"]) / "server.log"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "flproject.asgi:application", "--port",
-             str(self.port)],
-            cwd=PROJECT_ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            encoding="utf-8", errors="replace",
-        )  # fmt: skip
+        with self.log.open("a") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "flproject.asgi:application", "--port",
+                 str(self.port)],
+                cwd=PROJECT_ROOT, env=self.env, stdout=output, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + 60
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2)  # noqa: S310 - local
                 return
             except (OSError, urllib.error.URLError):
-                assert self.process.poll() is None, self.process.stdout.read()
+                assert self.process.poll() is None, self.log.read_text(errors="replace")
                 assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.3)
 
@@ -193,3 +196,91 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     )
     browser.save_screenshot(str(SCREENSHOTS / "image-viewer.png"))
     assert "class" in browser.find_element(By.ID, "prediction-result").text.lower()
+
+
+def log_in(browser, server) -> None:
+    browser.get(f"{server.url}/accounts/login/")
+    browser.find_element(By.ID, "id_username").send_keys("ana")
+    browser.find_element(By.ID, "id_password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.LINK_TEXT, "New experiment"))
+
+
+@pytest.mark.timeout(900)  # four experiments, two at a time, on a shared CPU
+def test_a_sweep_is_created_in_the_browser_and_compared_when_it_ends(server, browser, tmp_path):
+    screenshots = tmp_path / "screenshots"
+    screenshots.mkdir()
+    log_in(browser, server)
+
+    # The experiment form: a field per parameter of the chosen strategy, checked as the
+    # server checks it before anything is sent.
+    browser.get(f"{server.url}/experiments/new/")
+    described = browser.execute_script(
+        "return JSON.parse(document.getElementById('strategy-descriptions').textContent);"
+    )
+    strategy = next(s for s in described if any(p["minimum"] is not None for p in s["parameters"]))
+    Select(browser.find_element(By.ID, "strategy")).select_by_visible_text(strategy["name"])
+    fields = browser.find_elements(By.CSS_SELECTOR, "#strategy-params input")
+    assert [f.get_attribute("name") for f in fields] == [
+        f"strategy_params.{p['name']}" for p in strategy["parameters"]
+    ]
+    bounded = next(p for p in strategy["parameters"] if p["minimum"] is not None)
+    field = browser.find_element(By.ID, f"param-{bounded['name']}")
+    assert float(field.get_attribute("value")) == bounded["default"]
+    browser.find_element(By.ID, "name").send_keys("out of range")
+    field.clear()
+    field.send_keys(str(bounded["minimum"] - 1))
+    browser.find_element(By.CSS_SELECTOR, "#new-experiment button[type=submit]").click()
+    assert browser.current_url.endswith("/experiments/new/")  # the browser kept it
+    assert browser.execute_script("return arguments[0].validationMessage;", field)
+    browser.save_screenshot(str(screenshots / "experiment-form.png"))
+
+    # A sweep from its form: 2 partitions x 2 seeds, run two at a time.
+    browser.get(f"{server.url}/sweeps/new/")
+    browser.find_element(By.ID, "name").send_keys("partitions in a browser")
+    browser.find_element(By.CSS_SELECTOR, "#strategies input[value=fedavg]").click()
+    sites = Select(browser.find_element(By.ID, "sites"))
+    for index in range(len(sites.options)):
+        sites.select_by_index(index)
+    sweep_fields = (("partitions", "iid, dirichlet:0.5"), ("seeds", "0, 1"), ("num_rounds", 2),
+                    ("clients_per_round", 3), ("min_clients", 3), ("batch_size", 16),
+                    ("max_running", 2), ("target_value", 0.55))  # fmt: skip
+    for name, value in sweep_fields:
+        element = browser.find_element(By.ID, name)
+        element.clear()
+        element.send_keys(str(value))
+    browser.find_element(By.CSS_SELECTOR, "#new-sweep button[type=submit]").click()
+    WebDriverWait(browser, 20).until(lambda d: "/sweeps/" in d.current_url
+                                     and d.find_elements(By.ID, "comparison-table"))  # fmt: skip
+
+    deadline = time.monotonic() + 400
+    while browser.find_element(By.TAG_NAME, "body").get_attribute("data-sweep") != "ended":
+        assert time.monotonic() < deadline, browser.find_element(By.ID, "sweep-progress").text
+        time.sleep(0.5)
+    browser.save_screenshot(str(screenshots / "sweep-comparison.png"))
+
+    assert browser.find_element(By.ID, "sweep-progress").text.startswith("4/4 ended")
+    groups = browser.find_elements(By.CSS_SELECTOR, "#comparison-table tbody tr")
+    assert [row.find_element(By.TAG_NAME, "td").text for row in groups] == [
+        "partition=iid", "partition=dirichlet:0.5",
+    ]  # fmt: skip
+    for row in groups:
+        cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        assert cells[1] == "2" and "±" in cells[2]
+    curves = browser.execute_script(
+        "return Chart.getChart('curve-chart').data.datasets.map((d) => d.data.length);"
+    )
+    assert curves == [2, 2]
+    site_columns = browser.find_elements(By.CSS_SELECTOR, "#sites-table thead th")
+    assert [c.text for c in site_columns] == ["group", "sim-1", "sim-2", "sim-3"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#experiments-table tbody tr")) == 4
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+    # Run one of them again with a change, from its page.
+    browser.find_element(By.CSS_SELECTOR, "#experiments-table tbody tr a").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "clone"))
+    browser.find_element(By.ID, "clone").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "clone-banner"))
+    assert browser.find_element(By.ID, "name").get_attribute("value").endswith("(again)")
+    assert browser.find_element(By.ID, "partition").get_attribute("value") == "iid"
+    browser.save_screenshot(str(screenshots / "run-again-form.png"))
