@@ -77,7 +77,7 @@ def test_a_change_that_is_no_setting_is_refused(source):
     response = clone(source.owner, source, {"status": "completed"})
 
     assert response.status_code == 400
-    assert "Not an experiment setting" in response.json()["status"]
+    assert "Not an experiment setting" in response.json()["status"][0]
 
 
 def test_a_new_strategy_without_parameters_starts_from_its_defaults(source):
