@@ -4,12 +4,13 @@ when several end at the same moment; and the comparison's statistics."""
 
 import itertools
 import threading
+import uuid
 
 import numpy as np
 import pytest
 from django.db import connection
 
-from tests.conftest import client_for
+from tests.conftest import WorkerProcess, client_for, needs_redis, wait_until_finished
 from tests.factories import (
     DatasetFactory,
     ExperimentFactory,
@@ -314,3 +315,40 @@ def test_without_federated_evaluation_the_sites_are_their_clients_last_metrics(o
     (group,) = result["groups"]
     assert group["sites"]["ward-7"]["accuracy"]["mean"] == pytest.approx(0.42)
     assert group["site_sources"] == ["clients"]
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_a_sweep_runs_to_its_end_on_a_real_worker_one_experiment_at_a_time(
+    lesions_dataset, worker_env
+):
+    sites = SiteFactory.create_batch(3)
+    sweep = sweeps.create_sweep(
+        lesions_dataset.owner,
+        name="on a worker",
+        base_settings={
+            "dataset": lesions_dataset.pk,
+            "sites": [s.slug for s in sites],
+            "num_rounds": 1,
+            "clients_per_round": 3,
+            "min_clients": 3,
+            "batch_size": 16,
+            "learning_rate": 0.05,
+        },
+        grid={"seed": [0, 1, 2]},
+        max_running=1,
+    )
+    assert statuses(sweep.pk) == [RUNNING, QUEUED, QUEUED]
+    worker = WorkerProcess(f"sweep-{uuid.uuid4().hex[:6]}@test", worker_env)
+    try:
+        last = Experiment.objects.filter(sweep=sweep).order_by("pk").last()
+        wait_until_finished(last)
+    finally:
+        worker.stop()
+
+    ran = list(Experiment.objects.filter(sweep=sweep).order_by("pk"))
+    assert [e.status for e in ran] == ["completed"] * 3, [e.failure_reason for e in ran]
+    for before, after in itertools.pairwise(ran):
+        assert after.started_at >= before.finished_at  # never two at once
