@@ -38,5 +38,7 @@ round_closed = Signal(use_caching=True)
 # `fl_round`, with its checkpoint.
 round_evaluated = Signal(use_caching=True)
 
-# An experiment completed, failed or was stopped: `experiment`, in its final status.
+# An experiment completed, failed or was stopped: `experiment`, in its final status. Not on
+# the hot path: training.sweeps starts the next queued experiment of its sweep from here,
+# inside the transaction that ended this one (see that module for its locking).
 experiment_ended = Signal(use_caching=True)
