@@ -172,3 +172,15 @@ def test_compare_shows_final_metrics_and_rounds_to_the_target(client, owner):
     fast_row, slow_row = table.split("<tr>")[2:4]
     assert "0.9000" in fast_row and "1.0 (1/1)" in fast_row
     assert "0.6000" in slow_row and "not reached" in slow_row
+
+
+def test_the_experiment_page_shows_the_strategy_parameters_and_sampling(client, owner):
+    experiment = ExperimentFactory(
+        owner=owner, strategy_params={"server_learning_rate": 0.5}, client_fraction=0.5,
+        clients_per_round=1, aggregation_weighting="uniform",
+    )  # fmt: skip
+
+    page = client.get(reverse("experiment-page", args=[experiment.pk])).content.decode()
+
+    assert "fedavg (server_learning_rate=0.5)" in page
+    assert "0.5 of the sites (min 1), uniform" in page
