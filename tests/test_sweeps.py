@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
+from django.core.management import call_command
 from django.db import connection
 
 from tests.conftest import WorkerProcess, client_for, needs_redis, wait_until_finished
@@ -352,3 +353,25 @@ def test_a_sweep_runs_to_its_end_on_a_real_worker_one_experiment_at_a_time(
     assert [e.status for e in ran] == ["completed"] * 3, [e.failure_reason for e in ran]
     for before, after in itertools.pairwise(ran):
         assert after.started_at >= before.finished_at  # never two at once
+
+
+@pytest.mark.redis
+@pytest.mark.worker
+@needs_redis
+@pytest.mark.django_db(transaction=True)
+def test_the_sweep_command_can_queue_a_grid_and_return(lesions_dataset, worker_env):
+    UserFactory(username="admin", is_superuser=True, is_staff=True)
+    worker = WorkerProcess(f"sweep-{uuid.uuid4().hex[:6]}@test", worker_env)
+    try:
+        call_command("sweep", "--dataset", lesions_dataset.name, "--clients", "3",
+                     "--rounds", "1", "--vary", "seed=0,1", "--max-running", "1",
+                     "--name", "queued only", "--no-wait")  # fmt: skip
+
+        sweep = Sweep.objects.get(name="queued only")
+        # It returned with the grid stored and not yet run (the second one waits its turn).
+        assert len(statuses(sweep.pk)) == 2 and statuses(sweep.pk)[1] in (QUEUED, RUNNING)
+        for experiment in Experiment.objects.filter(sweep=sweep).order_by("-pk"):
+            if not experiment.is_terminal:
+                services.stop_experiment(experiment.pk)
+    finally:
+        worker.stop()

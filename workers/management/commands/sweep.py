@@ -67,12 +67,17 @@ class Command(BaseCommand):
         grid = {**(options["grid"] or {}), **parse_vary(options["vary"])}
         if not grid:
             raise CommandError("Give the grid: --grid JSON or --vary FIELD=V1,V2 (repeatable).")
+        if options["no_wait"] and settings.FEDLENS_EMBEDDED:
+            raise CommandError(
+                "--no-wait needs REDIS_URL and running workers: in embedded mode the sweep "
+                "runs in this process, so it waits for the end."
+            )
         base = new_experiment_settings(options)
         name = options["name"] or base["name"]
         base.pop("name")
         ensure_workers()
         with quiet_task_logs(options["verbosity"]):
-            if settings.FEDLENS_EMBEDDED and not options["no_wait"]:
+            if settings.FEDLENS_EMBEDDED:
                 with EmbeddedWorker(name="embedded-sweep@fedlens"):
                     sweep = self.create(options, name, base, grid)
                     self.wait(sweep)
