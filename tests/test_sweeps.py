@@ -375,3 +375,9 @@ def test_the_sweep_command_can_queue_a_grid_and_return(lesions_dataset, worker_e
                 services.stop_experiment(experiment.pk)
     finally:
         worker.stop()
+
+
+def test_a_sweep_must_run_at_least_one_experiment_at_a_time(owner, base_settings):
+    with pytest.raises(sweeps.SettingsError, match="from 1 to 100"):
+        create(owner, base_settings, {"seed": [0, 1]}, max_running=0)
+    assert not Sweep.objects.exists()

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # One request makes at most this many experiments: a grid is a product and grows fast.
 MAX_SWEEP_EXPERIMENTS = 200
+# As Sweep.max_running's validators, for callers that do not go through the API.
+MAX_RUNNING_LIMIT = 100
 
 
 class SettingsError(ValueError):
@@ -177,6 +179,10 @@ def create_sweep(
     """Validate every combination, store them all as queued experiments of a new sweep and
     start the first max_running of them; nothing is stored if any combination is refused."""
     check_grid(grid, base_settings)
+    if not 1 <= max_running <= MAX_RUNNING_LIMIT:
+        raise SettingsError(
+            {"max_running": f"Give how many run at once, from 1 to {MAX_RUNNING_LIMIT}."}
+        )
     serializers = []
     for combination in grid_combinations(grid):
         settings = {
