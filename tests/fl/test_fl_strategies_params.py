@@ -3,15 +3,19 @@ the experiment form and the command line are built on."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 
 from training.fl.strategies import (
+    FedAdam,
+    FedTrimmedAvg,
     StrategyContext,
     available_strategies,
     build_strategy,
     describe_strategies,
+    strategy_class,
     validate_strategy_params,
 )
 
@@ -99,11 +103,18 @@ def test_an_integer_parameter_accepts_a_whole_json_number() -> None:
 
 
 def test_constructors_validate_their_keyword_arguments_too() -> None:
-    from training.fl.strategies import FedAdam, FedTrimmedAvg
-
     with pytest.raises(ValueError, match="parameter 'beta_1' must be less than 1"):
         FedAdam(beta_1=1.0)
     with pytest.raises(ValueError, match="parameter 'beta' must be at least 0"):
         FedTrimmedAvg(beta=-0.1)
     with pytest.raises(TypeError):
         FedAdam(0.1)  # type: ignore[misc]  # keyword-only
+
+
+def test_each_constructors_keyword_defaults_are_the_declared_ones() -> None:
+    for name in EVERY_STRATEGY:
+        cls = strategy_class(name)
+        signature = inspect.signature(cls.__init__).parameters
+        for parameter in cls.parameters:
+            assert signature[parameter.name].kind is inspect.Parameter.KEYWORD_ONLY
+            assert signature[parameter.name].default == parameter.default, (name, parameter.name)

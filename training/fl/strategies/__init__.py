@@ -45,6 +45,7 @@ __all__ = [
     "batch_norm_parameters",
     "build_strategy",
     "describe_strategies",
+    "strategy_class",
     "validate_strategy_params",
 ]
 

@@ -26,13 +26,13 @@ class FedAdagrad(FedOpt):
         "squared pseudo-gradients summed over rounds."
     )
     parameters: ClassVar[tuple[Parameter, ...]] = fedopt_parameters(
-        server_learning_rate=0.1, beta_1=0.0, beta_2=None, tau=1e-3
+        server_learning_rate=0.01, beta_1=0.0, beta_2=None, tau=1e-3
     )
 
     def __init__(
         self,
         *,
-        server_learning_rate: float = 0.1,
+        server_learning_rate: float = 0.01,
         beta_1: float = 0.0,
         tau: float = 1e-3,
         weighting: str = "samples",
