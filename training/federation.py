@@ -371,7 +371,11 @@ def client_task(update: ClientUpdate) -> ClientTask:
     dataset = experiment.dataset
     client_index = experiment_site_ids(experiment).index(update.site_id)
     _, weights_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
-    payload = strategy_payload_file(experiment.pk, fl_round.number)
+    payload = (
+        strategy_payload_file(experiment.pk, fl_round.number)
+        if fl_round.kind == RoundKind.TRAIN
+        else None
+    )
     return ClientTask(
         client_update=update.pk,
         round_id=fl_round.pk,
