@@ -90,6 +90,16 @@ def test_an_embedded_experiment_runs_to_the_end_from_the_command_line(embedded_p
     assert set(summary["timing_seconds"]) == {"local_training", "aggregation", "evaluation",
                                               "total"}  # fmt: skip
     assert "round" in result.stdout and "accuracy" in result.stdout  # the metrics table
+    # Each round's global model on the sites' validation data, then every model on every
+    # site's data in the cross-site round that follows the last training round
+    for fl_round in summary["rounds"]:
+        assert sorted(fl_round["federated_evaluation"]["sites"]) == ["sim-1", "sim-2", "sim-3"]
+        assert 0.0 <= fl_round["federated_evaluation"]["weighted"]["accuracy"] <= 1.0
+    cross_site = summary["cross_site"]
+    assert (cross_site["round"], cross_site["status"]) == (3, "closed")
+    assert cross_site["models"] == ["global", "sim-1", "sim-2", "sim-3"]
+    assert all(cell is not None for row in cross_site["cells"].values() for cell in row.values())
+    assert "Cross-site evaluation" in result.stdout
     ledger = sqlite3.connect(tmp_path / "fedlens.sqlite3")
     stored = ledger.execute("SELECT file, sha256 FROM training_checkpoint").fetchall()
     assert len(stored) == 3  # the initial model and one per round
@@ -131,8 +141,14 @@ def test_a_distributed_experiment_runs_on_a_real_worker_over_redis(
 
     assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
     rounds = list(experiment.rounds.order_by("number"))
-    assert [(r.number, r.status) for r in rounds] == [(1, "closed"), (2, "closed")]
-    updates = ClientUpdate.objects.filter(round__experiment=experiment)
+    assert [(r.number, r.kind, r.status) for r in rounds] == [
+        (1, "train", "closed"), (2, "train", "closed"), (3, "evaluate", "closed"),
+    ]  # fmt: skip
+    evaluations = ClientUpdate.objects.filter(round=rounds[2])
+    assert set(evaluations.values_list("status", "worker")) == {("succeeded", worker.name)}
+    assert all(len(update.evaluation) == 4 for update in evaluations)  # global and 3 sites
+    rounds = rounds[:2]
+    updates = ClientUpdate.objects.filter(round__in=rounds)
     assert updates.count() == 6
     assert set(updates.values_list("status", "worker")) == {("succeeded", worker.name)}
     for update in updates:
@@ -228,6 +244,6 @@ def test_an_experiment_completes_after_the_broker_lost_a_rounds_aggregation_task
             watchdog.stop()
 
     assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
-    rounds = list(experiment.rounds.order_by("number"))
+    rounds = list(experiment.rounds.filter(kind="train").order_by("number"))
     assert [(r.number, r.status) for r in rounds] == [(1, "closed"), (2, "closed")]
     assert Checkpoint.objects.filter(experiment=experiment, round__number=1).count() == 1

@@ -267,8 +267,9 @@ def test_experiment_without_closed_rounds_says_no_data_yet(round_status):
 
     drawn = svg_text(experiment)
 
-    # Loss, accuracy, both site panels, confusion matrix and ROC curve.
-    assert drawn.count("no data yet") == 6
+    # Loss, accuracy, both site panels, confusion matrix, ROC curve, the federated
+    # evaluation and the cross-site heatmap.
+    assert drawn.count("no data yet") == 8
 
 
 def test_multi_class_report_names_unnamed_classes_by_index():

@@ -291,9 +291,10 @@ def test_events_arrive_in_order_during_a_real_run(lesions_dataset, worker_env):
 
     kinds = [event["type"] for event in received]
     assert kinds[0] == "snapshot" and kinds[-1] == "experiment.finished"
-    assert kinds.count("round.opened") == kinds.count("round.closed") == 2
-    assert kinds.count("client.started") == kinds.count("client.finished") == 4
-    for number in (1, 2):
+    # Two training rounds, then the cross-site round: two clients each
+    assert kinds.count("round.opened") == kinds.count("round.closed") == 3
+    assert kinds.count("client.started") == kinds.count("client.finished") == 6
+    for number in (1, 2, 3):
         opened = next(
             i
             for i, e in enumerate(received)
@@ -308,7 +309,17 @@ def test_events_arrive_in_order_during_a_real_run(lesions_dataset, worker_env):
                    if e["type"].startswith("client.")
                    and e["client_update"]["round_number"] == number]  # fmt: skip
         assert opened < min(clients) and max(clients) < closed
-        assert received[closed]["round"]["metrics"]["global"]["accuracy"] is not None
+        if number < 3:
+            assert received[closed]["round"]["metrics"]["global"]["accuracy"] is not None
+    assert received[closed]["round"]["kind"] == "evaluate"
+    assert received[closed]["checkpoint"] is None
+    # Each training round's federated evaluation arrives once the next round has closed.
+    evaluated = [(i, e["round"]) for i, e in enumerate(received) if e["type"] == "round.evaluated"]
+    assert [fl_round["number"] for _, fl_round in evaluated] == [1, 2]
+    assert all(fl_round["federated_evaluation"]["weighted"]["num_sites"] == 2
+               for _, fl_round in evaluated)  # fmt: skip
     finished = [e["client_update"] for e in received if e["type"] == "client.finished"]
-    assert all(update["metrics"]["update_norm"] > 0 for update in finished)
+    trained = [update for update in finished if update["round_number"] < 3]
+    assert len(trained) == 4
+    assert all(update["metrics"]["update_norm"] > 0 for update in trained)
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"].endswith("RedisChannelLayer")
