@@ -18,7 +18,10 @@ cnn-small has no batch normalization, so there FedBN is FedAvg; give a network t
 
 The table gives the held-out accuracy after the last round (mean ± std over seeds) and
 the first round whose accuracy reached the target (mean over the seeds that reached it,
-with how many did; "-" when none). FedBN's accuracy is personalized: each client's model
+with how many did; "-" when none). A run ends early when the global model is ruined (every
+client's training diverges from it, or its outputs are NaN); its seed is counted as
+"div." and left out of the mean.
+FedBN's accuracy is personalized: each client's model
 (global weights with its own batch-norm layers) on the held-out data (with the ``site``
 partition, on its own site's held-out images), sample-weighted over clients.
 ``--poisoned-factor F`` makes client 0 send its update scaled by F
@@ -28,6 +31,7 @@ partition, on its own site's held-out images), sample-weighted over clients.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -44,7 +48,7 @@ from training.fl.data.datasets import ImageFolderDataset
 from training.fl.data.partition import holdout_split, partition_indices
 from training.fl.local import TrainConfig
 from training.fl.networks import build_network
-from training.fl.simulation import run_simulation, scaled_update
+from training.fl.simulation import RoundSummary, run_simulation, scaled_update
 from training.fl.strategies import (
     StrategyContext,
     available_strategies,
@@ -76,7 +80,8 @@ def run_one(
     network: str,
     network_params: dict[str, object],
 ) -> list[float]:
-    """Held-out accuracy after each round."""
+    """Held-out accuracy after each round; shorter than ``rounds`` when a round's clients
+    all failed (their training diverged from the global model)."""
     kept_labels = dataset.labels[kept]
     kept_sites = [dataset.sites[i] for i in kept] if dataset.sites is not None else None
     parts = partition_indices(
@@ -92,34 +97,46 @@ def run_one(
     if partition == "site" and dataset.sites is not None:
         site_names = sorted(set(dataset.sites))
         personal = [[i for i in held_out if dataset.sites[i] == name] for name in site_names]
-    result = run_simulation(
-        model=model,
-        dataset=dataset,
-        partitions=partitions,
-        rounds=rounds,
-        config=TrainConfig(**{**vars(CONFIG), "seed": seed}),
-        strategy=strategy,
-        eval_dataset=dataset,
-        eval_indices=held_out,
-        device=CPU,
-        attacks=attacks,
-        personal_eval_indices=personal,
-    )
-    accuracies = []
-    for summary in result.rounds:
+    accuracies: list[float] = []
+
+    def record(summary: RoundSummary) -> None:
         metrics = summary.personalized_eval_metrics or summary.eval_metrics or {}
         accuracies.append(float(metrics["accuracy"]))
+
+    # A ruined global model ends the run: every client's training diverges from it
+    # (RuntimeError) or its outputs are NaN, which the metrics refuse (ValueError).
+    with contextlib.suppress(RuntimeError, ValueError):
+        run_simulation(
+            model=model,
+            dataset=dataset,
+            partitions=partitions,
+            rounds=rounds,
+            config=TrainConfig(**{**vars(CONFIG), "seed": seed}),
+            strategy=strategy,
+            eval_dataset=dataset,
+            eval_indices=held_out,
+            device=CPU,
+            attacks=attacks,
+            personal_eval_indices=personal,
+            on_round_end=record,
+        )
     return accuracies
 
 
-def cell(curves: list[list[float]], target: float) -> tuple[str, str]:
-    finals = [curve[-1] for curve in curves]
-    spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
-    accuracy = f"{statistics.mean(finals):.3f} ± {spread:.3f}"
+def cell(curves: list[list[float]], target: float, rounds: int) -> tuple[str, str]:
+    finals = [curve[-1] for curve in curves if len(curve) == rounds]
+    diverged = len(curves) - len(finals)
+    if finals:
+        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        accuracy = f"{statistics.mean(finals):.3f} ± {spread:.3f}"
+        if diverged:
+            accuracy += f" ({diverged} div.)"
+    else:
+        accuracy = "diverged"
     reached = [
         next(index + 1 for index, value in enumerate(curve) if value >= target)
         for curve in curves
-        if max(curve) >= target
+        if curve and max(curve) >= target
     ]
     rounds = f"{statistics.mean(reached):.1f} ({len(reached)}/{len(curves)})" if reached else "-"
     return accuracy, rounds
@@ -176,14 +193,14 @@ def main() -> None:
         f"{args.seeds} seeds{poisoned}. Held-out accuracy after the last round "
         f"(mean ± std) | rounds to reach {args.target:g} (mean, seeds that did)"
     )
-    header = f"{'strategy':<14}" + "".join(f" | {p:^29}" for p in partitions)
+    header = f"{'strategy':<14}" + "".join(f" | {p:^34}" for p in partitions)
     print(header)
     print("-" * len(header))
     for name in strategies:
         row = f"{name:<14}"
         for partition in partitions:
-            accuracy, rounds = cell(curves[name][partition], args.target)
-            row += f" | {accuracy:>13} {rounds:>15}"
+            accuracy, rounds = cell(curves[name][partition], args.target, args.rounds)
+            row += f" | {accuracy:>22} {rounds:>11}"
         print(row)
     print(f"({elapsed / 60:.1f} minutes)")
     if args.json is not None:

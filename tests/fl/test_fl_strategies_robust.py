@@ -78,3 +78,49 @@ def test_scaled_update_moves_floating_entries_and_keeps_counters() -> None:
     sent = scaled_update(-10.0)(start, trained)
     assert torch.equal(sent["w"], torch.tensor([-4.0, 12.0]))
     assert torch.equal(sent["n"], torch.tensor(4))
+
+
+class ImagesWithBrokenRows(torch.utils.data.Dataset):
+    """Random 1x32x32 images; rows from ``broken`` on are NaN, so training on them diverges."""
+
+    def __init__(self, count: int, broken: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 1, 32, 32, generator=generator)
+        self.images[broken:] = float("nan")
+        self.labels = [index % 2 for index in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.labels[index]
+
+
+def test_a_client_whose_training_fails_is_left_out_of_its_round_as_the_server_does() -> None:
+    dataset = ImagesWithBrokenRows(24, broken=16)
+    partitions = [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    result = run_simulation(
+        model=build_network("cnn-small", in_channels=1, num_classes=2, seed=0),
+        dataset=dataset,
+        partitions=partitions,
+        rounds=2,
+        config=TrainConfig(epochs=1, batch_size=4, lr=0.01, momentum=0.0),
+        device=CPU,
+    )
+    for summary in result.rounds:
+        assert list(summary.failures) == [2]
+        assert "diverged" in summary.failures[2]
+        assert summary.train_metrics["num_clients"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in result.final_weights.values())
+
+
+def test_a_round_whose_clients_all_fail_stops_the_simulation_with_their_reasons() -> None:
+    with pytest.raises(RuntimeError, match=r"every client of round 0 failed: \{0: 'Floating"):
+        run_simulation(
+            model=build_network("cnn-small", in_channels=1, num_classes=2, seed=0),
+            dataset=ImagesWithBrokenRows(8, broken=0),
+            partitions=[list(range(8))],
+            rounds=1,
+            config=TrainConfig(epochs=1, batch_size=4, lr=0.01, momentum=0.0),
+            device=CPU,
+        )

@@ -60,15 +60,17 @@ def scaled_update(factor: float) -> Attack:
 @dataclass(frozen=True, kw_only=True)
 class RoundSummary:
     """``train_metrics`` are the strategy's sample-weighted client metrics; ``clients``
-    each client's report. ``personalized_eval_metrics`` (strategies that keep layers at the
-    sites) is the sample-weighted mean over clients of each one's model, with its own
-    layers, on its own evaluation samples (see :func:`run_simulation`)."""
+    each successful client's report. ``personalized_eval_metrics`` (strategies that keep
+    layers at the sites) is the sample-weighted mean over clients of each one's model, with
+    its own layers, on its own evaluation samples (see :func:`run_simulation`)."""
 
     round_index: int
     clients: list[ClientReport]
     train_metrics: dict[str, float]
     eval_metrics: dict[str, Any] | None
     personalized_eval_metrics: dict[str, float] | None = None
+    # Client index to why it failed; failed clients are not in ``clients``.
+    failures: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,7 +200,9 @@ def run_simulation(
     personalized model: on ``personal_eval_indices[k]`` for client k (a site's own
     held-out samples), else on ``eval_indices``. ``attacks`` maps a client's index to what
     it sends instead of its update.
-    Raises RuntimeError when a client fails, with the client's reason.
+    A client that fails (its training diverged, say) is left out of its round, as the
+    server leaves it out, and its reason recorded in the round's ``failures``; a round
+    whose clients all fail raises RuntimeError with their reasons.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -216,7 +220,8 @@ def run_simulation(
         payload = strategy.client_payload()
         payload_sha256 = sha256_hex(weights_to_bytes(payload)) if payload else ""
         strategy.begin_round(global_weights)
-        reports = []
+        reports: list[ClientReport] = []
+        failures: dict[int, str] = {}
         for client_index, indices in enumerate(partitions):
             task = _task(
                 client_index=client_index,
@@ -238,7 +243,8 @@ def run_simulation(
                 network=_constant(model),
             )
             if connection.sent is None:
-                raise RuntimeError(f"client {client_index} failed: {connection.failure}")
+                failures[client_index] = connection.failure
+                continue
             weights, report = connection.sent
             strategy.accumulate(
                 weights,
@@ -247,6 +253,8 @@ def run_simulation(
                 extras=report.extras,
             )
             reports.append(report)
+        if not reports:
+            raise RuntimeError(f"every client of round {round_index} failed: {failures}")
         model.load_state_dict(strategy.finish_round())
         eval_metrics, personalized = None, None
         if eval_dataset is not None:
@@ -264,6 +272,7 @@ def run_simulation(
         summary = RoundSummary(
             round_index=round_index,
             clients=reports,
+            failures=failures,
             train_metrics=dict(strategy.round_metrics),
             eval_metrics=eval_metrics,
             personalized_eval_metrics=personalized,
