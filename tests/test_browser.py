@@ -158,14 +158,43 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     assert any(0 < count < ROUNDS for count in seen), f"no intermediate state seen: {seen}"
     assert seen[-1] == ROUNDS
     assert browser.find_element(By.ID, "status").text == "completed"
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")) == ROUNDS
+    # The training rounds, then the cross-site round that follows the last one
+    round_rows = browser.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")
+    assert len(round_rows) == ROUNDS + 1
+    assert round_rows[-1].text.startswith(f"{ROUNDS + 1} (cross-site)")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints-table tbody tr")) == ROUNDS + 1
     assert browser.find_elements(By.CSS_SELECTOR, "#confusion table.confusion")
     timeline_bars = browser.execute_script(
         "return Chart.getChart('timeline-chart').data.datasets"
         ".reduce((n, d) => n + d.data.length, 0);"
     )
-    assert timeline_bars == 3 * ROUNDS
+    assert timeline_bars == 3 * (ROUNDS + 1)  # each round's three tasks, the cross-site's too
+    # The cross-site heatmap: the global model and each site's local model (rows) on each
+    # site's validation data (columns), every cell a number, and the weighted mean per row
+    heatmap = WebDriverWait(browser, 30).until(lambda d: d.find_elements(
+        By.CSS_SELECTOR, "#cross-site table.cross-site[data-status=closed]"))[0]  # fmt: skip
+    models = [row.get_attribute("data-model") for row in heatmap.find_elements(
+        By.CSS_SELECTOR, "tbody tr")]  # fmt: skip
+    assert models == ["global", "sim-1", "sim-2", "sim-3"]
+    cells = heatmap.find_elements(By.CSS_SELECTOR, "tbody td[data-site]")
+    assert len(cells) == 4 * (3 + 1)
+    assert all(0.0 <= float(cell.text) <= 1.0 for cell in cells)
+    assert cells[0].value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
+    browser.execute_script("arguments[0].scrollIntoView();", heatmap)
+    browser.find_element(By.ID, "cross-site-card").screenshot(
+        str(SCREENSHOTS / "cross-site-heatmap.png")
+    )
+    accuracies = [cell.text for cell in cells]
+    Select(browser.find_element(By.ID, "cross-site-metric")).select_by_value("loss")
+    losses = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#cross-site td[data-site]")]
+    assert losses != accuracies
+    assert all(float(loss) > 0 for loss in losses)
+    # The sites' evaluation of every round's global model, and its weighted mean
+    weighted_points = browser.execute_script(
+        "const chart = Chart.getChart('federated-chart');"
+        "return chart.data.datasets[chart.data.datasets.length - 1].data.length;"
+    )
+    assert weighted_points == ROUNDS
     assert browser.find_element(By.ID, "connection").get_attribute("hidden") is not None
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
