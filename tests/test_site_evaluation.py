@@ -24,6 +24,8 @@ from tests.factories import (
     claim,
 )
 from training import federation, modelstore, services
+from training.clients import StoredSiteState
+from training.fl.client import FEDBN_LOCAL
 from training.fl.evaluation import evaluate_model
 from training.models import (
     Checkpoint,
@@ -159,6 +161,54 @@ def test_federated_evaluation_equals_evaluating_each_checkpoint_on_each_sites_sp
                 experiment, (update.update_file.name, update.update_sha256), rows
             )
             assert_same_evaluation(matrix["cells"][model][slug], expected)
+
+
+def test_with_fedbn_each_site_evaluates_the_global_model_with_its_own_batch_norm_layers(
+    file_partitioned,
+):
+    # Given a FedBN experiment run to its end (batch-norm layers stay at the sites)
+    dataset, _ = file_partitioned
+    experiment = experiment_on(file_partitioned, num_rounds=2, clients_per_round=3, min_clients=3)
+    experiment.strategy = "fedbn"
+    experiment.network, experiment.network_params = "resnet18-small", {"width": 4}
+    experiment.save(update_fields=["strategy", "network", "network_params"])
+    batch_norm_names = [
+        name
+        for module_name, module in federation.build_experiment_network(experiment).named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for name in (f"{module_name}.{entry}" for entry in module.state_dict())
+    ]
+    assert batch_norm_names
+    experiment = run_to_the_end(experiment)
+    assert experiment.status == ExperimentStatus.COMPLETED, experiment.failure_reason
+    # Then the cross-site tasks named the local layers, and each site's "global" result is
+    # the final global model with that site's own layers, evaluated on its own split
+    cross_site = experiment.rounds.get(kind=RoundKind.EVALUATE)
+    final = experiment.rounds.get(number=2).checkpoint
+    global_weights = modelstore.load_stored_weights(final.file.name, final.sha256)
+    matrix = evaluations.cross_site_document(experiment)
+    assert matrix["personalized"] is True
+    data = federation.open_dataset_at(dataset, dataset.path)
+    sites = list(experiment.sites.order_by("pk"))
+    differs = []
+    for site, rows in zip(sites, SITE_ROWS, strict=True):
+        update = cross_site.client_updates.get(site=site)
+        task = federation.client_task(
+            ClientUpdate(pk=update.pk, round=federation.round_for_clients(cross_site.pk),
+                         site=site, task_id=update.task_id)
+        )  # fmt: skip
+        local_names = task.options["local_parameters"]
+        assert local_names == batch_norm_names
+        kept = StoredSiteState(experiment.pk, site.slug).load(FEDBN_LOCAL)
+        personalized = {**global_weights, **{name: kept[name] for name in local_names}}
+        network = federation.network_with_weights(experiment, personalized)
+        rows_kept = validation_rows(rows, f"{dataset.name}/{site.slug}")
+        expected = evaluate_model(
+            network, data, rows_kept, batch_size=experiment.batch_size, device=CPU
+        )
+        assert_same_evaluation(matrix["cells"]["global"][site.slug], expected)
+        differs.append(any(not torch.equal(kept[n], global_weights[n]) for n in local_names))
+    assert any(differs)  # the sites' own layers are not the global ones
 
 
 def test_the_cross_site_round_opens_after_the_last_round_and_the_experiment_completes_after_it(
