@@ -30,7 +30,8 @@ client_late = Signal(use_caching=True)
 # `duration_seconds`, from its claim to its report.
 client_task_ended = Signal(use_caching=True)
 
-# A round was aggregated and closed: `fl_round`, with its metrics and its checkpoint.
+# A round closed: `fl_round`, with its metrics and its checkpoint: a training round once
+# aggregated, or the cross-site round (kind "evaluate"), which has no checkpoint.
 round_closed = Signal(use_caching=True)
 
 # The sites' evaluations of a round's global model on their validation splits were filed as

@@ -63,6 +63,7 @@ from training.models import (
     Experiment,
     ExperimentStatus,
     Round,
+    RoundKind,
     RoundStatus,
     Site,
 )
@@ -89,7 +90,8 @@ ROUND_DURATION = Histogram(
 )
 CLIENT_TASK_DURATION = Histogram(
     "fedlens_client_task_duration_seconds",
-    "Duration of a client's local training task, from its start to its recorded result.",
+    "Duration of a client's task (local training, or the cross-site round's evaluation), "
+    "from its start to its recorded result.",
     ["site"],
     buckets=CLIENT_TASK_BUCKETS,
 )
@@ -106,6 +108,8 @@ CLIENT_LATE = Counter(
 # Receivers of the ledger's signals. Counted once the transaction commits, so that a
 # rolled-back change never counts.
 def count_round_closed(sender, *, fl_round: Round, **kwargs) -> None:
+    if fl_round.kind != RoundKind.TRAIN:  # the cross-site round aggregates nothing
+        return
     duration_seconds = fl_round.metrics["wall_seconds"]
 
     def record() -> None:
