@@ -33,6 +33,7 @@ from training.models import (
     Dataset,
     Experiment,
     ExperimentStatus,
+    RoundKind,
     RoundStatus,
 )
 
@@ -182,7 +183,14 @@ def test_two_hospitals_train_one_model_without_the_central_database(federation_s
             assert {(u.site.slug, u.status) for u in updates} == {
                 (slug, ClientUpdateStatus.SUCCEEDED) for slug in SLUGS.values()
             }
-            assert fl_round.metrics["clients"]["num_samples"] == 48
+            if fl_round.kind == RoundKind.TRAIN:  # 24 samples a site, a fifth for validation
+                assert fl_round.metrics["clients"]["num_samples"] == 2 * (24 - 5)
+                assert sorted(fl_round.federated_evaluation["sites"]) == sorted(SLUGS.values())
+        # After the training rounds, each site evaluated every model on its own data.
+        cross_site = experiment.rounds.get(kind=RoundKind.EVALUATE)
+        for update in cross_site.client_updates.all():
+            assert sorted(update.evaluation) == sorted(["global", *SLUGS.values()])
+            assert all(metrics["num_samples"] == 5 for metrics in update.evaluation.values())
         dashboard = Client()
         dashboard.force_login(admin)
         page = dashboard.get("/sites/").content.decode()
@@ -240,15 +248,17 @@ def test_two_hospitals_train_one_model_without_the_central_database(federation_s
                      "Content-Type": "application/octet-stream"},
         )  # fmt: skip
         assert refused.status_code == 400 and "SHA-256" in refused.json()["detail"]
+        agents["a"] = start_agent(site_a, logs["a"])  # for the cross-site round that follows
         wait_until_ended(second, logs, server)
         outcome = Experiment.objects.get(pk=second)
         assert outcome.status == ExperimentStatus.COMPLETED, outcome.failure_reason
         failed = ClientUpdate.objects.get(pk=task_a.pk)
         assert failed.status == ClientUpdateStatus.FAILED
         assert "Update refused" in failed.error
-        assert ClientUpdate.objects.get(round__experiment=second, site__slug=SLUGS["b"]).status == (
-            ClientUpdateStatus.SUCCEEDED
+        trained_b = ClientUpdate.objects.get(
+            round__experiment=second, round__kind=RoundKind.TRAIN, site__slug=SLUGS["b"]
         )
+        assert trained_b.status == ClientUpdateStatus.SUCCEEDED
 
         # A revoked site is refused by the API and by the broker.
         revoked = manage_as_server(server, "revoke_site", "--slug", SLUGS["b"])
