@@ -123,6 +123,13 @@ def points_in_global_chart(driver) -> int:
     )
 
 
+def points_in_distance_chart(driver) -> int:
+    return driver.execute_script(
+        "const chart = Chart.getChart('distance-chart');"
+        "return chart ? chart.data.datasets.reduce((n, d) => n + d.data.length, 0) : 0;"
+    )
+
+
 def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     browser.get(f"{server.url}/accounts/login/")
     browser.find_element(By.ID, "id_username").send_keys("ana")
@@ -145,10 +152,12 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
                                      and d.find_elements(By.ID, "global-chart"))  # fmt: skip
 
     seen = []  # the number of evaluated rounds on the chart, as the page showed it
+    distances_while_running = 0  # points on the distance chart before the experiment ended
     deadline = time.monotonic() + 240
     while browser.find_element(By.TAG_NAME, "body").get_attribute("data-status") != "completed":
         assert time.monotonic() < deadline, f"not completed; chart points seen: {seen}"
         seen.append(points_in_global_chart(browser))
+        distances_while_running = max(distances_while_running, points_in_distance_chart(browser))
         time.sleep(0.1)
     seen.append(points_in_global_chart(browser))
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -162,6 +171,10 @@ def test_a_user_watches_an_experiment_run_live_to_completion(server, browser):
     round_rows = browser.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")
     assert len(round_rows) == ROUNDS + 1
     assert round_rows[-1].text.startswith(f"{ROUNDS + 1} (cross-site)")
+    assert distances_while_running > 0, "the distance chart stayed empty while running"
+    first_round = browser.find_element(By.CSS_SELECTOR, "#rounds-table tbody tr").text
+    assert "3/3 succeeded" in first_round
+    assert not browser.find_element(By.ID, "stop").is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints-table tbody tr")) == ROUNDS + 1
     assert browser.find_elements(By.CSS_SELECTOR, "#confusion table.confusion")
     timeline_bars = browser.execute_script(

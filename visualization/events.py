@@ -138,6 +138,11 @@ def round_closed(sender, *, fl_round: Round, **kwargs) -> None:
         checkpoint=CHECKPOINT.to_representation(checkpoint)
         if (checkpoint := getattr(fl_round, "checkpoint", None)) is not None
         else None,
+        # Aggregation adds each client's distance from the new model to its metrics.
+        client_updates=[
+            CLIENT_UPDATE.to_representation(update)
+            for update in fl_round.client_updates.select_related("site", "round")
+        ],
     )
 
 

@@ -108,6 +108,7 @@
         break;
       case "round.closed":
         state.rounds.set(event.round.number, event.round);
+        (event.client_updates || []).forEach((u) => state.updates.set(u.id, u));
         if (state.privacy && typeof event.epsilon === "number") {
           state.privacy.epsilon.set(event.round.number, event.epsilon);
         }
@@ -334,12 +335,14 @@
     sortedRounds().forEach((r) => {
       const evaluation = (r.metrics && r.metrics.global) || {};
       const clients = [...state.updates.values()].filter((u) => u.round_number === r.number);
-      const done = clients.filter((u) => ["succeeded", "failed", "late"].includes(u.status)).length;
+      // "4/4" on a failed round read as success: count the clients that trained.
+      const succeeded = clients.filter((u) => u.status === "succeeded").length;
+      const lost = clients.filter((u) => ["failed", "late"].includes(u.status)).length;
       const row = body.insertRow();
       row.dataset.round = r.number;
       cell(row, r.kind === "evaluate" ? `${r.number} (cross-site)` : String(r.number));
       cell(row, statusBadge(r.status));
-      cell(row, `${done}/${clients.length}`);
+      cell(row, `${succeeded}/${clients.length} succeeded${lost ? `, ${lost} failed or late` : ""}`);
       cell(row, fmt(evaluation.loss));
       cell(row, fmt(evaluation.accuracy));
       cell(row, fmt(evaluation.balanced_accuracy));
@@ -403,7 +406,7 @@
     failure.hidden = !experiment.failure_reason;
     failure.textContent = experiment.failure_reason || "";
     const stop = document.getElementById("stop");
-    if (stop) stop.disabled = !["queued", "running"].includes(experiment.status);
+    if (stop) stop.hidden = !["queued", "running"].includes(experiment.status);
     document.body.dataset.status = experiment.status;
   }
 
