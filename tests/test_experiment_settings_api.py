@@ -189,3 +189,14 @@ def test_privacy_settings_are_stored(owner, payload):
     assert response.status_code == 201, response.json()
     stored = Experiment.objects.get()
     assert {name: getattr(stored, name) for name in settings} == settings
+
+
+def test_krum_with_fewer_updates_than_it_needs_is_refused_before_it_runs(owner, payload):
+    body = {**payload, "strategy": "krum", "strategy_params": {"f": 1}}
+
+    refused = post(owner, {**body, "clients_per_round": 5, "min_clients": 4})
+    accepted = post(owner, {**body, "clients_per_round": 5, "min_clients": 5})
+
+    assert refused.status_code == 400
+    assert "f=1 needs at least 5" in refused.json()["min_clients"][0]
+    assert accepted.status_code == 201, accepted.json()

@@ -389,6 +389,12 @@ def test_of_two_aggregations_of_a_round_one_completes_it_and_its_file_is_kept(op
     second_weights = global_weights(experiment, fl_round, 1.0)
     outcome = {"global": {"accuracy": 0.7}, "clients": {}}
 
+    # Each aggregation of a stateful strategy writes its state and payload beside its file.
+    for stored in (first_weights, second_weights):
+        modelstore.save_strategy_files(
+            stored.name, state={"m": torch.ones(3)}, payload={"c": torch.ones(3)}
+        )
+
     completed = services.complete_round(fl_round, AggregationOutcome(first_weights, outcome))
     duplicate = services.complete_round(fl_round, AggregationOutcome(second_weights, outcome))
 
@@ -397,7 +403,13 @@ def test_of_two_aggregations_of_a_round_one_completes_it_and_its_file_is_kept(op
     checkpoint = Checkpoint.objects.get(round=fl_round)
     assert (checkpoint.file.name, checkpoint.sha256) == (first_weights.name, first_weights.sha256)
     store = model_store()
-    assert store.exists(first_weights.name) and not store.exists(second_weights.name)
+    for name in (
+        modelstore.strategy_state_name,
+        modelstore.strategy_payload_name,
+        lambda checkpoint_name: checkpoint_name,
+    ):
+        assert store.exists(name(first_weights.name))
+        assert not store.exists(name(second_weights.name))
 
 
 def test_a_failed_second_aggregation_leaves_the_experiment_whose_round_completed_running(

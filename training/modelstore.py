@@ -108,6 +108,16 @@ def strategy_payload_name(checkpoint_name: str) -> str:
     return checkpoint_name.removesuffix(".safetensors") + ".strategy-payload.safetensors"
 
 
+def delete_checkpoint_files(checkpoint_name: str) -> None:
+    """A checkpoint that will never be recorded, with the strategy files written beside it."""
+    for name in (
+        checkpoint_name,
+        strategy_state_name(checkpoint_name),
+        strategy_payload_name(checkpoint_name),
+    ):
+        delete_weights(name)
+
+
 def save_strategy_files(
     checkpoint_name: str,
     *,

@@ -575,7 +575,7 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
         if not Round.objects.filter(pk=fl_round.pk, status=RoundStatus.AGGREGATING).update(
             **closing
         ):
-            modelstore.delete_weights(outcome.stored.name)  # nobody will read this one
+            modelstore.delete_checkpoint_files(outcome.stored.name)  # nobody will read these
             return False
         for name, value in closing.items():
             setattr(fl_round, name, value)

@@ -451,6 +451,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
             )
         except ValueError as exc:
             errors["strategy_params"] = str(exc)
+        else:
+            errors.update(self.krum_errors(merged["strategy"], attrs["strategy_params"], merged))
         network_error = self.network_error(
             merged.get("network", "cnn-small"),
             merged.get("network_params") or {},
@@ -478,6 +480,21 @@ class ExperimentSerializer(serializers.ModelSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+    @staticmethod
+    def krum_errors(strategy: str, params: dict, merged: dict) -> dict[str, str]:
+        """Krum scores need more than 2f + 2 updates: a round that may close with fewer
+        would fail at aggregation, so the settings are refused now."""
+        if strategy not in ("krum", "multikrum"):
+            return {}
+        needed = 2 * params["f"] + 3
+        if merged["min_clients"] < needed:
+            return {
+                "min_clients": f"{strategy} with f={params['f']} needs at least {needed} "
+                f"updates per round (2f + 3): raise min_clients to {needed} (and clients per "
+                "round with it), or lower f."
+            }
+        return {}
 
     @staticmethod
     def sampling_errors(merged: dict, attrs: dict, num_sites: int) -> dict[str, str]:
@@ -582,6 +599,7 @@ class RoundSerializer(serializers.ModelSerializer):
             "closed_at",
             "deadline",
             "metrics",
+            "epsilon",
             "federated_evaluation",
             "checkpoint",
         ]

@@ -90,12 +90,14 @@ def enroll(home: SiteHome, args: argparse.Namespace) -> int:
 
 # --- datasets -------------------------------------------------------------------------------
 def datasets_add(home: SiteHome, args: argparse.Namespace) -> int:
+    from training.fl.data import Preprocessor
     from workers.site.describe import check_dataset_name, dataset_metadata, open_dataset
 
     name = check_dataset_name(args.name)
     api, _ = api_for(home)
     path = Path(args.path).expanduser().resolve()
-    dataset = open_dataset(path, args.format)
+    # Declared statistics describe the stored intensities, whatever a task normalizes them to.
+    dataset = open_dataset(path, args.format, Preprocessor(normalization="none"))
     class_names = (
         [part.strip() for part in args.class_names.split(",")] if args.class_names else None
     )
