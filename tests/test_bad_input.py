@@ -330,7 +330,7 @@ def test_a_real_server_answers_bad_bodies_with_json_and_closes_unknown_sockets(s
     ):
         socket.recv(timeout=10)
     served.stop()
-    log = served.process.stdout.read()
+    log = served.log.read_text(errors="replace")
 
     assert too_large[0] == 413 and too_large[1] == "application/json"
     assert "FEDLENS_MAX_REQUEST_MB" in too_large[2]["detail"]
