@@ -413,10 +413,10 @@ def test_a_restored_backup_serves_the_finished_experiment_with_the_same_ledger_a
     assert "checked 3 checkpoint and 4 client update files; 7 match" in result.stdout
     assert row_counts(fresh_database) == row_counts(source_database)
     assert ledger_rows(fresh_database) == ledger_rows(source_database)
+    # The cross-site round's evaluation tasks upload no weights.
+    uploads = ClientUpdate.objects.filter(round__experiment=experiment).exclude(update_file="")
     stored_files = [*Checkpoint.objects.filter(experiment=experiment).values_list("file", "sha256"),
-                    # The cross-site round's evaluation tasks upload no weights.
-                    *ClientUpdate.objects.filter(round__experiment=experiment)
-                    .exclude(update_file="").values_list("update_file", "update_sha256")]  # fmt: skip
+                    *uploads.values_list("update_file", "update_sha256")]  # fmt: skip
     assert len(stored_files) == 3 + 4  # initial + 2 rounds; 2 clients in each of 2 rounds
     for name, recorded in stored_files:
         assert sha256_of(restored_data / "models" / name) == recorded
