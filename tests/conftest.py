@@ -156,11 +156,16 @@ def start_celery_worker(name: str, queues: str, env: dict[str, str]) -> subproce
     )
 
 
+# A loaded two-core machine starting PyTorch, Opacus and Django in a fresh process.
+WORKER_START_SECONDS = 120
+
+
 def wait_for_worker(app, name: str, process: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"worker {name} exited early:\n{process.stdout.read()}")
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"worker {name} exited early:\n{output}")
         if app.control.ping(destination=[name], timeout=0.5):
             return
     raise RuntimeError(f"worker {name} did not answer within {timeout} s")
@@ -209,11 +214,21 @@ class WorkerProcess:
         ]  # fmt: skip
         if beat:
             command += ["--beat", "--schedule", str(Path(env["FEDLENS_DATA_DIR"]) / "beat")]
-        self.process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", start_new_session=True,
-        )  # fmt: skip
-        wait_for_worker(app, name, self.process)
+        # Its log goes to a file: a pipe nobody reads fills up and blocks the worker's next
+        # log line, and with it every task.
+        self.log = Path(env["FEDLENS_DATA_DIR"]) / f"worker-{name}.log"
+        with self.log.open("a") as output:
+            self.process = subprocess.Popen(
+                command, cwd=PROJECT_ROOT, env=env, stdout=output,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            wait_for_worker(app, name, self.process, timeout=WORKER_START_SECONDS)
+        except RuntimeError as error:
+            # A worker left running would take the next test's tasks with this test's settings.
+            if self.process.poll() is None:
+                self.kill()
+            raise RuntimeError(f"{error}\n{self.log.read_text(errors='replace')}") from None
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
