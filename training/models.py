@@ -148,8 +148,19 @@ class Modality(models.TextChoices):
 
 
 class StorageFormat(models.TextChoices):
+    """One value per module of the format registry (training/fl/data/formats/)."""
+
     FOLDER = "folder", "Image folder with labels.csv"
     NPZ = "npz", "MedMNIST .npz"
+    MSD = "msd", "Medical Segmentation Decathlon (dataset.json, imagesTr/, labelsTr/)"
+    MASK_FOLDER = "maskfolder", "Image folder with labels.csv (image,mask[,site])"
+
+
+class Task(models.TextChoices):
+    """What a dataset's labels are, and so what its experiments learn."""
+
+    CLASSIFICATION = "classification", "Classification"
+    SEGMENTATION = "segmentation", "Segmentation"
 
 
 class DatasetQuerySet(models.QuerySet):
@@ -166,6 +177,13 @@ class Dataset(models.Model):
     description = models.TextField(blank=True)
     modality = models.CharField(max_length=2, choices=Modality.choices, default=Modality.OTHER)
     storage_format = models.CharField(max_length=10, choices=StorageFormat.choices, blank=True)
+    task = models.CharField(
+        max_length=20,
+        choices=Task.choices,
+        default=Task.CLASSIFICATION,
+        help_text="Classification (a label per image) or segmentation (a mask per image; "
+        "num_classes then counts the background).",
+    )
     num_classes = models.PositiveSmallIntegerField(
         validators=[MinValueValidator(2), MaxValueValidator(1000)]
     )
@@ -344,6 +362,12 @@ class Experiment(models.Model):
         help_text="How simulated sites split a server-side dataset: iid, dirichlet:<alpha>, "
         "quantity:<alpha>, site or file:<path>.",
     )
+    patch_size = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Segmentation: train on random label-balanced patches of this shape "
+        "(e.g. [64, 64, 32]) and evaluate by sliding window; empty: whole images.",
+    )
     num_rounds = models.PositiveIntegerField(
         default=5, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
     )
@@ -441,6 +465,11 @@ class Experiment(models.Model):
         return self.status in TERMINAL_EXPERIMENT_STATUSES
 
     @property
+    def task(self) -> str:
+        """Classification or segmentation: the dataset's, never chosen apart from it."""
+        return self.dataset.task
+
+    @property
     def round_progress(self) -> str:
         """Training rounds reached, "3/5"; the cross-site round after the last one (its
         number is num_rounds + 1) is named while it runs."""
@@ -528,6 +557,12 @@ class Round(models.Model):
     # Set when the round closes for aggregation. If it is still aggregating then, its task
     # was lost or ended without a trace, and the watchdog sends it again.
     aggregation_deadline = models.DateTimeField(null=True, blank=True)
+    aggregation_task_id = models.CharField(max_length=255, blank=True)
+    recoveries = models.PositiveSmallIntegerField(
+        default=0,
+        editable=False,
+        help_text="Times a lost client task or aggregation of this round was sent again.",
+    )
     metrics = models.JSONField(default=dict, blank=True, help_text="Aggregated round metrics.")
     epsilon = models.FloatField(
         null=True, blank=True, help_text="Privacy spent up to this round (ε for dp_delta)."
@@ -575,6 +610,9 @@ class ClientUpdate(models.Model):
     )
     task_id = models.CharField(max_length=255, blank=True, db_index=True)
     worker = models.CharField(max_length=255, blank=True)
+    attempts = models.PositiveSmallIntegerField(
+        default=0, editable=False, help_text="Times this client's task was sent."
+    )
     num_samples = models.PositiveIntegerField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
