@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from training import modelstore
+from training import metric_catalog, modelstore
 from training.differential_privacy import round_epsilon, with_privacy
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
@@ -475,7 +475,13 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     )
 
 
-def score(metrics: dict[str, Any]) -> float:
-    """The number that decides the best checkpoint: held-out accuracy, else clients'."""
-    source = metrics.get("global") or metrics["clients"]
-    return float(source["accuracy"])
+def score(metrics: dict[str, Any], task: str = metric_catalog.CLASSIFICATION) -> float:
+    """The number that decides the best checkpoint, higher better: the task's primary metric
+    (accuracy, Dice) of the held-out evaluation, else of the clients' means; -inf when
+    neither reports it, so that any round that does wins over such a round."""
+    primary = metric_catalog.primary_metric(task)
+    for source in (metrics.get("global"), metrics.get("clients")):
+        value = (source or {}).get(primary)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return float("-inf")

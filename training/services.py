@@ -579,9 +579,9 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
             return False
         for name, value in closing.items():
             setattr(fl_round, name, value)
-        score = federation.score(outcome.metrics)
+        score = federation.score(outcome.metrics, experiment.task)
         best = Checkpoint.objects.filter(experiment=experiment, is_best=True).first()
-        is_best = best is None or score > federation.score(best.metrics)
+        is_best = best is None or score > federation.score(best.metrics, experiment.task)
         if is_best and best is not None:
             Checkpoint.objects.filter(pk=best.pk).update(is_best=False)
         Checkpoint.objects.create(
