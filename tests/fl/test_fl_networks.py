@@ -1,13 +1,94 @@
-"""Network registry: every network builds and maps inputs to (N, num_classes) logits."""
+"""Network registry: classification networks map inputs to (N, num_classes) logits,
+segmentation networks to per-voxel logits (N, num_classes, *spatial)."""
 
 import pytest
 import torch
 
-from training.fl.networks import available_networks, build_network
+from training.fl.networks import (
+    available_networks,
+    build_network,
+    check_input_shape,
+    network_task,
+    spatial_divisor,
+)
 
 
-def test_available_networks_lists_the_three_registered_networks() -> None:
-    assert available_networks() == ["cnn-small", "cnn3d-small", "resnet18-small"]
+def test_available_networks_lists_the_registered_networks() -> None:
+    assert available_networks() == [
+        "basicunet",
+        "cnn-small",
+        "cnn3d-small",
+        "densenet121",
+        "resnet18-small",
+        "segresnet",
+        "unet",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("unet", "segmentation"),
+        ("basicunet", "segmentation"),
+        ("segresnet", "segmentation"),
+        ("densenet121", "classification"),
+        ("cnn-small", "classification"),
+    ],
+)
+def test_network_task_says_what_each_network_learns(name: str, task: str) -> None:
+    assert network_task(name) == task
+
+
+@pytest.mark.parametrize("name", ["unet", "basicunet", "segresnet"])
+@pytest.mark.parametrize(("spatial_dims", "size"), [(2, (32, 48)), (3, (32, 16, 16))])
+def test_segmentation_network_gives_per_voxel_logits_of_the_input_shape(
+    name: str, spatial_dims: int, size: tuple[int, ...]
+) -> None:
+    # Given a segmentation network for 3 classes (background included)
+    model = build_network(name, in_channels=2, num_classes=3, spatial_dims=spatial_dims, seed=0)
+    # When a batch of 2 goes through it
+    logits = model(torch.randn(2, 2, *size))
+    # Then every voxel gets 3 logits
+    assert logits.shape == (2, 3, *size)
+    assert model.spatial_divisor == spatial_divisor(name)
+
+
+def test_unet_parameters_set_its_levels_and_the_divisor_they_need() -> None:
+    model = build_network(
+        "unet", in_channels=1, num_classes=2, spatial_dims=2, channels=[8, 16], strides=[4]
+    )
+    assert model.spatial_divisor == 4
+    assert model(torch.randn(1, 1, 12, 20)).shape == (1, 2, 12, 20)
+
+
+def test_densenet121_classifies_3d_volumes() -> None:
+    model = build_network(
+        "densenet121", in_channels=1, num_classes=4, spatial_dims=3, seed=0, init_features=8,
+        growth_rate=4,
+    )  # fmt: skip
+    assert model(torch.randn(2, 1, 32, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "message"),
+    [
+        ("unet", (36, 32), r"multiple of 8.*\[36\].*\[32, 32\]"),
+        ("basicunet", (16, 16, 16), r"single voxel.*at least 32"),
+        ("segresnet", (64, 60), r"multiple of 8"),
+        ("densenet121", (28, 28), r"at least 32"),
+    ],
+)
+def test_input_shape_a_network_cannot_take_is_refused_saying_what_fits(
+    name: str, shape: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_input_shape(name, shape)
+
+
+def test_input_shapes_that_fit_pass() -> None:
+    check_input_shape("unet", (64, 64, 32))
+    check_input_shape("basicunet", (32, 16))
+    check_input_shape("cnn-small", (28, 28))
 
 
 @pytest.mark.parametrize("name", ["cnn-small", "resnet18-small"])

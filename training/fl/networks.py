@@ -1,20 +1,35 @@
-"""Classification networks, built by name so that a training job can store just a string.
+"""Networks, built by name so that a training job can store just a string.
 
-Every network maps a batch shaped (N, C, H, W) -- or (N, C, D, H, W) for volumes -- to
-logits shaped (N, num_classes). None of them uses dropout, so the only randomness in
-training is the data order, which ``training.fl.local`` seeds.
+Classification networks map a batch shaped (N, C, H, W) -- or (N, C, D, H, W) for
+volumes -- to logits shaped (N, num_classes); segmentation networks (MONAI's U-Nets and
+SegResNet) map it to per-voxel logits shaped (N, num_classes, H, W) or (N, num_classes, D,
+H, W). None of them uses dropout by default, so the only randomness in training is the
+data order (and, for segmentation, the augmentations), which ``training.fl.local`` and
+``training.fl.segmentation`` seed.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from monai.networks import nets as monai_nets
 from torch import nn
 
-__all__ = ["available_networks", "build_network"]
+__all__ = [
+    "SEGMENTATION_NETWORKS",
+    "available_networks",
+    "build_network",
+    "check_input_shape",
+    "network_task",
+    "spatial_divisor",
+]
+
+# MONAI's networks by the names FedLens stores; every other network classifies.
+SEGMENTATION_NETWORKS = ("basicunet", "segresnet", "unet")
 
 
 def _check_spatial_dims(name: str, spatial_dims: int, supported: tuple[int, ...]) -> None:
@@ -181,11 +196,115 @@ def _cnn3d_small(*, in_channels: int, num_classes: int, spatial_dims: int) -> nn
     return SmallCNN3D(in_channels=in_channels, num_classes=num_classes)
 
 
+def _unet(
+    *,
+    in_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    channels: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] = (2, 2, 2),
+    num_res_units: int = 1,
+    norm: str = "instance",
+) -> nn.Module:
+    """MONAI's UNet (Ronneberger et al. 2015, arXiv:1505.04597, with residual units after
+    Kerfoot et al. 2018): one stride per level below the first, small channels by default."""
+    _check_spatial_dims("unet", spatial_dims, (2, 3))
+    if len(channels) < 2 or len(strides) != len(channels) - 1:
+        raise ValueError(
+            "network 'unet' needs at least 2 channels and one stride fewer than channels, "
+            f"got channels {list(channels)} and strides {list(strides)}"
+        )
+    return monai_nets.UNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        channels=tuple(channels),
+        strides=tuple(strides),
+        num_res_units=num_res_units,
+        norm=norm,
+    )
+
+
+def _basicunet(
+    *,
+    in_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    features: Sequence[int] = (8, 8, 16, 32, 64, 8),
+) -> nn.Module:
+    """MONAI's BasicUNet: four 2x downsamplings; ``features`` are its six widths."""
+    _check_spatial_dims("basicunet", spatial_dims, (2, 3))
+    if len(features) != 6:
+        raise ValueError(f"network 'basicunet' needs 6 features, got {list(features)}")
+    return monai_nets.BasicUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        features=tuple(features),
+    )
+
+
+def _segresnet(
+    *,
+    in_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    init_filters: int = 8,
+    blocks_down: Sequence[int] = (1, 2, 2, 4),
+    blocks_up: Sequence[int] = (1, 1, 1),
+) -> nn.Module:
+    """MONAI's SegResNet (Myronenko 2018, arXiv:1810.11654): a 2x downsampling per entry of
+    ``blocks_down`` after the first, group normalization in groups of 8."""
+    _check_spatial_dims("segresnet", spatial_dims, (2, 3))
+    if init_filters < 8 or init_filters % 8:
+        raise ValueError(
+            f"network 'segresnet' needs init_filters a multiple of 8, got {init_filters}"
+        )
+    if len(blocks_up) != len(blocks_down) - 1:
+        raise ValueError(
+            "network 'segresnet' needs one entry of blocks_up fewer than blocks_down, got "
+            f"{list(blocks_down)} and {list(blocks_up)}"
+        )
+    return monai_nets.SegResNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        init_filters=init_filters,
+        blocks_down=tuple(blocks_down),
+        blocks_up=tuple(blocks_up),
+    )
+
+
+def _densenet121(
+    *,
+    in_channels: int,
+    num_classes: int,
+    spatial_dims: int,
+    init_features: int = 64,
+    growth_rate: int = 32,
+) -> nn.Module:
+    """MONAI's DenseNet121 (Huang et al. 2017, arXiv:1608.06993) for classification."""
+    _check_spatial_dims("densenet121", spatial_dims, (2, 3))
+    return monai_nets.DenseNet121(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        init_features=init_features,
+        growth_rate=growth_rate,
+    )
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn-small": _cnn_small,
     "resnet18-small": _resnet18_small,
     "cnn3d-small": _cnn3d_small,
+    "densenet121": _densenet121,
+    "unet": _unet,
+    "basicunet": _basicunet,
+    "segresnet": _segresnet,
 }
+# DenseNet121's stem and three transitions halve the input five times.
+_MINIMUM_SIZES = {"densenet121": 32, "cnn3d-small": 4}
 
 _FIXED_ARGUMENTS = {"in_channels", "num_classes", "spatial_dims"}
 
@@ -206,9 +325,10 @@ def build_network(
 ) -> nn.Module:
     """Build the network registered as ``name``.
 
-    ``params`` are the network's own options (e.g. ``width`` for ``resnet18-small``).
-    With ``seed`` the initial weights are reproducible and the global torch RNG is left
-    untouched.
+    ``params`` are the network's own options (e.g. ``width`` for ``resnet18-small``,
+    ``channels`` and ``strides`` for ``unet``). The module's ``spatial_divisor`` attribute
+    is what its input sizes must be multiples of (:func:`spatial_divisor`). With ``seed``
+    the initial weights are reproducible and the global torch RNG is left untouched.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown network {name!r}; known networks: {available_networks()}")
@@ -230,8 +350,70 @@ def build_network(
         **params,
     }
     if seed is None:
-        return builder(**arguments)
-    # Modules are initialised on the CPU: its generator alone is seeded (and restored after).
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return builder(**arguments)
+        network = builder(**arguments)
+    else:
+        # Modules are initialised on the CPU: its generator alone is seeded (and restored
+        # after).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            network = builder(**arguments)
+    # Whole-image inference pads inputs to this multiple (training.fl.segmentation).
+    network.spatial_divisor = spatial_divisor(name, **params)
+    return network
+
+
+def network_task(name: str) -> str:
+    """What the network ``name`` learns: "segmentation" or "classification"."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown network {name!r}; known networks: {available_networks()}")
+    return "segmentation" if name in SEGMENTATION_NETWORKS else "classification"
+
+
+def _defaults(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    signature = inspect.signature(_REGISTRY[name]).parameters
+    return {
+        key: parameter.default
+        for key, parameter in signature.items()
+        if key not in _FIXED_ARGUMENTS
+    } | params
+
+
+def spatial_divisor(name: str, **params: Any) -> int:
+    """What every spatial size a segmentation network takes must be a multiple of (its
+    skip connections join levels of halved sizes); 1 for classification networks."""
+    settings = _defaults(name, params)
+    if name == "unet":
+        return math.prod(int(stride) for stride in settings["strides"])
+    if name == "basicunet":
+        return 16
+    if name == "segresnet":
+        return 2 ** (len(settings["blocks_down"]) - 1)
+    return 1
+
+
+def check_input_shape(name: str, spatial_shape: Sequence[int], **params: Any) -> None:
+    """Raise ValueError, saying what to change, when ``name`` (with ``params``) cannot take
+    inputs of ``spatial_shape``: a segmentation network's patch or image, or a
+    classification network's image."""
+    shape = [int(size) for size in spatial_shape]
+    divisor = spatial_divisor(name, **params)
+    if divisor > 1:
+        uneven = [size for size in shape if size % divisor]
+        if uneven:
+            raise ValueError(
+                f"network {name!r} needs every spatial size to be a multiple of {divisor} (its "
+                f"downsampling); {uneven} are not: use e.g. "
+                f"{[max(divisor, size - size % divisor) for size in shape]}"
+            )
+        # The normalization at the lowest level needs more than one voxel to train.
+        if math.prod(size // divisor for size in shape) < 2:
+            raise ValueError(
+                f"network {name!r} downsamples {shape} to a single voxel; make one size at "
+                f"least {2 * divisor}"
+            )
+    minimum = _MINIMUM_SIZES.get(name, 1)
+    small = [size for size in shape if size < minimum]
+    if small:
+        raise ValueError(
+            f"network {name!r} needs every spatial size to be at least {minimum}, got {shape}"
+        )
