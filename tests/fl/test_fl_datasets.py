@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from training.fl.data.datasets import (
@@ -276,3 +277,24 @@ def test_native_channels_are_read_from_the_npz_header_or_the_first_image(
     assert native_channels(grey_folder, "folder") == 1
     with pytest.raises(DatasetFormatError, match="no train_images array"):
         native_channels(write_npz(tmp_path / "empty.npz", test_labels=np.array([0])))
+
+
+def test_image_folder_reads_the_volume_of_a_4d_file_that_labels_csv_chooses(
+    tmp_path: Path,
+) -> None:
+    # Given a 4D NIfTI of two volumes (all 0s, all 1s) listed once per volume as "#N"
+    root = write_folder(tmp_path / "set", ["cine.nii.gz#1,1", "cine.nii.gz#0,0"], "path,label")
+    volumes = np.stack([np.full((2, 4, 4), t, np.float32) for t in range(2)])
+    sitk.WriteImage(sitk.GetImageFromArray(volumes, isVector=False), str(root / "cine.nii.gz"))
+    # When the folder is opened and read
+    dataset = ImageFolderDataset(root, preprocessor=Preprocessor(normalization="none"))
+    # Then each row is its own 3D volume of the file
+    assert [path.name for path in dataset.paths] == ["cine.nii.gz#1", "cine.nii.gz#0"]
+    assert torch.all(dataset[0][0] == 1) and dataset[0][0].shape == (1, 2, 4, 4)
+    assert torch.all(dataset[1][0] == 0)
+
+
+def test_image_folder_refuses_a_chosen_volume_of_a_file_that_is_not_there(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "set", ["missing.nii.gz#1,1"], "path,label")
+    with pytest.raises(DatasetFormatError, match=r"missing\.nii\.gz#1 not found"):
+        ImageFolderDataset(root)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import SimpleITK as sitk
 import torch
 
 from training.api.serializers import is_within_dataset_roots
@@ -27,6 +26,7 @@ from training.fl.data import (
     ImageReadError,
     read_image,
 )
+from training.fl.data.readers import image_shape
 from training.models import Dataset
 from visualization.viewer.cache import ProcessCache
 
@@ -227,26 +227,13 @@ def training_sample(dataset: Dataset, record: ImageRecord) -> tuple[torch.Tensor
 
 @lru_cache(maxsize=16384)
 def _file_shape(path: str) -> tuple[int, ...] | None:
-    """Array-order shape from the file's header alone, or None if it cannot be read."""
-    reader = sitk.ImageFileReader()
+    """Array-order shape from the file's header alone, by the rules read_image reads it
+    with (a 4D file's chosen volume; a single DICOM slice as 2D), or None when read_image
+    would refuse the file."""
     try:
-        if Path(path).is_dir():
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path)
-            if not files:
-                return None
-            reader.SetFileName(files[0])
-            reader.ReadImageInformation()
-            size = [*reader.GetSize()[:2], len(files)]
-        else:
-            reader.SetFileName(path)
-            reader.ReadImageInformation()
-            size = list(reader.GetSize())
-    except RuntimeError:
+        return image_shape(path)
+    except ImageReadError:
         return None
-    # A single DICOM slice is a 2D image (training.fl.data.readers reads it so).
-    if len(size) == 3 and size[2] == 1 and (Path(path).is_dir() or path.lower().endswith(".dcm")):
-        size = size[:2]
-    return tuple(int(n) for n in reversed(size))
 
 
 def stored_shape(record: ImageRecord) -> list[int] | None:

@@ -27,7 +27,7 @@ from training.fl.data.preprocess import (
     Preprocessor,
     parse_normalization,
 )
-from training.fl.data.readers import read_image
+from training.fl.data.readers import read_image, split_volume
 
 __all__ = [
     "LABELS_FILE",
@@ -99,8 +99,9 @@ def _check_labels(labels: npt.NDArray[np.int64], source: object) -> None:
 class ImageFolderDataset(ClassificationDataset):
     """A folder of images listed in ``labels.csv`` with columns ``path,label[,site]``.
 
-    Paths are relative to the folder and may name image files or DICOM series folders.
-    Preprocessed tensors are cached in memory after their first use when ``cache`` is on.
+    Paths are relative to the folder and may name image files, DICOM series folders or
+    one volume of a 4D file (``scan.nii.gz#3``, volumes counted from 0). Preprocessed
+    tensors are cached in memory after their first use when ``cache`` is on.
     """
 
     def __init__(
@@ -141,13 +142,17 @@ class ImageFolderDataset(ClassificationDataset):
                     # Short rows give None for their missing cells.
                     relative = (row["path"] or "").strip()
                     label = (row["label"] or "").strip()
-                    path = (root / relative).resolve()
+                    # "scan.nii.gz#3" names volume 3 of a 4D file (see readers.split_volume).
+                    file, volume = split_volume(root / relative)
+                    path = file.resolve()
                     if not relative or not path.is_relative_to(root):
                         raise DatasetFormatError(
                             f"{labels_path}:{line}: path must lie in the folder"
                         )
                     if not path.exists():
                         raise DatasetFormatError(f"{labels_path}:{line}: {relative} not found")
+                    if volume is not None:
+                        path = path.with_name(f"{path.name}#{volume}")
                     try:
                         labels.append(int(label))
                     except ValueError:
