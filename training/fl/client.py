@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from training.fl.client_options import SUPPORTED_OPTIONS, ClientOptions
 from training.fl.evaluation import evaluate_model, validation_split
 from training.fl.local import Sample, TrainConfig, default_device, train_local
+from training.fl.networks import network_task
 from training.fl.privacy import add_gaussian_noise_, clip_update, epsilon_spent
 from training.fl.weights import l2_distance
 
@@ -54,6 +55,8 @@ __all__ = [
 # "train": train the round's starting model; "evaluate": evaluate the models named in the
 # task's "models" option on the site's validation split (the cross-site round).
 TASK_KINDS = ("train", "evaluate")
+# What a dataset's labels are (DataSpec.task): a class per image or a mask per image.
+LEARNING_TASKS = ("classification", "segmentation")
 # The label of the experiment's global model in an evaluate task (others are site slugs).
 GLOBAL_MODEL = "global"
 # Names a site state entry may have: they become file names at the site.
@@ -94,6 +97,8 @@ class DataSpec:
     normalization: str = ""
     # The seeded share of the site's samples kept for evaluation, never trained on.
     validation_fraction: float = 0.0
+    # One of LEARNING_TASKS; for segmentation num_classes counts the background.
+    task: str = "classification"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +174,25 @@ class ClientTask:
             raise TaskFormatError(str(error)) from None
         if self.kind == "evaluate" and not options.models:
             raise TaskFormatError("an evaluate task must name its models (option 'models')")
+        if self.data.task not in LEARNING_TASKS:
+            raise TaskFormatError(
+                f"the server asked for {self.data.task!r}, which this client cannot learn (it "
+                f"does {', '.join(LEARNING_TASKS)}); upgrade the FedLens site agent"
+            )
+        try:
+            learns = network_task(self.network.name)
+        except ValueError as error:
+            raise TaskFormatError(f"{error}; upgrade the FedLens site agent") from None
+        if learns != self.data.task:
+            raise TaskFormatError(
+                f"network {self.network.name!r} does {learns}, but dataset {self.data.name} "
+                f"is for {self.data.task}"
+            )
+        if self.data.task == "segmentation" and options.dp_sgd is not None:
+            raise TaskFormatError(
+                "local DP-SGD is not available for segmentation networks (Opacus computes no "
+                "per-sample gradients for their layers); use client-level DP instead"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,6 +313,12 @@ def split_local_data(
 ) -> tuple[Dataset[Sample], list[int], list[int]]:
     """The site's samples, its training indices and its validation indices."""
     dataset, indices = local_data(task)
+    holds = getattr(dataset, "task", "classification")
+    if holds != task.data.task:
+        raise ValueError(
+            f"this site's copy of dataset {task.data.name} is a {holds} dataset, but the "
+            f"experiment is for {task.data.task}: declare the site's data again"
+        )
     training, validation = validation_split(
         indices, task.data.validation_fraction, f"{task.data.name}/{task.site}"
     )
@@ -329,7 +359,13 @@ def train_round(
     dataset, training, validation = split_local_data(task, local_data)
     # The round's starting model (with this site's own layers) on data it never trains on.
     evaluation = (
-        evaluate_model(model, dataset, validation, batch_size=task.train.batch_size)
+        evaluate_model(
+            model,
+            dataset,
+            validation,
+            batch_size=task.train.batch_size,
+            patch_size=task.train.patch_size,
+        )
         if validation
         else {}
     )
@@ -352,10 +388,13 @@ def train_round(
     trained = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     metrics: dict[str, float | str] = {
         "loss": result.loss,
-        "accuracy": result.accuracy,
         "train_seconds": result.seconds,
         "device": str(default_device()),
     }
+    # Accuracy for classification, Dice for segmentation.
+    for name, value in (("accuracy", result.accuracy), ("dice", result.dice)):
+        if value is not None:
+            metrics[name] = value
     extras: dict[str, Any] = {}
     if local_names:
         keep[FEDBN_LOCAL] = {name: trained[name].clone() for name in local_names}
@@ -466,7 +505,11 @@ def evaluate_models(
             # With FedBN the global model is personalized by this site's own layers.
             with_local_layers(model, state, options.local_parameters or None)
         evaluation[label] = evaluate_model(
-            model, dataset, validation, batch_size=task.train.batch_size
+            model,
+            dataset,
+            validation,
+            batch_size=task.train.batch_size,
+            patch_size=task.train.patch_size,
         )
     return ClientReport(
         num_samples=len(validation),

@@ -36,7 +36,11 @@ WEIGHTED_METRICS = (
     "roc_auc",
     "sensitivity",
     "specificity",
+    "dice",
+    "hd95",
 )
+# Per-class lists (segmentation) averaged class by class in the same way.
+WEIGHTED_CLASS_METRICS = ("dice_per_class", "hd95_per_class")
 
 
 def split_seed(seed_text: str) -> int:
@@ -80,15 +84,20 @@ def evaluate_model(
     *,
     batch_size: int,
     device: torch.device | None = None,
+    patch_size: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset[indices]``: ``loss`` (mean cross-entropy),
     ``accuracy``, ``num_samples`` and the rest of
-    :func:`training.fl.metrics.classification_metrics`.
+    :func:`training.fl.metrics.classification_metrics`; for a segmentation dataset
+    ``loss``, ``dice``, ``dice_per_class``, ``hd95`` and ``num_samples`` (sliding windows
+    of ``patch_size`` when it is given).
 
     The same evaluation as the server's held-out one (:func:`training.fl.local.evaluate`),
     so that a site's numbers and the server's compare. Raises ValueError without indices.
     """
-    return evaluate(model, dataset, indices, batch_size=batch_size, device=device)
+    return evaluate(
+        model, dataset, indices, batch_size=batch_size, device=device, patch_size=patch_size
+    )
 
 
 def _number(value: Any) -> float | None:
@@ -102,13 +111,24 @@ def _samples(metrics: Mapping[str, Any]) -> int:
     return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
 
 
+def _weighted_mean(pairs: Sequence[tuple[int, Any]]) -> float | None:
+    """The mean of the numbers among ``pairs`` (weight, value), None when there are none."""
+    numbers = [
+        (weight, number) for weight, value in pairs if (number := _number(value)) is not None
+    ]
+    total = sum(weight for weight, _ in numbers)
+    return sum(weight * number for weight, number in numbers) / total if total else None
+
+
 def weighted_metrics(by_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The sites' metrics combined, each site weighted by its ``num_samples``.
 
     Each of WEIGHTED_METRICS is the weighted mean over the sites that report it (None when
-    none does); ``num_samples`` is the total and ``num_sites`` the number of sites with
-    samples. The confusion matrices are summed when every site has one of the same shape,
-    so the pooled ``accuracy`` equals its trace over its sum.
+    none does), and each entry of WEIGHTED_CLASS_METRICS's per-class lists likewise (a
+    class a site has no value for is left out of its mean); ``num_samples`` is the total
+    and ``num_sites`` the number of sites with samples. The confusion matrices are summed
+    when every site has one of the same shape, so the pooled ``accuracy`` equals its trace
+    over its sum.
     """
     reporting = {site: metrics for site, metrics in by_site.items() if _samples(metrics)}
     combined: dict[str, Any] = {
@@ -116,13 +136,20 @@ def weighted_metrics(by_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         "num_sites": len(reporting),
     }
     for key in WEIGHTED_METRICS:
-        pairs = [
-            (_samples(metrics), value)
+        combined[key] = _weighted_mean(
+            [(_samples(metrics), metrics.get(key)) for metrics in reporting.values()]
+        )
+    for key in WEIGHTED_CLASS_METRICS:
+        lists = [
+            (_samples(metrics), metrics[key])
             for metrics in reporting.values()
-            if (value := _number(metrics.get(key))) is not None
+            if isinstance(metrics.get(key), list)
         ]
-        total = sum(weight for weight, _ in pairs)
-        combined[key] = sum(weight * value for weight, value in pairs) / total if total else None
+        if lists and all(len(values) == len(lists[0][1]) for _, values in lists):
+            combined[key] = [
+                _weighted_mean([(weight, values[position]) for weight, values in lists])
+                for position in range(len(lists[0][1]))
+            ]
     matrices = [metrics.get("confusion_matrix") for metrics in reporting.values()]
     try:
         arrays = [np.asarray(matrix, dtype=np.int64) for matrix in matrices]

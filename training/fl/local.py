@@ -36,6 +36,10 @@ __all__ = [
     "default_device",
     "derive_seed",
     "evaluate",
+    "gradient_adjustment",
+    "make_optimizer",
+    "rng_devices",
+    "seed_generators",
     "train_local",
 ]
 
@@ -48,7 +52,8 @@ Indices = Sequence[int] | npt.NDArray[np.integer]
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Local training hyper-parameters; ``momentum`` applies to SGD only."""
+    """Local training hyper-parameters; ``momentum`` applies to SGD only, ``patch_size``
+    (one size per spatial axis, in the images' axis order) to segmentation only."""
 
     epochs: int = 1
     batch_size: int = 32
@@ -57,8 +62,16 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
+    patch_size: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        # A task read from JSON gives a list.
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if any(
+            isinstance(size, bool) or not isinstance(size, int) or size < 1
+            for size in self.patch_size
+        ):
+            raise ValueError(f"patch_size must hold positive integers, got {self.patch_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -93,11 +106,12 @@ class DpSgd:
 
 @dataclass(frozen=True, kw_only=True)
 class LocalResult:
-    """Outcome of one local training call; loss and accuracy are over its last epoch."""
+    """Outcome of one local training call; loss, accuracy (classification) and Dice
+    (segmentation: mean over the foreground classes) are over its last epoch."""
 
     num_samples: int
     loss: float
-    accuracy: float
+    accuracy: float | None
     seconds: float
     # Optimizer steps taken (SCAFFOLD's K).
     steps: int
@@ -105,6 +119,7 @@ class LocalResult:
     # empty ones included (what the accountant counts).
     sample_rate: float | None = None
     batches_drawn: int = 0
+    dice: float | None = None
 
 
 def default_device() -> torch.device:
@@ -124,13 +139,13 @@ def client_seed(seed: int, client_index: int) -> int:
     return derive_seed(seed, _CLIENT_STREAM, client_index)
 
 
-def _rng_devices(device: torch.device) -> list[int]:
+def rng_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def _seed_generators(seed: int, device: torch.device) -> None:
+def seed_generators(seed: int, device: torch.device) -> None:
     """Seed the generators this training draws from: the CPU's and, on a GPU, that GPU's.
 
     Not torch.manual_seed: it seeds every kind of accelerator as well, and for each one
@@ -143,7 +158,7 @@ def _seed_generators(seed: int, device: torch.device) -> None:
             torch.cuda.manual_seed(seed)
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
@@ -154,7 +169,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     )
 
 
-def _gradient_adjustment(
+def gradient_adjustment(
     model: nn.Module,
     proximal_mu: float,
     gradient_correction: Mapping[str, torch.Tensor] | None,
@@ -206,7 +221,9 @@ def train_local(
     """Train ``model`` in place on ``dataset[indices]`` for ``config.epochs`` epochs.
 
     ``start_epoch`` is the number of epochs this client has already trained in earlier
-    rounds (see the module docstring). The model is left on ``device``.
+    rounds (see the module docstring). The model is left on ``device``. A segmentation
+    dataset (``task == "segmentation"``) trains through
+    :func:`training.fl.segmentation.train_segmentation`.
 
     ``proximal_mu`` adds FedProx's mu/2 * ||w - w_start||^2 to the loss (w_start: the
     model's weights when called); ``gradient_correction`` (parameter name to tensor) is
@@ -215,6 +232,21 @@ def train_local(
     batches and noise come from fresh randomness, since whoever knows them (the server
     knows the task's seed) could take the noise back out.
     """
+    if getattr(dataset, "task", "classification") == "segmentation":
+        # segmentation imports this module: imported here, once both are loaded.
+        from training.fl.segmentation import train_segmentation
+
+        return train_segmentation(
+            model,
+            dataset,  # type: ignore[arg-type]
+            indices,
+            config,
+            device=device,
+            start_epoch=start_epoch,
+            proximal_mu=proximal_mu,
+            gradient_correction=gradient_correction,
+            dp_sgd=dp_sgd,
+        )
     index_list = [int(index) for index in indices]
     if not index_list:
         raise ValueError("train_local needs at least one sample index")
@@ -228,8 +260,8 @@ def train_local(
     mixed_precision = on_cuda and dp_sgd is None
     model.to(device)
     model.train()
-    optimizer = _make_optimizer(model, config)
-    adjustment = _gradient_adjustment(model, proximal_mu, gradient_correction)
+    optimizer = make_optimizer(model, config)
+    adjustment = gradient_adjustment(model, proximal_mu, gradient_correction)
     if adjustment is not None:
         # On the optimizer itself: Opacus's wrapper calls its step after adding the noise.
         optimizer.register_step_pre_hook(adjustment)
@@ -256,15 +288,15 @@ def train_local(
     steps = drawn = 0
     epoch_loss, epoch_accuracy = 0.0, 0.0
     try:
-        with torch.random.fork_rng(devices=_rng_devices(device)):
+        with torch.random.fork_rng(devices=rng_devices(device)):
             for epoch in range(start_epoch, start_epoch + config.epochs):
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 if private_loader is not None:
-                    _seed_generators(int(torch.randint(2**62, (), generator=fresh)), device)
+                    seed_generators(int(torch.randint(2**62, (), generator=fresh)), device)
                     batches = private_loader
                 else:
                     epoch_seed = derive_seed(config.seed, epoch)
-                    _seed_generators(epoch_seed, device)
+                    seed_generators(epoch_seed, device)
                     order = torch.randperm(
                         len(index_list), generator=torch.Generator().manual_seed(epoch_seed)
                     )
@@ -324,12 +356,26 @@ def evaluate(
     *,
     batch_size: int,
     device: torch.device | None = None,
+    patch_size: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset[indices]`` (all samples when ``indices`` is None).
 
     Returns :func:`training.fl.metrics.classification_metrics`, whose ``loss`` is the mean
-    cross-entropy.
+    cross-entropy; for a segmentation dataset, the metrics of
+    :func:`training.fl.segmentation.evaluate_segmentation` (by sliding windows of
+    ``patch_size`` when it is given).
     """
+    if getattr(dataset, "task", "classification") == "segmentation":
+        from training.fl.segmentation import evaluate_segmentation
+
+        return evaluate_segmentation(
+            model,
+            dataset,  # type: ignore[arg-type]
+            indices,
+            batch_size=batch_size,
+            patch_size=patch_size,
+            device=device,
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if indices is None:
