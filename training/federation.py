@@ -72,6 +72,14 @@ def forget_ledger_reads() -> None:
 # Share of a server-side image folder kept back to evaluate the global model.
 HOLDOUT_FRACTION = 0.2
 EVAL_BATCH_SIZE = 256
+# The clients' training metrics that aggregation averages (accuracy or Dice by task).
+TRAINING_METRICS = ("loss", "accuracy", "dice")
+
+
+def evaluation_batch_size(experiment: Experiment) -> int:
+    """Images (or sliding windows) per forward pass in the server's evaluation: segmentation
+    volumes take the experiment's own training batch, which is known to fit in memory."""
+    return experiment.batch_size if experiment.task == "segmentation" else EVAL_BATCH_SIZE
 
 
 @lru_cache(maxsize=8)
@@ -392,6 +400,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             image_shape=dataset.image_shape,
             normalization=dataset.normalization,
             validation_fraction=dataset.validation_fraction,
+            task=dataset.task,
         ),
         train=TrainConfig(
             epochs=experiment.local_epochs,
@@ -399,6 +408,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             lr=experiment.learning_rate,
             optimizer=experiment.optimizer,
             seed=client_seed(experiment.seed, client_index),
+            patch_size=tuple(experiment.patch_size),
         ),
         # Epochs are counted across rounds, so a client's data order never repeats a round's.
         start_epoch=(fl_round.number - 1) * experiment.local_epochs,
@@ -439,7 +449,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
         strategy.accumulate(
             weights,
             num_samples=update.num_samples,
-            metrics={key: update.metrics[key] for key in ("loss", "accuracy")},
+            metrics={key: update.metrics[key] for key in TRAINING_METRICS if key in update.metrics},
             extras=update.metrics.get("extras"),
         )
     new_weights = strategy.finish_round()
@@ -460,7 +470,13 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     holdout = evaluation_data(experiment)
     if holdout is not None:
         network = network_with_weights(experiment, new_weights)
-        evaluation = evaluate(network, holdout.dataset, holdout.indices, batch_size=EVAL_BATCH_SIZE)
+        evaluation = evaluate(
+            network,
+            holdout.dataset,
+            holdout.indices,
+            batch_size=evaluation_batch_size(experiment),
+            patch_size=tuple(experiment.patch_size),
+        )
     evaluated = time.perf_counter()
     return AggregationOutcome(
         stored=stored,
