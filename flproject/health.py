@@ -19,6 +19,7 @@ from django.views.decorators.http import require_GET
 from kombu import Connection
 
 import flproject
+from training import recovery
 
 # Below this much free space the model store can no longer take a checkpoint safely.
 MIN_FREE_DISK_BYTES = 256 * 1024 * 1024
@@ -93,24 +94,38 @@ def check_memory() -> dict:
     }
 
 
+def check_rounds() -> dict:
+    """Rounds stuck in aggregation past their deadline, which the watchdog should have moved
+    on within a minute: the process still serves (ok), but training is degraded."""
+    try:
+        stuck = recovery.stuck_rounds()
+    except DatabaseError as exc:
+        return failure("rounds", exc)
+    return {"ok": True, "degraded": stuck > 0, "stuck": stuck}
+
+
 def verdict(checks: dict[str, dict]) -> tuple[dict, int]:
-    """The reply's body and status for a set of checks: 503 naming the parts that failed."""
+    """The reply's body and status for a set of checks: 503 naming the parts that failed;
+    200 "degraded" naming the parts that work but not as they should."""
     failed = [name for name, result in checks.items() if not result["ok"]]
-    body = {"status": "fail" if failed else "ok", "failed": failed, "checks": checks}
+    degraded = [name for name, result in checks.items() if result.get("degraded")]
+    status = "fail" if failed else "degraded" if degraded else "ok"
+    body = {"status": status, "failed": failed, "degraded": degraded, "checks": checks}
     return body, 503 if failed else 200
 
 
 @never_cache
 @require_GET
 def health(request):
-    body, status = verdict(
-        {
-            "database": check_database(),
-            "broker": check_broker(),
-            "disk": check_disk(),
-            "memory": check_memory(),
-        }
-    )
+    checks = {
+        "database": check_database(),
+        "broker": check_broker(),
+        "disk": check_disk(),
+        "memory": check_memory(),
+    }
+    if checks["database"]["ok"]:  # rounds are known only to a database that answers
+        checks["rounds"] = check_rounds()
+    body, status = verdict(checks)
     body["version"] = flproject.__version__
     body["mode"] = "embedded" if settings.FEDLENS_EMBEDDED else "distributed"
     return JsonResponse(body, status=status)

@@ -1,7 +1,13 @@
 """/health answers 200 when every part works and 503 naming the part that does not."""
 
+from datetime import timedelta
+
 import pytest
 from django.db import connection
+from django.utils import timezone
+
+from tests.factories import RoundFactory
+from training.models import RoundStatus
 
 
 @pytest.mark.django_db
@@ -12,7 +18,8 @@ def test_health_reports_every_part_ok(client, settings):
     body = response.json()
     assert body["status"] == "ok"
     assert body["failed"] == []
-    assert set(body["checks"]) == {"database", "broker", "disk", "memory"}
+    assert set(body["checks"]) == {"database", "broker", "disk", "memory", "rounds"}
+    assert body["checks"]["rounds"] == {"ok": True, "degraded": False, "stuck": 0}
     assert body["checks"]["database"]["vendor"] == connection.vendor
     assert body["checks"]["disk"]["free_bytes"] > 0
     assert body["checks"]["memory"]["process_rss_bytes"] > 0
@@ -57,3 +64,20 @@ def test_health_is_503_when_the_disk_is_almost_full(client, monkeypatch):
 
     assert response.status_code == 503
     assert response.json()["failed"] == ["disk"]
+
+
+@pytest.mark.django_db
+def test_health_says_degraded_while_a_round_is_stuck_past_its_aggregation_deadline(client):
+    # given a round still aggregating an hour after its aggregation deadline
+    RoundFactory(
+        status=RoundStatus.AGGREGATING,
+        aggregation_deadline=timezone.now() - timedelta(hours=1),
+    )
+
+    response = client.get("/health")
+
+    # then the server still serves, and says which part is degraded
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["status"], body["degraded"]) == ("degraded", ["rounds"])
+    assert body["checks"]["rounds"]["stuck"] == 1

@@ -47,11 +47,13 @@ FEDLENS_TYPES = {
     "fedlens_client_task_duration_seconds": "histogram",
     "fedlens_client_failures_total": "counter",
     "fedlens_client_late_total": "counter",
+    "fedlens_round_recoveries_total": "counter",
     "fedlens_global_accuracy": "gauge",
     "fedlens_global_auc": "gauge",
     "fedlens_global_loss": "gauge",
     "fedlens_participating_clients": "gauge",
     "fedlens_rounds_overdue": "gauge",
+    "fedlens_rounds_stuck": "gauge",
     "fedlens_data_disk_free_bytes": "gauge",
     "fedlens_data_disk_total_bytes": "gauge",
 }

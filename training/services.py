@@ -47,6 +47,7 @@ from training.queues import (
     TRAIN_CLIENT_TASK,
     TRAINING_QUEUE,
 )
+from training.reconnect import retry_on_lost_connection
 from training.sampling import clients_in_round
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def open_round(experiment: Experiment, number: int, dataset: Dataset) -> Round:
         deadline=now + timedelta(seconds=experiment.round_timeout_seconds),
     )
     updates = ClientUpdate.objects.bulk_create(
-        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4())) for site in clients
+        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4()), attempts=1)
+        for site in clients
     )
     experiment.current_round = number
     experiment.save(update_fields=["current_round", "updated_at"])
@@ -125,7 +127,9 @@ def open_round(experiment: Experiment, number: int, dataset: Dataset) -> Round:
     signals.round_opened.send(Round, fl_round=new_round, client_updates=updates)
     log_event(logger, "round.opened", experiment=experiment.pk, round=number, clients=len(updates))
     queues = [training_queue(dataset, site) for site in clients]
-    transaction.on_commit(lambda: enqueue_training(updates, queues))
+    # Robust: a broker that is down must not fail the committed round's caller; the
+    # watchdog finds the tasks missing and sends them again (training/recovery.py).
+    transaction.on_commit(lambda: enqueue_training(updates, queues), robust=True)
     return new_round
 
 
@@ -368,11 +372,21 @@ def record_client_result(
             result["update_file"] = outcome.stored.name
             result["update_sha256"] = outcome.stored.sha256
     result["finished_at"] = now
-    # Without locks: the row's own status decides (see claim_client_update), and whichever
-    # report comes last sees every other one committed and closes the round.
-    recorded = ClientUpdate.objects.filter(pk=claimed.pk, status=ClientUpdateStatus.RUNNING).update(
-        **result
-    )
+
+    def record() -> bool:
+        # Without locks: the row's own status decides (see claim_client_update), and
+        # whichever report comes last sees every other one committed and closes the round.
+        running = ClientUpdate.objects.filter(pk=claimed.pk, status=ClientUpdateStatus.RUNNING)
+        if running.update(**result):
+            return True
+        # Or a try before this one committed it and lost its connection before the answer:
+        # its finish time, to the microsecond, is this report's own.
+        return ClientUpdate.objects.filter(
+            pk=claimed.pk, status=result["status"], finished_at=now
+        ).exists()
+
+    report = f"the report of client update {claimed.pk}"
+    recorded = retry_on_lost_connection(record, what=report)
     if not recorded:
         if outcome is not None and outcome.stored is not None:  # nobody will read them
             modelstore.delete_weights(outcome.stored.name)
@@ -390,8 +404,12 @@ def record_client_result(
     unfinished = ClientUpdate.objects.filter(
         round_id=claimed.round_id, status__in=UNFINISHED_CLIENT_STATUSES
     )
-    if not unfinished.exists():
-        close_complete_round(claimed.round.experiment_id, claimed.round_id)
+
+    def close_if_last() -> None:
+        if not unfinished.exists():
+            close_complete_round(claimed.round.experiment_id, claimed.round_id)
+
+    retry_on_lost_connection(close_if_last, what=report)
     return True
 
 
@@ -447,7 +465,8 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         return
     fl_round.status = RoundStatus.AGGREGATING
     fl_round.aggregation_deadline = aggregation_deadline(timezone.now())
-    fl_round.save(update_fields=["status", "aggregation_deadline"])
+    fl_round.aggregation_task_id = str(uuid.uuid4())
+    fl_round.save(update_fields=["status", "aggregation_deadline", "aggregation_task_id"])
     log_event(
         logger,
         "round.aggregating",
@@ -455,7 +474,7 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
         round=fl_round.number,
         succeeded=succeeded,
     )
-    send_aggregation_after_commit(fl_round.pk)
+    send_aggregation_after_commit(fl_round)
 
 
 def aggregation_deadline(now: datetime) -> datetime:
@@ -465,9 +484,16 @@ def aggregation_deadline(now: datetime) -> datetime:
     return now + timedelta(seconds=settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"])
 
 
-def send_aggregation_after_commit(round_id: int) -> None:
+def send_aggregation_after_commit(fl_round: Round) -> None:
+    """Send the round's aggregation, as `aggregation_task_id`, once the round's closing
+    commits. Robust: with the broker down the round stays closed and recorded, and the
+    watchdog, finding its aggregation neither queued nor running, sends it again."""
+    round_id, task_id = fl_round.pk, fl_round.aggregation_task_id
     transaction.on_commit(
-        lambda: send_task(AGGREGATE_ROUND_TASK, args=[round_id], queue=AGGREGATION_QUEUE)
+        lambda: send_task(
+            AGGREGATE_ROUND_TASK, args=[round_id], queue=AGGREGATION_QUEUE, task_id=task_id
+        ),
+        robust=True,
     )
 
 
@@ -535,18 +561,27 @@ def resend_stalled_aggregations(now=None) -> list[int]:
             fl_round = stalled.filter(pk=round_id).first()
             if fl_round is None:
                 continue  # completed, or sent again by another watchdog run meanwhile
-            fl_round.aggregation_deadline = aggregation_deadline(now)
-            fl_round.save(update_fields=["aggregation_deadline"])
-            log_event(
-                logger,
-                "round.aggregation_resent",
-                level=logging.WARNING,
-                experiment=experiment_id,
-                round=fl_round.number,
-            )
-            send_aggregation_after_commit(round_id)
+            resend_aggregation(fl_round, now)
         resent.append(round_id)
     return resent
+
+
+def resend_aggregation(fl_round: Round, now: datetime) -> None:
+    """Send an aggregating round's aggregation again, under a new task id, and count the
+    recovery. The caller holds the experiment's lock and has seen the round aggregating."""
+    fl_round.aggregation_deadline = aggregation_deadline(now)
+    fl_round.aggregation_task_id = str(uuid.uuid4())
+    fl_round.recoveries += 1
+    fl_round.save(update_fields=["aggregation_deadline", "aggregation_task_id", "recoveries"])
+    log_event(
+        logger,
+        "round.aggregation_resent",
+        level=logging.WARNING,
+        experiment=fl_round.experiment_id,
+        round=fl_round.number,
+        recoveries=fl_round.recoveries,
+    )
+    send_aggregation_after_commit(fl_round)
 
 
 # --- Aggregation ---------------------------------------------------------------------------
@@ -557,11 +592,21 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
 
     `fl_round` is the round as the aggregation task read it: its number and opening time
     never change. Returns False when the round was already completed (a duplicate
-    aggregation task).
+    aggregation task). Tried again on a new connection when the database connection breaks.
     """
+    # Once for all tries: the closing time tells a try its own earlier commit.
+    now = timezone.now()
+    return retry_on_lost_connection(
+        lambda: record_completed_round(fl_round, outcome, now),
+        what=f"the completion of round {fl_round.pk}",
+    )
+
+
+def record_completed_round(
+    fl_round: Round, outcome: "federation.AggregationOutcome", now: datetime
+) -> bool:
     with transaction.atomic():
         experiment = locked_experiment(fl_round.experiment_id)
-        now = timezone.now()
         closing = {
             "status": RoundStatus.CLOSED,
             "closed_at": now,
@@ -575,6 +620,9 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
         if not Round.objects.filter(pk=fl_round.pk, status=RoundStatus.AGGREGATING).update(
             **closing
         ):
+            # A try before this one committed this very outcome, then lost its connection.
+            if Round.objects.filter(pk=fl_round.pk, closed_at=now).exists():
+                return True
             modelstore.delete_checkpoint_files(outcome.stored.name)  # nobody will read these
             return False
         for name, value in closing.items():
@@ -677,7 +725,8 @@ def open_cross_site_round(
         metrics={"models": site_evaluation.evaluation_models(experiment.pk)},
     )
     updates = ClientUpdate.objects.bulk_create(
-        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4())) for site in sites
+        ClientUpdate(round=new_round, site=site, task_id=str(uuid.uuid4()), attempts=1)
+        for site in sites
     )
     Round.checkpoint.related.set_cached_value(new_round, None)
     # The round in progress, as for training rounds; it is num_rounds + 1 only here.
@@ -693,7 +742,9 @@ def open_cross_site_round(
         clients=len(updates),
     )
     queues = [training_queue(dataset, site) for site in sites]
-    transaction.on_commit(lambda: enqueue_training(updates, queues))
+    # Robust: a broker that is down must not fail the committed round's caller; the
+    # watchdog finds the tasks missing and sends them again (training/recovery.py).
+    transaction.on_commit(lambda: enqueue_training(updates, queues), robust=True)
     return new_round
 
 

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from flproject.observability import metrics
-from training import clients, federation, services, sites, tracking
+from training import clients, federation, recovery, services, sites, tracking
 from training.models import Round, RoundStatus
 from training.queues import (
     AGGREGATE_ROUND_TASK,
@@ -26,6 +26,8 @@ from training.queues import (
     SYNC_SITE_BROKER_USERS_TASK,
     TRAIN_CLIENT_TASK,
 )
+from training.reconnect import LOST_CONNECTION_ERRORS, retry_on_lost_connection
+from workers import recovery as lost_work
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +90,17 @@ def aggregate_round(round_id: int) -> str:
         return "skipped: not waiting for aggregation"
     fl_round.experiment = federation.experiment_configuration(fl_round.experiment_id)
     try:
-        outcome = federation.run_aggregation(fl_round)
+        outcome = retry_on_lost_connection(
+            lambda: federation.run_aggregation(fl_round), what=f"aggregating round {round_id}"
+        )
+    except LOST_CONNECTION_ERRORS:
+        raise  # the database's fault, not the round's: the watchdog sends it again
     except Exception as exc:
         logger.exception("aggregation of round %s failed", round_id)
-        services.fail_round(round_id, f"Aggregation of round {fl_round.number} failed: {exc}")
+        # The updates it left out before failing are recorded against their clients.
+        rejected = exc.rejected if isinstance(exc, federation.AggregationFailed) else {}
+        reason = f"Aggregation of round {fl_round.number} failed: {exc}"
+        services.fail_round(round_id, reason, rejected=rejected)
         return "failed"
     completed = services.complete_round(fl_round, outcome)
     # After the commit, outside the ledger's locks (MLflow may be slow or down): the round's
@@ -109,12 +118,44 @@ def export_to_tracking(experiment_id: int) -> None:
 
 @shared_task(name=CLOSE_OVERDUE_ROUNDS_TASK, ignore_result=True)
 def close_overdue_rounds() -> dict[str, list[int]]:
-    """The round watchdog (Celery beat): close rounds whose deadline has passed, and send
-    again the aggregation of rounds that waited for it past their aggregation deadline."""
-    return {
-        "closed": services.close_overdue_rounds(),
-        "aggregation_resent": services.resend_stalled_aggregations(),
+    """The round watchdog (Celery beat): close rounds whose deadline has passed, send again
+    the client tasks and aggregations that a dead worker or a broker restart lost, and the
+    aggregation of rounds that waited for it past their aggregation deadline."""
+    closed = services.close_overdue_rounds()
+    overdue_aggregations = services.resend_stalled_aggregations()
+    outcome = recover_lost_work()
+    outcome["aggregation_resent"] += overdue_aggregations
+    metrics.ROUND_RECOVERIES.labels(lost="aggregation").inc(len(outcome["aggregation_resent"]))
+    metrics.ROUND_RECOVERIES.labels(lost="client_task").inc(len(outcome["client_resent"]))
+    return {"closed": closed, **outcome}
+
+
+def recover_lost_work() -> dict[str, list[int]]:
+    """Send again what is expected to be under way and is neither in the broker nor at a
+    live worker (see workers/recovery.py); the ids of what was sent, or failed."""
+    outcome: dict[str, list[int]] = {"aggregation_resent": [], "client_resent": [],
+                                     "client_failed": []}  # fmt: skip
+    if not lost_work.is_watched():
+        return outcome
+    expected = {
+        **{("client", pk): task for pk, task in recovery.client_tasks_under_way().items()},
+        **{("round", pk): task for pk, task in recovery.aggregations_under_way().items()},
     }
+    try:
+        lost = lost_work.lost(expected)
+    except Exception as exc:  # redis-py and kombu raise errors of their own transports
+        logger.warning("watchdog: could not look for lost tasks: %s", exc)
+        return outcome
+    for kind, pk in sorted(lost):
+        task_id = expected[kind, pk].task_id
+        if kind == "round":
+            if recovery.resend_lost_aggregation(pk, task_id):
+                outcome["aggregation_resent"].append(pk)
+            continue
+        done = recovery.resend_client_task(pk, task_id)
+        if done != "skipped":
+            outcome[f"client_{done}"].append(pk)
+    return outcome
 
 
 @shared_task(name=SYNC_SITE_BROKER_USERS_TASK, ignore_result=True)

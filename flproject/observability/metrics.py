@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector
 
 from flproject.celery import app as celery_app
 from flproject.health import check_disk
-from training import signals
+from training import recovery, signals
 from training.models import (
     ClientUpdate,
     ClientUpdateStatus,
@@ -98,6 +98,15 @@ CLIENT_TASK_DURATION = Histogram(
 CLIENT_FAILURES = Counter(
     "fedlens_client_failures_total", "Client training tasks that failed.", ["site"]
 )
+# Counted by the watchdog (workers/tasks.py), in the worker that runs Celery beat's task.
+ROUND_RECOVERIES = Counter(
+    "fedlens_round_recoveries_total",
+    "Lost work of a round sent again by the watchdog: a client task that a dead worker or "
+    "the broker lost (lost=client_task), or an aggregation (lost=aggregation).",
+    ["lost"],
+)
+for lost in ("client_task", "aggregation"):  # exported at 0, so that increase() sees the first
+    ROUND_RECOVERIES.labels(lost=lost)
 CLIENT_LATE = Counter(
     "fedlens_client_late_total",
     "Clients that had not reported when their round closed.",
@@ -215,12 +224,26 @@ def overdue_rounds() -> Metric:
     )
 
 
+def stuck_rounds() -> Metric:
+    return GaugeMetricFamily(
+        "fedlens_rounds_stuck",
+        "Rounds still aggregating past their aggregation deadline (the watchdog sends a "
+        "lost aggregation again within a minute: it is not running, or not succeeding).",
+        value=recovery.stuck_rounds(),
+    )
+
+
 class LedgerCollector(Collector):
     """Experiments, rounds and held-out metrics, from the database."""
 
     def collect(self) -> list[Metric]:
         try:
-            return [experiments_by_status(), *running_experiments(), overdue_rounds()]
+            return [
+                experiments_by_status(),
+                *running_experiments(),
+                overdue_rounds(),
+                stuck_rounds(),
+            ]
         except DatabaseError as exc:
             # The rest of the scrape is still worth having; /readyz reports the database.
             logger.warning("metrics: the ledger could not be read: %s", exc)

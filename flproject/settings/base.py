@@ -407,6 +407,15 @@ CELERY_TIMEZONE = TIME_ZONE
 FEDLENS_TORCH_THREADS = env_int("FEDLENS_TORCH_THREADS", 1)
 # How often the watchdog looks for rounds past their deadline.
 FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
+# A client's task is sent at most this many times (its first send included) when the
+# watchdog finds it lost with its worker or its broker; then the client is recorded failed.
+FEDLENS_CLIENT_TASK_MAX_SENDS = env_int("FEDLENS_CLIENT_TASK_MAX_SENDS", 3, minimum=1)
+# A task the watchdog misses in the broker and at every live worker is looked for once more
+# after this many seconds before it counts as lost (it may have been between the two).
+FEDLENS_RECOVERY_CONFIRM_SECONDS = env_int("FEDLENS_RECOVERY_CONFIRM_SECONDS", 2, minimum=0)
+# Tries of a client's report or an aggregation's completion when the database connection
+# breaks under it (training/reconnect.py).
+FEDLENS_LEDGER_WRITE_ATTEMPTS = env_int("FEDLENS_LEDGER_WRITE_ATTEMPTS", 5, minimum=1)
 CELERY_BEAT_SCHEDULE = {
     "close-overdue-rounds": {
         "task": queues.CLOSE_OVERDUE_ROUNDS_TASK,
