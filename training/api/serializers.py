@@ -18,7 +18,14 @@ from training.fl.data import (
     native_channels,
 )
 from training.fl.data.partition import parse_partition_spec
-from training.fl.networks import available_networks, build_network
+from training.fl.networks import (
+    SEGMENTATION_NETWORKS,
+    available_networks,
+    build_network,
+    check_input_shape,
+    network_task,
+    spatial_divisor,
+)
 from training.fl.strategies import (
     available_strategies,
     describe_strategies,
@@ -321,8 +328,10 @@ EXPERIMENT_SETTINGS = (
     "strategy_params", "partition", "num_rounds", "clients_per_round", "client_fraction",
     "min_clients", "aggregation_weighting", "local_epochs", "batch_size", "learning_rate",
     "optimizer", "seed", "round_timeout_seconds", "dp_clip", "dp_noise", "dp_delta", "dp_at",
-    "local_dp_noise", "local_dp_clip",
+    "local_dp_noise", "local_dp_clip", "patch_size",
 )  # fmt: skip
+# The network a segmentation experiment gets when none is named (cnn-small classifies).
+DEFAULT_SEGMENTATION_NETWORK = "unet"
 
 
 class ExperimentSerializer(serializers.ModelSerializer):
@@ -409,6 +418,16 @@ class ExperimentSerializer(serializers.ModelSerializer):
             )
         return value
 
+    def validate_patch_size(self, value):
+        if not isinstance(value, list) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in value
+        ):
+            raise serializers.ValidationError(
+                "Give a list of positive sizes, one per spatial axis in the order of the "
+                "dataset's image_shape, e.g. [32, 64, 64] for volumes, or [] for whole images."
+            )
+        return value
+
     def validate_client_fraction(self, value):
         if value is not None and not 0 < value <= 1:
             raise serializers.ValidationError(
@@ -453,6 +472,12 @@ class ExperimentSerializer(serializers.ModelSerializer):
             errors["strategy_params"] = str(exc)
         else:
             errors.update(self.krum_errors(merged["strategy"], attrs["strategy_params"], merged))
+        if (
+            self.instance is None
+            and "network" not in self.initial_data
+            and merged["dataset"].task == "segmentation"
+        ):
+            attrs["network"] = merged["network"] = DEFAULT_SEGMENTATION_NETWORK
         network_error = self.network_error(
             merged.get("network", "cnn-small"),
             merged.get("network_params") or {},
@@ -460,6 +485,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
         )
         if network_error:
             errors["network_params"] = network_error
+        else:
+            errors.update(self.task_errors(merged))
         sites = merged.get("sites") or []
         errors.update(self.sampling_errors(merged, attrs, len(sites)))
         errors.update(self.privacy_errors(merged))
@@ -480,6 +507,69 @@ class ExperimentSerializer(serializers.ModelSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+    @staticmethod
+    def task_errors(merged: dict) -> dict[str, str]:
+        """The network must learn the dataset's task; a segmentation patch must fit the
+        images and the network's downsampling; local DP-SGD cannot train segmentation."""
+        dataset, network = merged["dataset"], merged.get("network", "cnn-small")
+        params = merged.get("network_params") or {}
+        patch_size = merged.get("patch_size") or []
+        image_shape = list(dataset.image_shape or [])
+        learns = network_task(network)
+        if learns != dataset.task:
+            if dataset.task == "segmentation":
+                fix = f"choose one of {', '.join(SEGMENTATION_NETWORKS)}"
+            else:
+                fix = "choose a classification network, e.g. cnn-small or densenet121"
+            return {
+                "network": f"{network} is a {learns} network but dataset {dataset.name!r} is "
+                f"for {dataset.task}: {fix}."
+            }
+        if dataset.task != "segmentation":
+            if patch_size:
+                return {"patch_size": "Patches are for segmentation: leave patch_size empty."}
+            if image_shape:
+                try:
+                    check_input_shape(network, image_shape, **params)
+                except ValueError as exc:
+                    return {"network": f"{exc}; or register the dataset with a larger image_shape."}
+            return {}
+        errors = {}
+        if merged.get("local_dp_noise") is not None:
+            errors["local_dp_noise"] = (
+                "Local DP-SGD is not available for segmentation networks (Opacus has no "
+                "per-sample gradients for their layers): leave local_dp_noise and "
+                "local_dp_clip empty, and use client-level DP (dp_clip, dp_noise) instead."
+            )
+        spatial_dims = len(image_shape) if image_shape else 2
+        if patch_size:
+            if len(patch_size) != spatial_dims:
+                errors["patch_size"] = (
+                    f"Give {spatial_dims} sizes, one per spatial axis of {dataset.name!r}'s "
+                    f"images (image_shape {image_shape or 'of 2 axes'}), e.g. "
+                    f"{[64] * spatial_dims}."
+                )
+            elif image_shape and any(p > s for p, s in zip(patch_size, image_shape, strict=True)):
+                errors["patch_size"] = (
+                    f"Patch {patch_size} is larger than the images {image_shape} along some "
+                    "axis: give sizes no larger than image_shape."
+                )
+            else:
+                try:
+                    check_input_shape(network, patch_size, **params)
+                except ValueError as exc:
+                    errors["patch_size"] = f"{exc}."
+        elif image_shape:
+            # Whole images are padded up to the network's multiple, which must still leave
+            # more than one voxel at its lowest level.
+            divisor = spatial_divisor(network, **params)
+            padded = [-(-size // divisor) * divisor for size in image_shape]
+            try:
+                check_input_shape(network, padded, **params)
+            except ValueError as exc:
+                errors["patch_size"] = f"Whole images are too small: {exc}."
+        return errors
 
     @staticmethod
     def krum_errors(strategy: str, params: dict, merged: dict) -> dict[str, str]:
@@ -548,7 +638,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
             return defaults
         fields = ("strategy", "strategy_params", "min_clients", "clients_per_round", "network",
                   "network_params", "dataset", "client_fraction", "dp_clip", "dp_noise",
-                  "dp_delta", "dp_at", "local_dp_noise", "local_dp_clip")  # fmt: skip
+                  "dp_delta", "dp_at", "local_dp_noise", "local_dp_clip",
+                  "patch_size")  # fmt: skip
         current = {field: getattr(self.instance, field) for field in fields}
         current["sites"] = list(self.instance.sites.all())
         return current
