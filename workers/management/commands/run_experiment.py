@@ -18,6 +18,7 @@ from training.models import (
     ExperimentStatus,
     NoiseLocation,
     Optimizer,
+    Task,
 )
 from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
 from training.runner import (
@@ -61,6 +62,7 @@ OPTION_SETTINGS = {
     "dp_at": "dp_at",
     "local_dp_noise": "local_dp_noise",
     "local_dp_clip": "local_dp_clip",
+    "patch_size": "patch_size",
 }
 # A new experiment's settings where no option is given (a clone keeps its source's).
 DEFAULTS = {"clients": 4, "rounds": 5, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
@@ -77,6 +79,18 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"mu\": 0.01}'")
     return value
+
+
+def patch_size(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(
+            f"give positive sizes separated by commas, e.g. 32,64,64; got {text!r}"
+        )
+    return sizes
 
 
 def add_experiment_arguments(parser) -> None:
@@ -104,7 +118,13 @@ def add_experiment_arguments(parser) -> None:
     parser.add_argument("--strategy", help="default fedavg; GET /api/strategies/ lists them")
     parser.add_argument("--strategy-params", type=json_object, help="JSON object")
     parser.add_argument("--partition", help="default iid")
-    parser.add_argument("--network", help="default cnn-small")
+    parser.add_argument("--network", help="default cnn-small (unet for segmentation)")
+    parser.add_argument(
+        "--patch-size",
+        type=patch_size,
+        help="segmentation: train on random patches of D,H,W (or H,W), in the order of the "
+        "dataset's image_shape, and evaluate by sliding window (default: whole images)",
+    )
     parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--round-timeout", type=int, help="seconds (default 3600)")
     parser.add_argument("--dp-clip", type=float, help="client-level DP: clip updates to NORM")
@@ -128,6 +148,10 @@ def given_settings(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def default_network(dataset: Dataset) -> str:
+    return "unet" if dataset.task == Task.SEGMENTATION else DEFAULTS["network"]
+
+
 def new_experiment_settings(options: dict[str, Any]) -> dict[str, Any]:
     """A new experiment's settings from the options, DEFAULTS for the rest, on simulated
     sites: all of them per round and all needed to close a round unless said otherwise."""
@@ -139,7 +163,8 @@ def new_experiment_settings(options: dict[str, Any]) -> dict[str, Any]:
             f"No dataset named {options['dataset']!r}; register it first with "
             "`manage.py register_dataset --name NAME --path PATH`."
         )
-    filled = {**options, **{k: v for k, v in DEFAULTS.items() if options.get(k) is None}}
+    defaults = {**DEFAULTS, "network": default_network(dataset)}
+    filled = {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
     sites = simulated_sites(filled["clients"])
     values = given_settings(filled)
     if filled.get("clients_fraction") is None:
