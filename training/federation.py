@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
+from django.db import DatabaseError
 from torch import nn
 
 from training import metric_catalog, modelstore
@@ -31,7 +32,7 @@ from training.fl.strategies import (
     batch_norm_parameters,
     build_strategy,
 )
-from training.fl.weights import l2_distance
+from training.fl.weights import WeightsError, l2_distance, weights_mismatch
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -427,10 +428,42 @@ class AggregationOutcome:
     client_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Privacy spent up to this round (ε for the experiment's δ); None without client-level DP.
     epsilon: float | None = None
+    # Client update id to why its update was left out (its file tampered with, unreadable,
+    # not the network's tensors, or not finite): the ledger records those clients failed.
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class AggregationFailed(Exception):
+    """A round could not be aggregated; `rejected` are the updates left out before that."""
+
+    def __init__(self, message: str, rejected: dict[int, str]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def rejection_reason(problem: str) -> str:
+    return f"Its update was left out of aggregation: {problem}"
 
 
 def run_aggregation(fl_round: Round) -> AggregationOutcome:
-    """Stream the round's successful updates through the strategy, then evaluate."""
+    """Stream the round's successful updates through the strategy, then evaluate.
+
+    An update whose file does not verify (SHA-256, safetensors structure, the network's
+    tensor names, shapes and dtypes, finite values) is a fault of its client, not of the
+    round: it is left out and named in the outcome's `rejected`. Too few usable updates
+    left (fewer than `min_clients`), or any other failure, raise AggregationFailed.
+    """
+    rejected: dict[int, str] = {}
+    try:
+        return aggregate_usable_updates(fl_round, rejected)
+    except (AggregationFailed, DatabaseError):
+        raise  # the database's errors as they are: the task retries a lost connection
+    except Exception as error:
+        raise AggregationFailed(str(error), rejected) from error
+
+
+def aggregate_usable_updates(fl_round: Round, rejected: dict[int, str]) -> AggregationOutcome:
+    """run_aggregation's work; each update it leaves out is added to `rejected`."""
     experiment = fl_round.experiment
     started = time.perf_counter()
     strategy = with_privacy(
@@ -439,18 +472,47 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
     start_name, start_sha256 = starting_checkpoint(experiment.pk, fl_round.number)
     # What the previous round's aggregation left, from the store: any worker may aggregate.
     strategy.load_state_dict(modelstore.load_strategy_state(start_name))
-    strategy.begin_round(modelstore.load_stored_weights(start_name, start_sha256))
+    start_weights = modelstore.load_stored_weights(start_name, start_sha256)
+    # An update holds exactly the global model's tensors: the network's names and shapes.
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in start_weights.items()}
+    strategy.begin_round(start_weights)
     updates = list(
-        fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED).order_by("pk")
+        fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED)
+        .select_related("site")
+        .order_by("pk")
     )
-    files = [(update.update_file.name, update.update_sha256) for update in updates]
-    # One update in memory at a time: the strategy keeps only its running sum.
-    for update, weights in zip(updates, modelstore.stream_stored_weights(files), strict=True):
+    usable = []
+    received: dict[str, torch.Tensor] | None = None
+    # One update in memory at a time, read into the tensors of the one before: the strategy
+    # keeps only its running sum. Each is checked before the strategy sees it.
+    for update in updates:
+        try:
+            weights = modelstore.load_stored_weights(
+                update.update_file.name, update.update_sha256, into=received
+            )
+        except (WeightsError, OSError) as error:
+            rejected[update.pk] = rejection_reason(str(error))
+            continue
+        received = weights
+        problem = weights_mismatch(weights, expected)
+        if problem is not None:
+            rejected[update.pk] = rejection_reason(problem)
+            continue
         strategy.accumulate(
             weights,
             num_samples=update.num_samples,
             metrics={key: update.metrics[key] for key in TRAINING_METRICS if key in update.metrics},
             extras=update.metrics.get("extras"),
+        )
+        usable.append(update)
+    left_out = [f"{u.site.slug}: {rejected[u.pk]}" for u in updates if u.pk in rejected]
+    for line in left_out:
+        logger.warning("round %s: the update of site %s", fl_round.number, line)
+    if len(usable) < experiment.min_clients:
+        raise AggregationFailed(
+            f"{len(usable)} of its {len(updates)} client updates could be used, fewer than "
+            f"the minimum of {experiment.min_clients}. " + "; ".join(left_out),
+            rejected,
         )
     new_weights = strategy.finish_round()
     stored = modelstore.save_weights(
@@ -460,9 +522,10 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
         stored.name, state=strategy.state_dict(), payload=strategy.client_payload()
     )
     # A second pass, one update at a time again, for each site's distance from the result.
+    files = [(update.update_file.name, update.update_sha256) for update in usable]
     client_metrics = {
         update.pk: {**update.metrics, "distance_to_aggregate": l2_distance(weights, new_weights)}
-        for update, weights in zip(updates, modelstore.stream_stored_weights(files), strict=True)
+        for update, weights in zip(usable, modelstore.stream_stored_weights(files), strict=True)
     }
     aggregated = time.perf_counter()
 
@@ -482,6 +545,7 @@ def run_aggregation(fl_round: Round) -> AggregationOutcome:
         stored=stored,
         client_metrics=client_metrics,
         epsilon=round_epsilon(experiment, fl_round.number),
+        rejected=rejected,
         metrics={
             "global": evaluation,
             "clients": dict(strategy.round_metrics),

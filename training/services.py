@@ -459,9 +459,9 @@ def close_round(experiment: Experiment, fl_round: Round) -> None:
     if succeeded < experiment.min_clients:
         reason = (
             f"Round {fl_round.number}: {succeeded} of {total} clients succeeded, "
-            f"fewer than the minimum of {experiment.min_clients}."
+            f"fewer than the minimum of {experiment.min_clients}. {clients_errors(fl_round)}"
         )
-        fail_experiment(experiment, reason)
+        fail_experiment(experiment, reason.strip())
         return
     fl_round.status = RoundStatus.AGGREGATING
     fl_round.aggregation_deadline = aggregation_deadline(timezone.now())
@@ -627,6 +627,7 @@ def record_completed_round(
             return False
         for name, value in closing.items():
             setattr(fl_round, name, value)
+        record_updates_left_out(fl_round.pk, outcome.rejected)
         score = federation.score(outcome.metrics, experiment.task)
         best = Checkpoint.objects.filter(experiment=experiment, is_best=True).first()
         is_best = best is None or score > federation.score(best.metrics, experiment.task)
@@ -676,15 +677,54 @@ def complete_experiment(experiment: Experiment) -> None:
     log_event(logger, "experiment.finished", experiment=experiment.pk)
 
 
-def fail_round(round_id: int, reason: str) -> None:
+def fail_round(round_id: int, reason: str, *, rejected: dict[int, str] | None = None) -> None:
     """A round's aggregation failed: so does its experiment, unless another aggregation of
-    the round (see resend_stalled_aggregations) completed it meanwhile."""
+    the round (see resend_stalled_aggregations) completed it meanwhile. `rejected`: the
+    updates the aggregation left out before it failed, with why."""
     with transaction.atomic():
         experiment_id = Round.objects.values_list("experiment_id", flat=True).get(pk=round_id)
         experiment = locked_experiment(experiment_id)
         still_aggregating = Round.objects.filter(pk=round_id, status=RoundStatus.AGGREGATING)
         if experiment.status == ExperimentStatus.RUNNING and still_aggregating.exists():
+            record_updates_left_out(round_id, rejected or {})
             fail_experiment(experiment, reason)
+
+
+def record_updates_left_out(round_id: int, rejected: dict[int, str]) -> None:
+    """Record as failed, with the reason, each update that aggregation left out (its file
+    did not verify): the fault of that client, which the round no longer counts. The
+    caller holds the experiment's lock."""
+    left_out = list(
+        ClientUpdate.objects.filter(
+            pk__in=rejected, round_id=round_id, status=ClientUpdateStatus.SUCCEEDED
+        ).select_related("site", "round")
+    )
+    for update in left_out:
+        update.status, update.error = ClientUpdateStatus.FAILED, rejected[update.pk]
+    ClientUpdate.objects.bulk_update(left_out, ["status", "error"])
+    for update in left_out:
+        signals.client_reported.send(ClientUpdate, client_update=update)
+        log_event(
+            logger,
+            "client.left_out",
+            level=logging.WARNING,
+            **client_fields(update),
+            error=update.error,
+        )
+
+
+def clients_errors(fl_round: Round) -> str:
+    """What went wrong with a round's clients that did not succeed, one line per distinct
+    error with the sites that had it: what a failed round's reason quotes."""
+    by_error: dict[str, list[str]] = {}
+    unsuccessful = (
+        fl_round.client_updates.exclude(status=ClientUpdateStatus.SUCCEEDED)
+        .order_by("site__slug")
+        .values_list("site__slug", "error")
+    )
+    for slug, error in unsuccessful:
+        by_error.setdefault(error or "no error recorded", []).append(slug)
+    return " ".join(f"{', '.join(slugs)}: {error}" for error, slugs in by_error.items())
 
 
 # --- Evaluation where the data is ------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "save_weights",
     "sha256_hex",
     "weights_from_bytes",
+    "weights_mismatch",
     "weights_to_bytes",
 ]
 
@@ -199,6 +200,27 @@ def load_weights(
         return weights_from_bytes(data)
     except WeightsError as error:
         raise WeightsError(f"{origin}: {error}") from None
+
+
+def weights_mismatch(
+    weights: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+) -> str | None:
+    """Why ``weights`` are not a model of the ``expected`` names, shapes and dtypes with
+    finite values, or None when they are."""
+    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected)
+    if missing or extra:
+        return f"its tensors are not the network's: missing {missing[:5]}, unexpected {extra[:5]}"
+    for name, tensor in weights.items():
+        shape, dtype = expected[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            return (
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the network's is "
+                f"{dtype} {tuple(shape)}"
+            )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None
 
 
 def l2_distance(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
