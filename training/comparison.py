@@ -5,7 +5,9 @@ mean ± standard deviation over the seeds.
 
 A round's metrics are the server's held-out evaluation when the server holds data, else
 the sites' sample-weighted federated evaluation, else the clients' own training metrics;
-each result says which ("source"). The standard deviation is the sample one (n - 1), as
+each result says which ("source"). Which metrics are shown, their order and which way is
+better come from training/metric_catalog.py, for the experiments' task (accuracy first for
+classification, Dice for segmentation). The standard deviation is the sample one (n - 1), as
 usual for a spread over seeds; it is None for a single run.
 """
 
@@ -14,6 +16,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from training import metric_catalog
 from training.models import (
     ClientUpdate,
     ClientUpdateStatus,
@@ -24,12 +27,19 @@ from training.models import (
     Sweep,
 )
 
-# Shown when present, in this order; a target metric outside the list is added.
-SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "loss")
+# Targets reached by default on the compare page (a sweep names its own).
+DEFAULT_TARGET_VALUE = 0.8
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric.endswith("loss")
+    return metric_catalog.lower_is_better(metric)
+
+
+def comparison_task(experiments: list[Experiment]) -> str:
+    """The task whose primary metric a comparison targets by default: the experiments'
+    common task, classification when they mix tasks or there are none."""
+    tasks = {experiment.task for experiment in experiments}
+    return tasks.pop() if len(tasks) == 1 else metric_catalog.CLASSIFICATION
 
 
 def round_metrics(fl_round: Round) -> tuple[str, dict[str, Any]]:
@@ -81,6 +91,7 @@ def experiment_result(
     target and final metrics per site. `rounds`: its closed training rounds by number."""
     curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
     source, final = "", {}
+    task = experiment.task
     for fl_round in rounds:
         source, metrics = round_metrics(fl_round)
         for name, value in metrics.items():
@@ -92,10 +103,17 @@ def experiment_result(
         "name": experiment.name,
         "status": experiment.status,
         "seed": experiment.seed,
+        "task": task,
         "rounds_closed": len(rounds),
         "source": source,
         "final": {
             name: number(value) for name, value in final.items() if number(value) is not None
+        },
+        # One value per class (Dice per class, precision, ...) of the last round, as reported.
+        "final_per_class": {
+            name: final[name]
+            for name in metric_catalog.per_class_metrics(task)
+            if isinstance(final.get(name), list)
         },
         "rounds_to_target": rounds_to_reach(curves[target_metric], target_value, target_metric),
         "sites": site_metrics(rounds[-1] if rounds else None, last_round_clients),
@@ -155,8 +173,12 @@ def load_results(
 
 
 def summary_metrics(results: list[dict[str, Any]], target_metric: str) -> list[str]:
+    """The columns of a comparison: the scalar metrics of the results' tasks that some
+    result has, in catalogue order, and the target metric."""
     present = {name for result in results for name in result["final"]}
-    names = [name for name in SUMMARY_METRICS if name in present]
+    names: list[str] = []
+    for task in sorted({result["task"] for result in results}):
+        names += [n for n in metric_catalog.scalar_metrics(task) if n in present and n not in names]
     if target_metric in present and target_metric not in names:
         names.append(target_metric)
     return names
@@ -237,6 +259,7 @@ def sweep_comparison(sweep: Sweep) -> dict[str, Any]:
         "target_value": sweep.target_value,
         "varied": varied,
         "metrics": metrics,
+        "labels": {name: metric_catalog.metric_label(name) for name in metrics},
         "statuses": status_counts(experiments),
         "groups": [
             group_summary(label or sweep.name, key, members, metrics, sweep.target_metric)
@@ -246,15 +269,22 @@ def sweep_comparison(sweep: Sweep) -> dict[str, Any]:
 
 
 def experiments_comparison(
-    experiments: list[Experiment], *, target_metric: str = "accuracy", target_value: float = 0.8
+    experiments: list[Experiment],
+    *,
+    target_metric: str | None = None,
+    target_value: float = DEFAULT_TARGET_VALUE,
 ) -> dict[str, Any]:
-    """The compare page's table: each experiment a group of its own."""
+    """The compare page's table: each experiment a group of its own. The target metric is
+    by default the primary metric of the experiments' task."""
+    if target_metric is None:
+        target_metric = metric_catalog.primary_metric(comparison_task(experiments))
     results = load_results(experiments, target_metric=target_metric, target_value=target_value)
     metrics = summary_metrics(results, target_metric)
     return {
         "target_metric": target_metric,
         "target_value": target_value,
         "metrics": metrics,
+        "labels": {name: metric_catalog.metric_label(name) for name in metrics},
         "groups": [
             group_summary(result["name"], {"id": result["id"]}, [result], metrics, target_metric)
             for result in results

@@ -22,7 +22,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 
-from training import services
+from training import metric_catalog, services
 from training.log_events import log_event
 from training.models import (
     Experiment,
@@ -172,12 +172,13 @@ def create_sweep(
     base_settings: dict[str, Any],
     grid: dict[str, list[Any]],
     max_running: int = 2,
-    target_metric: str = "accuracy",
+    target_metric: str | None = None,
     target_value: float = 0.8,
     description: str = "",
 ) -> Sweep:
     """Validate every combination, store them all as queued experiments of a new sweep and
-    start the first max_running of them; nothing is stored if any combination is refused."""
+    start the first max_running of them; nothing is stored if any combination is refused.
+    Without a target metric, the sweep targets its dataset's task's primary metric."""
     check_grid(grid, base_settings)
     if not 1 <= max_running <= MAX_RUNNING_LIMIT:
         raise SettingsError(
@@ -199,6 +200,9 @@ def create_sweep(
                     f"{refused}"
                 }
             ) from refused
+    if not target_metric:
+        task = serializers[0][1].validated_data["dataset"].task
+        target_metric = metric_catalog.primary_metric(task)
     with transaction.atomic():
         sweep = Sweep.objects.create(
             owner=owner,

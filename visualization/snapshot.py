@@ -1,5 +1,6 @@
 """What a browser receives first: the experiment and everything recorded for it so far."""
 
+from training import metric_catalog
 from training.api.serializers import (
     CheckpointSummarySerializer,
     ClientUpdateSerializer,
@@ -48,6 +49,8 @@ def experiment_snapshot(experiment: Experiment) -> dict:
         "type": "snapshot",
         "experiment": ExperimentSerializer(experiment).data,
         "class_names": experiment.dataset.class_names,
+        # What to draw and how: the task's metrics from the catalogue (names, labels, ...).
+        "metric_catalog": metric_catalog.catalogue_json(experiment.task),
         "rounds": RoundSerializer(rounds, many=True).data,
         "client_updates": ClientUpdateSerializer(updates, many=True).data,
         "checkpoints": CheckpointSummarySerializer(checkpoints, many=True).data,

@@ -98,7 +98,7 @@ def new_sweep(request):
                 base_settings=base,
                 grid=grid,
                 max_running=int(request.POST.get("max_running") or 2),
-                target_metric=request.POST.get("target_metric") or "accuracy",
+                target_metric=request.POST.get("target_metric") or None,
                 target_value=float(request.POST.get("target_value") or 0.8),
             )
         except sweeps.SettingsError as refused:

@@ -9,7 +9,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from training import audit, comparison, services, sweeps
+from training import audit, comparison, metric_catalog, services, sweeps
 from training.fl.networks import available_networks
 from training.fl.strategies import available_strategies, describe_strategies
 from training.models import (
@@ -216,10 +216,19 @@ def experiment_detail(request, experiment_id: int):
     if experiment is None:
         raise Http404("No such experiment, or it is not shared with you.")
     may_change = request.user.is_staff or experiment.owner_id == request.user.pk
+    catalogue = metric_catalog.catalogue_json(experiment.task)
+    scalar = [catalogue["metrics"][name] for name in catalogue["scalar"]]
     return render(
         request,
         "visualization/experiment.html",
-        {"experiment": experiment, "may_change": may_change},
+        {
+            "experiment": experiment,
+            "may_change": may_change,
+            "metric_catalog": catalogue,
+            "primary_label": catalogue["metrics"][catalogue["primary"]]["label"],
+            "table_metrics": scalar,
+            "cross_site_metrics": scalar,
+        },
     )
 
 
@@ -246,6 +255,12 @@ def compare(request):
             "candidates": visible.order_by("-created_at")[:100],
             "summary": summary,
             "rows": rows,
+            # The curves drawn: each compared metric's definition, from the catalogue.
+            "curve_metrics": [
+                metric_catalog.get_metric(name).as_json()
+                for name in (summary["metrics"] if summary else [])
+                if name in metric_catalog.METRICS
+            ],
         },
     )
 

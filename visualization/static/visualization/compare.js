@@ -27,26 +27,40 @@
     return { experiment, rounds };
   }));
 
-  function draw(canvasId, key, yTitle, bounded) {
-    new Chart(document.getElementById(canvasId), {
+  // One chart per compared metric, as the metric catalogue describes it.
+  const metrics = JSON.parse(document.getElementById("compare-metrics").textContent);
+  const grid = document.getElementById("compare-charts");
+
+  function draw(metric) {
+    const card = document.createElement("div");
+    card.className = "card";
+    card.dataset.metric = metric.name;
+    const title = document.createElement("h2");
+    title.textContent = `Global ${metric.label}${metric.unit ? ` (${metric.unit})` : ""}`;
+    const holder = document.createElement("div");
+    holder.className = "chart";
+    const canvas = document.createElement("canvas");
+    canvas.id = `${metric.name}-chart`;
+    holder.append(canvas);
+    card.append(title, holder);
+    grid.append(card);
+    new Chart(canvas, {
       type: "line",
       data: { datasets: experiments.map(({ experiment, rounds }, index) => ({
         label: `${experiment.name} (${experiment.strategy})`,
-        data: rounds.filter((r) => r.metrics.global && typeof r.metrics.global[key] === "number")
-          .map((r) => ({ x: r.number, y: r.metrics.global[key] })),
+        data: rounds.filter((r) => r.metrics.global && typeof r.metrics.global[metric.name] === "number")
+          .map((r) => ({ x: r.number, y: r.metrics.global[metric.name] })),
         borderColor: PALETTE[index % PALETTE.length],
         backgroundColor: PALETTE[index % PALETTE.length],
         tension: 0.15,
       })) },
       options: { parsing: false, plugins: { legend: { position: "bottom" } }, scales: {
         x: { type: "linear", title: { display: true, text: "round" }, ticks: { precision: 0 } },
-        y: Object.assign({ title: { display: true, text: yTitle } }, bounded ? { min: 0, max: 1 } : {}),
+        y: Object.assign({ title: { display: true, text: metric.label } },
+          metric.bounded ? { min: 0, max: 1 } : {}),
       } },
     });
   }
 
-  draw("accuracy-chart", "accuracy", "accuracy", true);
-  draw("loss-chart", "loss", "loss", false);
-  draw("auc-chart", "roc_auc", "AUC", true);
-  draw("balanced-chart", "balanced_accuracy", "balanced accuracy", true);
+  metrics.forEach(draw);
 }());

@@ -4,6 +4,14 @@
 
 (function () {
   const page = JSON.parse(document.getElementById("page-data").textContent);
+  // The experiment's task's metrics (training/metric_catalog.py): names, labels, which way
+  // is better, bounds and digits. Every chart, table and chooser below reads them from here.
+  const catalogue = JSON.parse(document.getElementById("metric-catalog").textContent);
+  const metricDef = (name) => catalogue.metrics[name] || { name, label: name, bounded: false, digits: 3, unit: "" };
+  const primary = metricDef(catalogue.primary);
+  const segmentation = catalogue.task === "segmentation";
+  // The bounded scores share the global chart's right axis; unbounded ones (HD95) have their own.
+  const boundedScores = catalogue.scalar.filter((name) => metricDef(name).bounded);
   const PALETTE = ["#3a7bd5", "#e76f51", "#2a9d8f", "#9b5de5", "#f4a261", "#457b9d",
     "#e63946", "#6a994e", "#b5838d", "#264653"];
   const STATUS_COLOURS = { succeeded: "#2a9d8f", failed: "#c0392b", late: "#e9a23b",
@@ -35,15 +43,17 @@
 
   const charts = {
     global: lineChart("global-chart", "loss", {
-      y1: { position: "right", min: 0, max: 1, title: { display: true, text: "accuracy / AUC" },
-        grid: { drawOnChartArea: false } },
+      y1: { position: "right", min: 0, max: 1, grid: { drawOnChartArea: false },
+        title: { display: true, text: boundedScores.map((n) => metricDef(n).label).join(" / ") } },
     }),
     siteLoss: lineChart("site-loss-chart", "loss"),
-    siteAccuracy: lineChart("site-accuracy-chart", "accuracy"),
+    sitePrimary: lineChart("site-primary-chart", primary.label),
     norm: lineChart("norm-chart", "L2 norm of the update"),
     distance: lineChart("distance-chart", "L2 distance"),
-    federated: lineChart("federated-chart", "accuracy"),
-    roc: new Chart(document.getElementById("roc-chart"), {
+    federated: lineChart("federated-chart", primary.label),
+    diceByClass: segmentation ? lineChart("dice-class-chart", metricDef("dice_per_class").label) : null,
+    hd95: segmentation ? lineChart("hd95-chart", `${metricDef("hd95").label} (${metricDef("hd95").unit})`) : null,
+    roc: segmentation ? null : new Chart(document.getElementById("roc-chart"), {
       type: "line",
       data: { datasets: [] },
       options: { parsing: false, scales: {
@@ -144,13 +154,48 @@
     const rounds = sortedRounds().filter((r) => r.metrics && r.metrics.global);
     const pick = (key) => rounds.filter((r) => typeof r.metrics.global[key] === "number")
       .map((r) => ({ x: r.number, y: r.metrics.global[key] }));
+    // Scores only a binary task reports (AUC, ...) leave no empty legend entries elsewhere.
+    const scores = boundedScores.map((name, index) => [name, pick(name), index])
+      .filter(([name, points]) => points.length || name === catalogue.primary);
     charts.global.data.datasets = [
       series("loss", pick("loss"), 1),
-      series("accuracy", pick("accuracy"), 0, { yAxisID: "y1" }),
-      series("balanced accuracy", pick("balanced_accuracy"), 3, { yAxisID: "y1", borderDash: [4, 3] }),
-      series("AUC", pick("roc_auc"), 2, { yAxisID: "y1" }),
+      ...scores.map(([name, points, index]) => series(metricDef(name).label, points,
+        index === 0 ? 0 : index + 1, Object.assign({ yAxisID: "y1" }, index ? { borderDash: [4, 3] } : {}))),
     ];
     charts.global.update();
+  }
+
+  // Segmentation: each foreground class's Dice per round (the held-out evaluation, else the
+  // sites' weighted one), and HD95 of the global model and on each site's validation data.
+  function perRoundSource(r) {
+    if (r.metrics && r.metrics.global) return r.metrics.global;
+    return (r.federated_evaluation && r.federated_evaluation.weighted) || null;
+  }
+
+  function drawSegmentation() {
+    if (!segmentation) return;
+    const rounds = sortedRounds().filter((r) => r.kind !== "evaluate");
+    const perClass = rounds.map((r) => [r.number, (perRoundSource(r) || {}).dice_per_class])
+      .filter(([, values]) => Array.isArray(values));
+    const count = Math.max(0, ...perClass.map(([, values]) => values.length));
+    // dice_per_class holds the foreground classes 1..K-1 (the background has no Dice).
+    const name = (i) => state.classNames[i + 1] || `class ${i + 1}`;
+    charts.diceByClass.data.datasets = [...Array(count).keys()].map((i) => series(name(i),
+      perClass.filter(([, values]) => typeof values[i] === "number")
+        .map(([number, values]) => ({ x: number, y: values[i] })), i));
+    charts.diceByClass.options.scales.y.min = 0;
+    charts.diceByClass.options.scales.y.max = 1;
+    charts.diceByClass.update();
+    const hd95 = (metrics) => (metrics && typeof metrics.hd95 === "number" ? metrics.hd95 : null);
+    const line = (read) => rounds.filter((r) => hd95(read(r)) !== null).map((r) => ({ x: r.number, y: hd95(read(r)) }));
+    const evaluated = rounds.filter((r) => r.federated_evaluation && r.federated_evaluation.sites);
+    const names = [...new Set(evaluated.flatMap((r) => Object.keys(r.federated_evaluation.sites)))].sort();
+    charts.hd95.data.datasets = [
+      ...names.map((site, index) => series(site, line((r) => ((r.federated_evaluation || {}).sites || {})[site]), index)),
+      series("global model (held-out)", line((r) => r.metrics && r.metrics.global), 9,
+        { borderColor: "#000", backgroundColor: "#000", borderWidth: 3 }),
+    ];
+    charts.hd95.update();
   }
 
   function drawPerSite(chart, metric) {
@@ -195,6 +240,7 @@
   }
 
   function drawEvaluation() {
+    if (segmentation) return; // no confusion matrix or ROC curve for masks
     const number = drawRoundChoice();
     const round = state.rounds.get(number);
     const container = document.getElementById("confusion");
@@ -254,9 +300,10 @@
   function drawFederated() {
     const rounds = sortedRounds().filter((r) => r.federated_evaluation && r.federated_evaluation.weighted);
     const names = [...new Set(rounds.flatMap((r) => Object.keys(r.federated_evaluation.sites || {})))].sort();
-    const accuracy = (metrics) => (metrics && typeof metrics.accuracy === "number" ? metrics.accuracy : null);
-    const line = (read) => rounds.filter((r) => accuracy(read(r)) !== null)
-      .map((r) => ({ x: r.number, y: accuracy(read(r)) }));
+    const key = catalogue.primary;
+    const score = (metrics) => (metrics && typeof metrics[key] === "number" ? metrics[key] : null);
+    const line = (read) => rounds.filter((r) => score(read(r)) !== null)
+      .map((r) => ({ x: r.number, y: score(read(r)) }));
     charts.federated.data.datasets = [
       ...names.map((site, index) => series(site, line((r) => (r.federated_evaluation.sites || {})[site]), index)),
       series("weighted by samples", line((r) => r.federated_evaluation.weighted), 9,
@@ -287,10 +334,11 @@
       return;
     }
     const metric = document.getElementById("cross-site-metric").value;
+    const definition = metricDef(metric);
     const value = (metrics) => (metrics && typeof metrics[metric] === "number" ? metrics[metric] : null);
     const values = results.models.flatMap((m) => results.sites.map((s) => value(results.cells[m][s])))
       .filter((v) => v !== null);
-    const top = metric === "loss" ? Math.max(1e-9, ...values) : 1;
+    const top = definition.bounded ? 1 : Math.max(1e-9, ...values);
     const table = document.createElement("table");
     table.className = "cross-site";
     table.dataset.round = results.round;
@@ -317,9 +365,10 @@
           td.title = client && client.error ? `${client.status}: ${client.error}` : "no result";
           return;
         }
-        td.textContent = number.toFixed(3);
-        // Darker is better: high accuracy, low loss.
-        const strength = metric === "loss" ? 1 - number / top : number;
+        td.textContent = number.toFixed(definition.digits);
+        // Darker is better: high accuracy or Dice, low loss or HD95.
+        const share = number / top;
+        const strength = definition.higher_is_better ? share : 1 - share;
         td.style.background = `rgba(42, 157, 143, ${(0.9 * Math.min(1, Math.max(0, strength))).toFixed(2)})`;
         if (strength > 0.6) td.style.color = "#fff";
       });
@@ -343,10 +392,7 @@
       cell(row, r.kind === "evaluate" ? `${r.number} (cross-site)` : String(r.number));
       cell(row, statusBadge(r.status));
       cell(row, `${succeeded}/${clients.length} succeeded${lost ? `, ${lost} failed or late` : ""}`);
-      cell(row, fmt(evaluation.loss));
-      cell(row, fmt(evaluation.accuracy));
-      cell(row, fmt(evaluation.balanced_accuracy));
-      cell(row, fmt(evaluation.roc_auc));
+      catalogue.scalar.forEach((name) => cell(row, fmt(evaluation[name], metricDef(name).digits)));
       cell(row, fmt(r.metrics && r.metrics.wall_seconds, 2));
       cell(row, new Date(r.opened_at).toLocaleTimeString());
     });
@@ -415,21 +461,24 @@
     drawHeader();
     drawGlobal();
     drawPerSite(charts.siteLoss, "loss");
-    drawPerSite(charts.siteAccuracy, "accuracy");
+    drawPerSite(charts.sitePrimary, catalogue.primary);
     drawPerSite(charts.norm, "update_norm");
     drawPerSite(charts.distance, "distance_to_aggregate");
     drawTimeline();
     drawPrivacy();
     drawFederated();
+    drawSegmentation();
     drawEvaluation();
     drawRoundsTable();
     drawCheckpoints();
   }
 
-  document.getElementById("round-choice").addEventListener("change", (e) => {
-    chosenRound = Number(e.target.value);
-    drawEvaluation();
-  });
+  if (!segmentation) {
+    document.getElementById("round-choice").addEventListener("change", (e) => {
+      chosenRound = Number(e.target.value);
+      drawEvaluation();
+    });
+  }
 
   // --- Stop ---------------------------------------------------------------------------------
   const stopButton = document.getElementById("stop");

@@ -59,7 +59,9 @@ class Command(BaseCommand):
             help="a setting and its values (repeat for more); values read as JSON when they can",
         )
         parser.add_argument("--max-running", type=int, default=2, help="experiments at once")
-        parser.add_argument("--target-metric", default="accuracy")
+        parser.add_argument(
+            "--target-metric", help="default: the task's primary metric (accuracy, dice)"
+        )
         parser.add_argument("--target-value", type=float, default=0.8)
         parser.add_argument("--no-wait", action="store_true", help="queue it and return")
 
