@@ -125,7 +125,11 @@ class ExperimentDownloadViewSet(viewsets.GenericViewSet):
             ),
             (200, "text/csv"): OpenApiResponse(
                 OpenApiTypes.STR,
-                description="Columns " + ", ".join(evaluations.CSV_COLUMNS) + ".",
+                description="Columns "
+                + ", ".join(evaluations.CSV_COLUMNS)
+                + " (segmentation: "
+                + ", ".join(evaluations.csv_columns("segmentation"))
+                + ").",
             ),
             400: OpenApiResponse(OpenApiTypes.OBJECT, description="`format` is not json or csv."),
         },
@@ -147,7 +151,9 @@ class ExperimentDownloadViewSet(viewsets.GenericViewSet):
                 OpenApiTypes.STR,
                 description="The cross-site evaluation (see cross-site/): columns "
                 + ", ".join(evaluations.CSV_COLUMNS)
-                + ".",
+                + " (segmentation: "
+                + ", ".join(evaluations.csv_columns("segmentation"))
+                + ").",
             )
         },
     )
