@@ -352,6 +352,7 @@ def test_csv_row_holds_the_clients_metrics_and_its_rounds_global_metrics(ledger)
         "global_balanced_accuracy": str(0.83 - 0.01),
         "global_auc": "0.9",
         "epsilon": "",
+        "client_error": "",
     }
 
 
@@ -360,6 +361,7 @@ def test_csv_leaves_metrics_the_ledger_lacks_empty(ledger):
     failed, running = rows[3], rows[4]
 
     assert failed["client_status"] == "failed"
+    assert failed["client_error"] == "CUDA out of memory"
     assert failed["train_loss"] == failed["num_samples"] == failed["update_norm"] == ""
     assert failed["global_auc"] == "0.9"
     assert rows[0]["update_norm"] == ""  # recorded before update norms were

@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
-from training import site_evaluation
+from training import faults, site_evaluation
 from training.differential_privacy import privacy_settings
 from training.models import (
     TERMINAL_CLIENT_UPDATE_STATUSES,
@@ -291,6 +291,8 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
         "initial_federated_evaluation": initial_federated_evaluation(experiment),
         # Every model on every site's validation split (None when no cross-site round ran).
         "cross_site": site_evaluation.cross_site_results(experiment),
+        # Failed and late clients with their reasons, and the sites that never contributed.
+        **faults.failures_summary(experiment),
         "timing_seconds": {
             "local_training": local_training,
             "aggregation": aggregation,

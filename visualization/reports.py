@@ -15,6 +15,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from training import faults
 from training.differential_privacy import privacy_settings, uses_client_level_dp
 from training.models import ClientUpdate, Dataset, Experiment, Round, RoundKind, RoundStatus
 from visualization import evaluations
@@ -56,6 +58,7 @@ METRIC_COLUMNS = (
     "global_balanced_accuracy",  # ... its mean recall over the classes present
     "global_auc",  # ... its ROC AUC (binary tasks with both classes present)
     "epsilon",  # privacy spent up to the round (ε for the experiment's δ), with client-level DP
+    "client_error",  # why the client failed or was late (empty when it succeeded)
 )
 
 NO_DATA = "no data yet"
@@ -65,6 +68,8 @@ MAX_ANNOTATED_CLASSES = 12
 MAX_LABELLED_CLASSES = 30
 MAX_SITES_IN_LEGEND = 12
 MAX_CLASS_NAME_CHARACTERS = 18
+REPORT_LINE_CHARACTERS = 160
+MAX_FAILURES_IN_REPORT = 12
 
 
 class UnknownRound(ValueError):
@@ -153,6 +158,7 @@ def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[st
                     "started_at": iso_time(update.started_at),
                     "finished_at": iso_time(update.finished_at),
                     **round_columns,
+                    "client_error": update.error,
                 }
             )
     return rows
@@ -217,6 +223,8 @@ def metrics_json(experiment: Experiment) -> dict[str, Any]:
         },
         "rounds": [round_summary(fl_round) for fl_round in rounds],
         "clients": client_rows(experiment, rounds),
+        # Sites that succeeded in none of the rounds they were picked for.
+        "sites_lost_every_round": [asdict(site) for site in faults.lost_sites(experiment)],
     }
 
 
@@ -267,6 +275,9 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
         (federated_axes, cross_site_axes),
     ) = figure.subplots(4, 2)
     figure.suptitle(report_title(experiment, rounds), fontsize=13, parse_math=False)
+    failures = failures_text(experiment)
+    if failures:  # below the panels; constrained layout makes room for it
+        figure.supxlabel(failures, x=0.01, ha="left", fontsize=8, parse_math=False)
     draw_held_out_loss(loss_axes, rounds)
     draw_held_out_quality(quality_axes, rounds)
     draw_privacy_spent(quality_axes, experiment, rounds)
@@ -320,9 +331,33 @@ def report_title(experiment: Experiment, rounds: Sequence[Round]) -> str:
             + f" for δ = {experiment.dp_delta:g}"
         )
     if experiment.failure_reason:
-        reason = experiment.failure_reason
-        title += "\n" + (reason if len(reason) <= 110 else reason[:107] + "...")
+        title += "\n" + shortened_line(experiment.failure_reason, 110)
+    lost = faults.lost_sites(experiment)
+    if lost:
+        sites = ", ".join(site.site for site in lost)
+        title += f"\nWARNING: sites lost in every round: {sites} (reasons below)"
     return title
+
+
+def shortened_line(text: str, limit: int = REPORT_LINE_CHARACTERS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def failures_text(experiment: Experiment) -> str:
+    """The report's list of client failures, by round and site with the reason; empty when
+    every client succeeded. The CSV export has them all, with no limit."""
+    failures = faults.client_failures(experiment)
+    if not failures:
+        return ""
+    lines = [f"Client failures ({len(failures)}; round, site: reason):"]
+    for failure in failures[:MAX_FAILURES_IN_REPORT]:
+        where = "cross-site" if failure.kind == RoundKind.EVALUATE else f"round {failure.round}"
+        reason = f"{failure.status}: {failure.error}" if failure.error else failure.status
+        lines.append(shortened_line(f"{where}, {failure.site}: {reason}"))
+    hidden = len(failures) - MAX_FAILURES_IN_REPORT
+    if hidden > 0:
+        lines.append(f"... and {hidden} more: see metrics.csv (column client_error)")
+    return "\n".join(lines)
 
 
 def file_metadata(fmt: str, experiment: Experiment) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from flproject.celery import app as celery_app
-from training import audit, services, site_evaluation, sweeps
+from training import audit, faults, services, site_evaluation, sweeps
 from training.models import (
     AggregationWeighting,
     Dataset,
@@ -243,6 +243,9 @@ class Command(BaseCommand):
         if options["json"]:
             options["json"].write_text(json.dumps(summary, indent=2))
             self.stdout.write(f"Summary written to {options['json']}")
+        lost = faults.lost_sites_warning(final)
+        if lost:  # "completed" alone would hide that some sites never contributed
+            self.stderr.write(f"WARNING: {lost}")
         if final.status != ExperimentStatus.COMPLETED:
             raise CommandError(
                 f"Experiment {final.pk} ended {final.status}: {final.failure_reason}"
