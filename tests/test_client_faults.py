@@ -8,9 +8,16 @@ network's, and an image cut short on the server's disk.
 
 import pytest
 import torch
+from django.urls import reverse
 
 from tests.conftest import new_experiment
-from tests.factories import claim
+from tests.factories import (
+    ClientUpdateFactory,
+    ExperimentFactory,
+    RoundFactory,
+    SiteFactory,
+    claim,
+)
 from training import clients, faults, federation, modelstore, runner, services
 from training.fl.weights import sha256_hex, weights_to_bytes
 from training.models import (
@@ -245,3 +252,25 @@ def test_when_every_client_fails_the_reason_quotes_their_error(lesions_dataset):
         "Round 1: 0 of 3 clients succeeded, fewer than the minimum of 2. "
         f"{slugs}: ValueError: partition needs 4 sites"
     )
+
+
+def test_the_experiment_page_lists_client_failures_and_the_site_lost_every_round(client):
+    # Given a completed experiment whose site "east" failed in both of its rounds
+    sites = [SiteFactory(slug="east"), SiteFactory(slug="west")]
+    experiment = ExperimentFactory(sites=sites, status=ExperimentStatus.COMPLETED, num_rounds=2)
+    for number in (1, 2):
+        fl_round = RoundFactory(experiment=experiment, number=number, status=RoundStatus.CLOSED)
+        error = f"ImageReadError: east/img-000{number}.nii.gz: truncated"
+        ClientUpdateFactory(
+            round=fl_round, site=sites[0], status=ClientUpdateStatus.FAILED, error=error
+        )
+        ClientUpdateFactory(round=fl_round, site=sites[1], status=ClientUpdateStatus.SUCCEEDED)
+    client.force_login(experiment.owner)
+    # When its page is opened
+    page = client.get(reverse("experiment-page", args=[experiment.pk])).content.decode()
+    # Then each failure is listed with its reason, and the lost site is named
+    assert 'id="failures-card" hidden' not in page
+    assert page.count('data-site="east"') == 2
+    assert "east/img-0002.nii.gz: truncated" in page
+    assert "The experiment completed without them: east never contributed." in page
+    assert "Site east failed in all 2 rounds it was picked for" in page

@@ -9,7 +9,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from training import audit, comparison, metric_catalog, services, sweeps
+from training import audit, comparison, faults, metric_catalog, services, sweeps
 from training.fl.networks import available_networks
 from training.fl.strategies import available_strategies, describe_strategies
 from training.models import (
@@ -228,6 +228,9 @@ def experiment_detail(request, experiment_id: int):
             "primary_label": catalogue["metrics"][catalogue["primary"]]["label"],
             "table_metrics": scalar,
             "cross_site_metrics": scalar,
+            # Rendered with the page, then kept up to date by the live stream.
+            "client_failures": faults.client_failures(experiment),
+            "lost_sites_warning": faults.lost_sites_warning(experiment),
         },
     )
 

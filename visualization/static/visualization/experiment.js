@@ -378,6 +378,43 @@
 
   document.getElementById("cross-site-metric").addEventListener("change", drawCrossSite);
 
+  // Every failed or late client with its reason, and the sites that failed in every training
+  // round they were picked for (training/faults.py says the same on the server).
+  function drawFailures() {
+    const failed = [...state.updates.values()]
+      .filter((u) => ["failed", "late"].includes(u.status))
+      .sort((a, b) => a.round_number - b.round_number || a.site.localeCompare(b.site));
+    const body = document.querySelector("#failures-table tbody");
+    body.replaceChildren();
+    failed.forEach((u) => {
+      const row = body.insertRow();
+      row.dataset.round = u.round_number;
+      row.dataset.site = u.site;
+      const round = state.rounds.get(u.round_number);
+      cell(row, round && round.kind === "evaluate" ? `${u.round_number} (cross-site)` : String(u.round_number));
+      cell(row, u.site);
+      cell(row, statusBadge(u.status));
+      cell(row, u.error || "").className = "reason";
+    });
+    document.getElementById("failures-card").hidden = failed.length === 0;
+    const outcomes = new Map();
+    [...state.updates.values()].forEach((u) => {
+      const round = state.rounds.get(u.round_number);
+      if (!round || round.kind === "evaluate" || !["succeeded", "failed", "late"].includes(u.status)) return;
+      if (!outcomes.has(u.site)) outcomes.set(u.site, []);
+      outcomes.get(u.site).push(u);
+    });
+    const lost = [...outcomes.entries()]
+      .filter(([, updates]) => updates.every((u) => u.status !== "succeeded"))
+      .map(([site, updates]) => {
+        const last = updates.sort((a, b) => a.round_number - b.round_number)[updates.length - 1];
+        return `${site} (failed in all ${updates.length} of its rounds; last: ${last.error || last.status})`;
+      });
+    const warning = document.getElementById("lost-sites");
+    warning.hidden = lost.length === 0;
+    if (lost.length) warning.textContent = `Sites that never contributed: ${lost.join("; ")}.`;
+  }
+
   function drawRoundsTable() {
     const body = document.querySelector("#rounds-table tbody");
     body.replaceChildren();
@@ -470,6 +507,7 @@
     drawSegmentation();
     drawEvaluation();
     drawRoundsTable();
+    drawFailures();
     drawCheckpoints();
   }
 
