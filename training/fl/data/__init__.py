@@ -26,7 +26,11 @@ from training.fl.data.readers import (
     write_dicom_series,
     write_image,
 )
-from training.fl.data.synthetic import generate_synthetic_dataset
+from training.fl.data.synthetic import (
+    generate_segmentation_dataset,
+    generate_synthetic_dataset,
+    generate_volume_classification_dataset,
+)
 
 __all__ = [
     "NORMALIZATION_FORMS",
@@ -40,7 +44,9 @@ __all__ = [
     "NpzDataset",
     "Preprocessor",
     "check_normalization",
+    "generate_segmentation_dataset",
     "generate_synthetic_dataset",
+    "generate_volume_classification_dataset",
     "holdout_split",
     "load_dataset",
     "native_channels",
