@@ -1,8 +1,10 @@
 """Labelled image datasets that training and partitioning work with.
 
-Every dataset yields ``(tensor, label)`` pairs, with a channels-first float32 tensor, and
-exposes ``labels`` (an int64 numpy array) and ``sites`` (one name per sample, or None) so
-that partitioners never have to load images.
+Classification datasets yield ``(tensor, label)`` pairs, with a channels-first float32
+tensor; segmentation datasets (:class:`SegmentationDataset`) yield ``(tensor, mask)``.
+Both expose ``task``, ``labels`` (an int64 numpy array) and ``sites`` (one name per
+sample, or None) so that partitioners never have to load images. Which class opens which
+files is the format registry's business (training/fl/data/formats/).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import os
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,8 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
+from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
+from training.fl.data.headers import check_volume_size
 from training.fl.data.preprocess import (
     DEFAULT_NPZ_NORMALIZATION,
     DEFAULT_UINT8_NPZ_NORMALIZATION,
@@ -27,7 +32,8 @@ from training.fl.data.preprocess import (
     Preprocessor,
     parse_normalization,
 )
-from training.fl.data.readers import read_image, split_volume
+from training.fl.data.readers import ImageArray, read_image, split_volume
+from training.fl.data.segmentation import SegmentationDataset
 
 __all__ = [
     "LABELS_FILE",
@@ -35,6 +41,7 @@ __all__ = [
     "DatasetFormatError",
     "ImageFolderDataset",
     "NpzDataset",
+    "SegmentationDataset",
     "load_dataset",
     "native_channels",
 ]
@@ -43,13 +50,12 @@ LABELS_FILE = "labels.csv"
 _NPZ_SPLITS = ("train", "val", "test")
 
 
-class DatasetFormatError(ValueError):
-    """A dataset's layout or label file is not what the loader expects."""
-
-
 class ClassificationDataset(Dataset[tuple[torch.Tensor, int]], ABC):
     """A dataset of images with integer class labels and optional acquisition sites."""
 
+    task = "classification"
+    #: The format registry's name for how the data is stored.
+    storage_format: str
     labels: npt.NDArray[np.int64]
     sites: list[str] | None
 
@@ -58,6 +64,14 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]], ABC):
 
     @abstractmethod
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    @abstractmethod
+    def raw_sample(self, index: int) -> tuple[ImageArray, None]:
+        """Sample ``index`` before preprocessing, and no mask."""
+
+    def read_sample(self, index: int) -> tuple[torch.Tensor, int]:
+        """``self[index]`` without any cache (a web process must not keep every image)."""
+        return self[index]
 
     @property
     def num_classes(self) -> int:
@@ -101,8 +115,11 @@ class ImageFolderDataset(ClassificationDataset):
 
     Paths are relative to the folder and may name image files, DICOM series folders or
     one volume of a 4D file (``scan.nii.gz#3``, volumes counted from 0). Preprocessed
-    tensors are cached in memory after their first use when ``cache`` is on.
+    tensors are cached in memory after their first use when ``cache`` is on. An image
+    larger than ``max_voxels`` is refused before its pixels are read.
     """
+
+    storage_format = "folder"
 
     def __init__(
         self,
@@ -110,10 +127,12 @@ class ImageFolderDataset(ClassificationDataset):
         *,
         preprocessor: Preprocessor | None = None,
         cache: bool = True,
+        max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
     ) -> None:
         self.root = Path(root)
         self.preprocessor = preprocessor or Preprocessor()
         self.cache = cache
+        self.max_voxels = max_voxels
         self._cached: dict[int, torch.Tensor] = {}
         self.paths, labels, sites = self._read_labels_file()
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -175,10 +194,17 @@ class ImageFolderDataset(ClassificationDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         tensor = self._cached.get(index)
         if tensor is None:
-            tensor = self.preprocessor(read_image(self.paths[index]))
+            tensor = self.read_sample(index)[0]
             if self.cache:
                 self._cached[index] = tensor
         return tensor, int(self.labels[index])
+
+    def raw_sample(self, index: int) -> tuple[ImageArray, None]:
+        check_volume_size(self.paths[index], self.max_voxels)
+        return read_image(self.paths[index]), None
+
+    def read_sample(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.preprocessor(self.raw_sample(index)[0]), int(self.labels[index])
 
 
 class NpzDataset(ClassificationDataset):
@@ -193,6 +219,8 @@ class NpzDataset(ClassificationDataset):
     dataset is row ``i`` of the split's arrays. Multi-label tasks (labels with more than
     one column) are not supported.
     """
+
+    storage_format = "npz"
 
     def __init__(
         self,
@@ -271,23 +299,30 @@ class NpzDataset(ClassificationDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
 
+    def raw_sample(self, index: int) -> tuple[ImageArray, None]:
+        """Row ``index`` as an image: as loaded (channels last), unit spacing (an .npz
+        stores none)."""
+        tensor = self.images[index]
+        pixels = tensor[0] if tensor.shape[0] == 1 else tensor.movedim(0, -1)
+        dims = tensor.dim() - 1
+        identity = tuple(float(row == column) for row in range(dims) for column in range(dims))
+        image = ImageArray(
+            array=pixels.numpy(), spacing=(1.0,) * dims, origin=(0.0,) * dims, direction=identity
+        )
+        return image, None
+
 
 def native_channels(path: str | os.PathLike[str], fmt: str | None = None) -> int:
     """The channels a dataset's images have as stored, 1 (grey) or 3 (colour), read from
     the first image only (for ``.npz``, from the array's header, not its pixels)."""
+    # The formats open the classes defined here, so the registry is imported on use.
+    from training.fl.data.formats import detect_format, get_format
+
     path = Path(path)
-    fmt = fmt or _detect_format(path)
-    if fmt == "npz":
-        shape = _npz_array_shape(path, "train_images")
-        return 3 if len(shape) == 4 and shape[-1] == 3 else 1
-    if fmt == "folder":
-        first = ImageFolderDataset(path, cache=False).paths[0]
-        # As to_channels keeps them: grey (+ alpha) is 1 channel, RGB(A) 3.
-        return 1 if read_image(first).channels in (1, 2) else 3
-    raise ValueError(f"unknown dataset format {fmt!r}; expected 'folder' or 'npz'")
+    return (get_format(fmt) if fmt else detect_format(path)).native_channels(path)
 
 
-def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
+def npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
     """The shape of one array of an .npz, from its .npy header."""
     try:
         with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
@@ -303,37 +338,31 @@ def _npz_array_shape(path: Path, name: str) -> tuple[int, ...]:
     return tuple(int(size) for size in shape)
 
 
-def _detect_format(path: Path) -> str:
-    if path.is_dir() and (path / LABELS_FILE).is_file():
-        return "folder"
-    if path.is_file() and path.suffix.lower() == ".npz":
-        return "npz"
-    raise DatasetFormatError(f"{path}: expected a folder containing {LABELS_FILE} or a .npz file")
-
-
 def load_dataset(
     path: str | os.PathLike[str],
     fmt: str | None = None,
     *,
     split: str = "train",
     preprocessor: Preprocessor | None = None,
-) -> ClassificationDataset:
-    """Open a dataset, detecting its format unless ``fmt`` is ``"folder"`` or ``"npz"``.
+    class_names: Sequence[str] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+) -> ClassificationDataset | SegmentationDataset:
+    """Open one split of a dataset, in format ``fmt`` (a registry name) or the one detected.
 
-    ``split`` applies to ``.npz`` files. ``preprocessor`` is applied whole to folders;
-    ``.npz`` files take its normalization and channels (their images keep their size).
+    ``preprocessor`` is applied whole to image files; ``.npz`` files take its
+    normalization and channels (their images keep their size). ``class_names`` declares
+    a segmentation dataset's classes (else its format's own, or those its masks hold);
+    ``max_voxels`` bounds each image read.
     """
+    from training.fl.data.formats import detect_format, get_format
+
     path = Path(path)
-    fmt = fmt or _detect_format(path)
-    if fmt == "folder":
-        return ImageFolderDataset(path, preprocessor=preprocessor)
-    if fmt == "npz":
-        if preprocessor is None:
-            return NpzDataset(path, split)
-        return NpzDataset(
-            path,
-            split,
-            normalization=preprocessor.normalization,
-            channels=preprocessor.channels,
-        )
-    raise ValueError(f"unknown dataset format {fmt!r}; expected 'folder' or 'npz'")
+    data_format = get_format(fmt) if fmt else detect_format(path)
+    dataset: ClassificationDataset | SegmentationDataset = data_format.open(
+        path,
+        split=split,
+        preprocessor=preprocessor,
+        class_names=class_names,
+        max_voxels=max_voxels,
+    )
+    return dataset
