@@ -497,10 +497,12 @@ def send_aggregation_after_commit(fl_round: Round) -> None:
     )
 
 
-def close_overdue_rounds(now=None) -> list[int]:
+def close_overdue_rounds(now=None, *, leave_alone: frozenset[int] = frozenset()) -> list[int]:
     """The watchdog: close each open round past its deadline (unfinished clients are late),
     and each open round whose clients have all reported but that nobody closed (the last
-    report's worker died between recording its result and closing the round)."""
+    report's worker died between recording its result and closing the round). The rounds
+    of the experiments in `leave_alone` are not closed at their deadline: their clients are
+    not late, the process that had their tasks died (they resume instead)."""
     now = now or timezone.now()
     closed = []
     complete = Round.objects.filter(status=RoundStatus.OPEN).exclude(
@@ -509,7 +511,9 @@ def close_overdue_rounds(now=None) -> list[int]:
     for round_id, experiment_id in complete.values_list("pk", "experiment_id"):
         if close_complete_round(experiment_id, round_id):
             closed.append(round_id)
-    overdue = Round.objects.filter(status=RoundStatus.OPEN, deadline__lt=now)
+    overdue = Round.objects.filter(status=RoundStatus.OPEN, deadline__lt=now).exclude(
+        experiment_id__in=leave_alone
+    )
     for round_id, experiment_id in overdue.values_list("pk", "experiment_id"):
         with transaction.atomic():
             experiment = locked_experiment(experiment_id)

@@ -5,20 +5,34 @@ this process run in this process, through the same Celery machinery as in a depl
 The `solo` pool runs one task at a time in the worker thread; the `threads` pool stalls for
 about two seconds per task on the in-memory transport once its prefetch is full. A beat
 thread sends the periodic tasks (the round watchdog) as `celery beat` does in a deployment.
+
+The tasks of an experiment live in the memory of the process that sent them: each embedded
+process records which experiments it drives (flproject/embedded_processes.py), and the
+embedded server, as it starts, resumes the experiments that a dead process left running.
 """
 
 import logging
 import socket
 import threading
+from functools import lru_cache
 
 from celery import Celery
 from celery._state import _set_task_join_will_block
 from celery.app import trace
 from celery.beat import EmbeddedService
+from celery.signals import after_task_publish
 from celery.worker import WorkController
 
+from flproject import embedded_processes
 from flproject.celery import app as project_app
-from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
+from training.models import Experiment, ExperimentStatus, InvalidTransition, Round
+from training.queues import (
+    AGGREGATE_ROUND_TASK,
+    AGGREGATION_QUEUE,
+    TRAIN_CLIENT_TASK,
+    TRAINING_QUEUE,
+)
+from training.resume import Resumed, resume_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +130,68 @@ _process_worker_lock = threading.Lock()
 
 
 def start_embedded_worker() -> EmbeddedWorker:
-    """The process's one embedded worker, started on first call."""
+    """The process's one embedded worker, started on first call, after resuming what dead
+    embedded processes left running (before its watchdog first looks at their rounds)."""
     global _process_worker
     with _process_worker_lock:
         if _process_worker is None:
+            for resumed in resume_orphaned_experiments():
+                logger.warning(
+                    "Resumed experiment %s, left running by a process that died: sent %s again.",
+                    resumed.experiment.pk,
+                    resumed.what,
+                )
             _process_worker = EmbeddedWorker().start()
         return _process_worker
+
+
+# --- Which experiments this process drives -------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def experiment_of_round(round_id: int) -> int | None:
+    return Round.objects.filter(pk=round_id).values_list("experiment_id", flat=True).first()
+
+
+def hold_experiment_of_published_task(sender=None, body=None, **kwargs) -> None:
+    """After this process sent a round's task: the experiment's work is in this process."""
+    if sender not in (TRAIN_CLIENT_TASK, AGGREGATE_ROUND_TASK):
+        return
+    args = body[0] if isinstance(body, tuple | list) and body else []
+    round_id = args[1] if sender == TRAIN_CLIENT_TASK else args[0]
+    experiment_id = experiment_of_round(round_id)
+    if experiment_id is not None:
+        embedded_processes.hold(experiment_id)
+
+
+def track_driven_experiments() -> None:
+    """From WorkersConfig.ready() in embedded mode; dispatch_uid makes a second call
+    change nothing."""
+    after_task_publish.connect(
+        hold_experiment_of_published_task,
+        weak=False,
+        dispatch_uid="workers.embedded.hold_experiment_of_published_task",
+    )
+
+
+def orphaned_experiments() -> set[int]:
+    """Running experiments that no live embedded process drives: their process died."""
+    running = set(
+        Experiment.objects.filter(status=ExperimentStatus.RUNNING).values_list("pk", flat=True)
+    )
+    if not running:
+        return set()  # no need to read the registry
+    return running - embedded_processes.held_experiments()
+
+
+def resume_orphaned_experiments() -> list[Resumed]:
+    """Resume every experiment left running by a dead embedded process, in this process.
+    One process at a time, so that two servers starting together share them out."""
+    resumed = []
+    with embedded_processes.exclusive():
+        for experiment_id in sorted(orphaned_experiments()):
+            try:
+                resumed.append(resume_experiment(experiment_id))
+            except InvalidTransition:
+                continue  # stopped, or taken up by another process, meanwhile
+    return resumed

@@ -27,6 +27,7 @@ from training.queues import (
     TRAIN_CLIENT_TASK,
 )
 from training.reconnect import LOST_CONNECTION_ERRORS, retry_on_lost_connection
+from workers import embedded
 from workers import recovery as lost_work
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ def close_overdue_rounds() -> dict[str, list[int]]:
     """The round watchdog (Celery beat): close rounds whose deadline has passed, send again
     the client tasks and aggregations that a dead worker or a broker restart lost, and the
     aggregation of rounds that waited for it past their aggregation deadline."""
-    closed = services.close_overdue_rounds()
+    # In embedded mode, the experiments of a dead process wait to be resumed, not failed.
+    orphans = embedded.orphaned_experiments() if settings.FEDLENS_EMBEDDED else set()
+    closed = services.close_overdue_rounds(leave_alone=frozenset(orphans))
     overdue_aggregations = services.resend_stalled_aggregations()
     outcome = recover_lost_work()
     outcome["aggregation_resent"] += overdue_aggregations

@@ -39,6 +39,7 @@ from training.models import (
     Round,
     Site,
 )
+from training.resume import resume_experiment
 
 
 class SiteViewSet(viewsets.ModelViewSet):
@@ -131,6 +132,28 @@ class ExperimentViewSet(viewsets.ModelViewSet):
             self.get_serializer(self.get_queryset().get(pk=clone.pk)).data,
             status=status.HTTP_201_CREATED,
         )
+
+    @extend_schema(
+        request=None,
+        responses={
+            200: ExperimentSerializer,
+            409: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description='Not resumable; "detail" says why (not running, or a live '
+                "embedded process still runs it).",
+            ),
+        },
+        description="Continue a running experiment from its last closed round, after the "
+        "process that ran it died: the open round's unfinished clients are sent again, or "
+        "its aggregation. Only a running experiment resumes; in embedded mode, only when no "
+        "live process runs it. Needs the right to start it.",
+    )
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        """Resume a running experiment whose process died."""
+        resumed = resume_experiment(self.get_object().pk)
+        audit.record(resumed.experiment, "resume", actor=request.user, sent=resumed.what)
+        return Response(self.get_serializer(self.get_queryset().get(pk=resumed.experiment.pk)).data)
 
     @extend_schema(request=None, responses={200: ExperimentSerializer, 409: OpenApiTypes.OBJECT})
     @action(detail=True, methods=["post"])

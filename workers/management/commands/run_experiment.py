@@ -16,11 +16,13 @@ from training.models import (
     Dataset,
     Experiment,
     ExperimentStatus,
+    InvalidTransition,
     NoiseLocation,
     Optimizer,
     Task,
 )
 from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
+from training.resume import resume_experiment
 from training.runner import (
     ExperimentInputError,
     create_experiment,
@@ -211,17 +213,40 @@ def ensure_workers() -> None:
         )
 
 
+def experiment_to_resume(options: dict[str, Any]) -> Experiment:
+    """The experiment of --resume; it continues as it was stored, so no setting may change."""
+    changed = sorted(option for option in OPTION_SETTINGS if options.get(option) is not None)
+    changed += [name for name in ("dataset", "clients", "clone") if options.get(name) is not None]
+    if changed:
+        raise CommandError(
+            f"--resume continues the experiment with its own settings; leave out "
+            f"{', '.join('--' + name.replace('_', '-') for name in changed)} (or use --clone)."
+        )
+    experiment = Experiment.objects.filter(pk=options["resume"]).first()
+    if experiment is None:
+        raise CommandError(f"No experiment {options['resume']} to resume.")
+    return experiment
+
+
 class Command(BaseCommand):
     help = (
         "Run a federated experiment on simulated sites: an in-process worker in embedded "
         "mode, the running Celery workers when REDIS_URL is set. --clone ID runs an "
-        "existing experiment again, with the options given changing its settings."
+        "existing experiment again, with the options given changing its settings; "
+        "--resume ID continues one that a dead process left running."
     )
 
     def add_arguments(self, parser):
         add_experiment_arguments(parser)
         parser.add_argument(
             "--clone", type=int, metavar="ID", help="run this experiment again with changes"
+        )
+        parser.add_argument(
+            "--resume",
+            type=int,
+            metavar="ID",
+            help="continue this running experiment from its last closed round (its process "
+            "died) and follow it to its end",
         )
         parser.add_argument("--json", type=Path, help="write the summary to this file")
 
@@ -231,14 +256,18 @@ class Command(BaseCommand):
 
     def run_to_the_end(self, options):
         started = time.perf_counter()
-        experiment = self.create(options)
-        self.stdout.write(f"Experiment {experiment.pk} ({experiment.name}) created.")
+        resuming = options["resume"] is not None
+        if resuming:
+            experiment = experiment_to_resume(options)
+        else:
+            experiment = self.create(options)
+            self.stdout.write(f"Experiment {experiment.pk} ({experiment.name}) created.")
         ensure_workers()
         if settings.FEDLENS_EMBEDDED:
             with EmbeddedWorker(name="embedded-cli@fedlens"):
-                final = self.run(experiment.pk)
+                final = self.run(experiment.pk, resume=resuming)
         else:
-            final = self.run(experiment.pk)
+            final = self.run(experiment.pk, resume=resuming)
         summary = summarize(final, wall_seconds=time.perf_counter() - started)
         if options["json"]:
             options["json"].write_text(json.dumps(summary, indent=2))
@@ -266,15 +295,29 @@ class Command(BaseCommand):
         except sweeps.SettingsError as exc:
             raise CommandError(str(exc)) from exc
 
-    def run(self, experiment_id: int):
+    def run(self, experiment_id: int, *, resume: bool = False):
         rows = []
 
         def show(fl_round):
             rows.append(round_row(fl_round))
 
-        started = services.start_experiment(experiment_id)
         # On the command line, the experiment's owner (--owner) is the one acting.
-        audit.record(started, "start", actor=started.owner, via="manage.py run_experiment")
+        if resume:
+            try:
+                resumed = resume_experiment(experiment_id)
+            except InvalidTransition as exc:
+                raise CommandError(str(exc)) from exc
+            audit.record(
+                resumed.experiment,
+                "resume",
+                actor=resumed.experiment.owner,
+                via="manage.py run_experiment",
+                sent=resumed.what,
+            )
+            self.stdout.write(f"Experiment {experiment_id} resumed: sent {resumed.what} again.")
+        else:
+            started = services.start_experiment(experiment_id)
+            audit.record(started, "start", actor=started.owner, via="manage.py run_experiment")
         try:
             final = watch_experiment(experiment_id, out=self.stderr, on_round_closed=show)
         except KeyboardInterrupt:
