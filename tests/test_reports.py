@@ -351,6 +351,8 @@ def test_csv_row_holds_the_clients_metrics_and_its_rounds_global_metrics(ledger)
         "global_accuracy": "0.83",
         "global_balanced_accuracy": str(0.83 - 0.01),
         "global_auc": "0.9",
+        "global_sensitivity": "0.81",
+        "global_specificity": "0.85",
         "epsilon": "",
         "client_error": "",
     }

@@ -48,6 +48,11 @@ class Metric:
     bounded: bool = True
     digits: int = 3  # decimals when printed
     unit: str = ""  # "mm" for distances; printed after the number
+    column: str = ""  # its name in CSV columns and text tables when shorter than `name`
+
+    @property
+    def column_name(self) -> str:
+        return self.column or self.name
 
     def format(self, value: Any) -> str:
         """The value as text ("-" for a missing or non-finite value)."""
@@ -63,6 +68,7 @@ class Metric:
             "bounded": self.bounded,
             "digits": self.digits,
             "unit": self.unit,
+            "column": self.column_name,
         }
 
 
@@ -71,7 +77,7 @@ class Metric:
 _DEFINITIONS = (
     Metric("accuracy", "accuracy", (CLASSIFICATION,), higher_is_better=True),
     Metric("balanced_accuracy", "balanced accuracy", (CLASSIFICATION,), higher_is_better=True),
-    Metric("roc_auc", "AUC", (CLASSIFICATION,), higher_is_better=True),
+    Metric("roc_auc", "AUC", (CLASSIFICATION,), higher_is_better=True, column="auc"),
     Metric("sensitivity", "sensitivity", (CLASSIFICATION,), higher_is_better=True),
     Metric("specificity", "specificity", (CLASSIFICATION,), higher_is_better=True),
     Metric("precision", "precision", (CLASSIFICATION,), higher_is_better=True, per_class=True),

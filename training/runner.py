@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, TextIO
 
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import OutputWrapper
 from tqdm import tqdm
 
-from training import faults, site_evaluation
+from training import faults, metric_catalog, site_evaluation
 from training.differential_privacy import privacy_settings
 from training.models import (
     TERMINAL_CLIENT_UPDATE_STATUSES,
@@ -38,17 +39,30 @@ class ExperimentInputError(ValueError):
 @contextmanager
 def quiet_task_logs(verbosity: int) -> Iterator[None]:
     """Keep Celery's and the ledger's line per task out of the progress bars unless asked
-    (-v 2); warnings (failed and late clients) still show. Levels are restored on exit."""
-    loggers = [logging.getLogger(name) for name in ("celery", "training.services")]
+    (-v 2); warnings (failed and late clients) still show. Levels are restored on exit.
+
+    Celery's worker sets Django up again as it starts (its Django fix-up), which applies
+    settings.LOGGING anew and with it the "celery" logger's configured level: the quiet
+    level goes into that configuration too, for as long as the command runs."""
+    names = ("celery", "training.services", "training.resume")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [each.level for each in loggers]
+    configured = django_settings.LOGGING.get("loggers", {})
+    configured_levels = {
+        name: configured[name].get("level") for name in names if name in configured
+    }
     if verbosity < 2:
         for each in loggers:
             each.setLevel(logging.WARNING)
+        for name in configured_levels:
+            configured[name]["level"] = "WARNING"
     try:
         yield
     finally:
         for each, level in zip(loggers, levels, strict=True):
             each.setLevel(level)
+        for name, level in configured_levels.items():
+            configured[name]["level"] = level
 
 
 def simulated_sites(count: int) -> list[Site]:
@@ -161,26 +175,32 @@ def watch_experiment(
 
 
 def round_row(fl_round: Round) -> dict[str, Any]:
+    """A closed round as a row of the command line's table: the clients' training loss and
+    primary metric, then the held-out loss and the task's other one-number metrics (the
+    metric catalogue's; classification: accuracy, ..., segmentation: dice, hd95)."""
     metrics = fl_round.metrics
     evaluation = metrics.get("global") or {}
     clients = metrics.get("clients") or {}
+    task = fl_round.experiment.task
+    primary = metric_catalog.primary_metric(task)
+    scores = [name for name in metric_catalog.scalar_metrics(task) if name != "loss"]
     return {
         "round": fl_round.number,
         "clients": clients.get("num_clients"),
         "train_loss": clients.get("loss"),
-        "train_accuracy": clients.get("accuracy"),
+        f"train_{primary}": clients.get(primary),
         "loss": evaluation.get("loss"),
-        "accuracy": evaluation.get("accuracy"),
-        "balanced_accuracy": evaluation.get("balanced_accuracy"),
-        "auc": evaluation.get("roc_auc"),
+        **{metric_catalog.get_metric(name).column_name: evaluation.get(name) for name in scores},
         "epsilon": fl_round.epsilon,
         "wall_seconds": metrics.get("wall_seconds"),
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    columns = ["round", "clients", "train_loss", "train_accuracy", "loss", "accuracy",
-               "balanced_accuracy", "auc", "epsilon", "wall_seconds"]  # fmt: skip
+    """`round_row`s as a text table, one column per key (the rows of one experiment)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
     if all(row.get("epsilon") is None for row in rows):
         columns.remove("epsilon")  # an experiment without differential privacy
 
@@ -200,13 +220,15 @@ def initial_federated_evaluation(experiment: Experiment) -> dict[str, Any] | Non
     return initial.metrics.get("federated_evaluation") if initial is not None else None
 
 
-# The cross-site table's cells: one metric of each model on each site's validation split.
-CROSS_SITE_METRIC = "accuracy"
-
-
-def format_cross_site(results: dict[str, Any], metric: str = CROSS_SITE_METRIC) -> str:
+def format_cross_site(results: dict[str, Any], metric: str | None = None) -> str:
     """The cross-site matrix as text: a row per model, a column per site's validation data,
-    and the sample-weighted mean over the sites; "-" where a site has no result."""
+    and the sample-weighted mean over the sites; "-" where a site has no result. The cells
+    hold `metric`, by default the task's primary one (accuracy, or Dice when the sites
+    report Dice)."""
+    if metric is None:
+        reported = {name for weighted in results["weighted"].values() for name in weighted}
+        task = metric_catalog.SEGMENTATION if "dice" in reported else metric_catalog.CLASSIFICATION
+        metric = metric_catalog.primary_metric(task)
     columns = [*results["sites"], "weighted"]
     rows = [
         [model]
@@ -268,6 +290,7 @@ def summarize(experiment: Experiment, *, wall_seconds: float) -> dict[str, Any]:
         "failure_reason": experiment.failure_reason,
         "configuration": {
             "dataset": experiment.dataset.name,
+            "task": experiment.task,
             "network": experiment.network,
             "strategy": experiment.strategy,
             "strategy_params": experiment.strategy_params,

@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from training import faults
+from training import faults, metric_catalog
 from training.differential_privacy import privacy_settings, uses_client_level_dp
 from training.models import ClientUpdate, Dataset, Experiment, Round, RoundKind, RoundStatus
 from visualization import evaluations
@@ -37,8 +37,9 @@ FIGURE_INCHES = (12.0, 18.0)  # 1800 x 2700 pixels at PNG_DPI
 
 # The columns of `metrics_rows`, in the order the CSV export writes them. One row stands for
 # one client update (one site in one round); the round's held-out evaluation is repeated on
-# each of its rows so that a spreadsheet can plot either without a join.
-METRIC_COLUMNS = (
+# each of its rows so that a spreadsheet can plot either without a join. The metric columns
+# depend on the experiment's task (see `metric_columns`).
+CLIENT_COLUMNS = (
     "experiment",  # the experiment's id
     "round",  # the round's number, from 1
     "round_status",  # open, aggregating, closed or failed
@@ -47,16 +48,19 @@ METRIC_COLUMNS = (
     "worker",  # the Celery worker that trained, empty until one claims the task
     "num_samples",  # training samples the site used
     "train_loss",  # the site's mean training loss in the round
-    "train_accuracy",  # the site's training accuracy in the round
+    # train_<primary metric>: the site's training accuracy (Dice) in the round
+)
+TRAINING_COLUMNS = (
     "train_seconds",  # time spent in local training
     "update_norm",  # L2 norm of the site's update, when recorded
     "distance_to_aggregate",  # distance of the site's model to the aggregate, when recorded
     "started_at",  # ISO 8601, when a worker claimed the task
     "finished_at",  # ISO 8601, when the result (or the failure) was recorded
-    "global_loss",  # the round's held-out loss of the aggregated model
-    "global_accuracy",  # ... its held-out accuracy
-    "global_balanced_accuracy",  # ... its mean recall over the classes present
-    "global_auc",  # ... its ROC AUC (binary tasks with both classes present)
+    # global_<metric>: the round's held-out evaluation of the aggregated model, each of the
+    # task's one-number metrics (loss first); Dice per class as one column per foreground
+    # class, global_dice_<class name>
+)
+ROUND_COLUMNS = (
     "epsilon",  # privacy spent up to the round (ε for the experiment's δ), with client-level DP
     "client_error",  # why the client failed or was late (empty when it succeeded)
 )
@@ -70,6 +74,48 @@ MAX_SITES_IN_LEGEND = 12
 MAX_CLASS_NAME_CHARACTERS = 18
 REPORT_LINE_CHARACTERS = 160
 MAX_FAILURES_IN_REPORT = 12
+
+
+def column_slug(name: str) -> str:
+    """A class name as a column suffix: lower case, runs of other characters as "_"."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "class"
+
+
+def global_metric_columns(
+    task: str, names: Sequence[str] = ()
+) -> dict[str, tuple[str, int | None]]:
+    """Column name to (catalogue metric, class index or None) for the round's held-out
+    evaluation: the loss, the task's other one-number metrics, then, for segmentation, the
+    Dice of each foreground class named in `names` (all class names, background first)."""
+    scalars = metric_catalog.scalar_metrics(task)
+    ordered = ["loss", *(name for name in scalars if name != "loss")]
+    columns: dict[str, tuple[str, int | None]] = {
+        f"global_{metric_catalog.get_metric(name).column_name}": (name, None) for name in ordered
+    }
+    if task == metric_catalog.SEGMENTATION:
+        # dice_per_class lists the foreground classes 1..K-1: the background has no Dice.
+        for position, name in enumerate(names[1:]):
+            column = f"global_dice_{column_slug(str(name))}"
+            while column in columns:  # two names with the same slug
+                column += "_"
+            columns[column] = ("dice_per_class", position)
+    return columns
+
+
+def metric_columns(task: str, names: Sequence[str] = ()) -> tuple[str, ...]:
+    """The CSV's columns for an experiment of `task` whose dataset's classes are `names`."""
+    primary = metric_catalog.primary_metric(task)
+    return (
+        *CLIENT_COLUMNS,
+        f"train_{primary}",
+        *TRAINING_COLUMNS,
+        *global_metric_columns(task, names),
+        *ROUND_COLUMNS,
+    )
+
+
+# A classification experiment's columns (the API's schema names these).
+METRIC_COLUMNS = metric_columns(metric_catalog.CLASSIFICATION)
 
 
 class UnknownRound(ValueError):
@@ -128,15 +174,30 @@ def class_names(dataset: Dataset, count: int) -> list[str]:
 # --- Metric exports -------------------------------------------------------------------------
 
 
+def experiment_class_names(experiment: Experiment) -> list[str]:
+    dataset = experiment.dataset
+    return class_names(dataset, dataset.num_classes)
+
+
+def metric_value(evaluation: dict[str, Any], name: str, position: int | None) -> Any:
+    value = evaluation.get(name)
+    if position is None:
+        return value
+    return value[position] if isinstance(value, list) and position < len(value) else None
+
+
 def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[str, Any]]:
+    task = experiment.task
+    primary = metric_catalog.primary_metric(task)
+    global_columns = global_metric_columns(task, experiment_class_names(experiment))
     rows = []
     for fl_round in rounds:
         evaluation = held_out_metrics(fl_round)
         round_columns = {
-            "global_loss": evaluation.get("loss"),
-            "global_accuracy": evaluation.get("accuracy"),
-            "global_balanced_accuracy": evaluation.get("balanced_accuracy"),
-            "global_auc": evaluation.get("roc_auc"),
+            **{
+                column: metric_value(evaluation, name, position)
+                for column, (name, position) in global_columns.items()
+            },
             "epsilon": fl_round.epsilon,
         }
         for update in fl_round.client_updates.all():
@@ -151,7 +212,7 @@ def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[st
                     "worker": update.worker,
                     "num_samples": update.num_samples,
                     "train_loss": training.get("loss"),
-                    "train_accuracy": training.get("accuracy"),
+                    f"train_{primary}": training.get(primary),
                     "train_seconds": training.get("train_seconds"),
                     "update_norm": training.get("update_norm"),
                     "distance_to_aggregate": training.get("distance_to_aggregate"),
@@ -165,7 +226,8 @@ def client_rows(experiment: Experiment, rounds: Iterable[Round]) -> list[dict[st
 
 
 def metrics_rows(experiment: Experiment) -> list[dict[str, Any]]:
-    """One row per client update (a site in a round), keyed by METRIC_COLUMNS.
+    """One row per client update (a site in a round), keyed by `metric_columns` of the
+    experiment's task (METRIC_COLUMNS for classification).
 
     Rows run by round number, then site slug. A metric the ledger lacks is None; times are
     ISO 8601 strings. Two queries, however many rounds and clients.
@@ -176,7 +238,8 @@ def metrics_rows(experiment: Experiment) -> list[dict[str, Any]]:
 def metrics_csv(experiment: Experiment) -> str:
     """`metrics_rows` as CSV with a header row; a missing value is an empty cell."""
     output = io.StringIO()
-    writer = csv.DictWriter(output, fieldnames=METRIC_COLUMNS, lineterminator="\r\n")
+    columns = metric_columns(experiment.task, experiment_class_names(experiment))
+    writer = csv.DictWriter(output, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(metrics_rows(experiment))
     return output.getvalue()
@@ -186,7 +249,8 @@ def metrics_json(experiment: Experiment) -> dict[str, Any]:
     """The experiment's set-up, each round's aggregated metrics, and `metrics_rows`.
 
     ``rounds[i]["global"]`` is the round's full held-out evaluation as recorded (confusion
-    matrix and ROC curve included) or None; ``rounds[i]["clients"]`` the sample-weighted
+    matrix and ROC curve included; for segmentation ``dice``, ``dice_per_class`` and
+    ``hd95``) or None; ``rounds[i]["clients"]`` the sample-weighted
     means of its clients' training metrics or None.
     """
     rounds = ledger_rounds(experiment)
@@ -197,6 +261,7 @@ def metrics_json(experiment: Experiment) -> dict[str, Any]:
             "name": experiment.name,
             "status": experiment.status,
             "failure_reason": experiment.failure_reason,
+            "task": experiment.task,
             "dataset": {
                 "id": dataset.pk,
                 "name": dataset.name,
@@ -252,12 +317,14 @@ def round_summary(fl_round: Round) -> dict[str, Any]:
 def render_report(experiment: Experiment, fmt: str, *, round_number: int | None = None) -> bytes:
     """The experiment's report as one figure in `fmt` (png, svg or pdf).
 
-    Panels: held-out loss and quality (accuracy, balanced accuracy, AUC) per round; each
-    site's training loss and accuracy per round; the confusion matrix and ROC curve (or, for
-    more than two classes, per-class precision and recall) of one round: `round_number`, by
-    default the last closed round with a held-out evaluation; the sites' federated
-    evaluation per round and the cross-site evaluation's heatmap. Raises UnknownRound when
-    the experiment has no training round `round_number`.
+    Panels: held-out loss and quality (the task's bounded metrics: accuracy, balanced
+    accuracy, AUC; Dice) per round; each site's training loss and primary metric per round;
+    for classification, the confusion matrix and ROC curve (or, for more than two classes,
+    per-class precision and recall) of one round: `round_number`, by default the last closed
+    round with a held-out evaluation; for segmentation instead, Dice per class and HD95 per
+    round; the sites' federated evaluation per round by the primary metric and the
+    cross-site evaluation's heatmap. Raises UnknownRound when the experiment has no training
+    round `round_number`.
     """
     if fmt not in REPORT_CONTENT_TYPES:
         formats = ", ".join(REPORT_CONTENT_TYPES)
@@ -278,17 +345,24 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
     failures = failures_text(experiment)
     if failures:  # below the panels; constrained layout makes room for it
         figure.supxlabel(failures, x=0.01, ha="left", fontsize=8, parse_math=False)
+    task = experiment.task
+    primary = metric_catalog.get_metric(metric_catalog.primary_metric(task))
     draw_held_out_loss(loss_axes, rounds)
-    draw_held_out_quality(quality_axes, rounds)
+    draw_held_out_quality(quality_axes, rounds, task)
     draw_privacy_spent(quality_axes, experiment, rounds)
     draw_site_metric(site_loss_axes, rounds, "loss", "Training loss per site")
-    draw_site_metric(site_accuracy_axes, rounds, "accuracy", "Training accuracy per site")
-    draw_confusion_matrix(matrix_axes, shown, dataset)
-    if dataset.num_classes == 2:
-        draw_roc_curve(curve_axes, shown)
+    draw_site_metric(site_accuracy_axes, rounds, primary.name, f"Training {primary.label} per site")
+    if task == metric_catalog.SEGMENTATION:
+        # A model that labels voxels has no confusion matrix or ROC curve of images.
+        draw_dice_per_class(matrix_axes, rounds, dataset)
+        draw_hd95(curve_axes, rounds)
     else:
-        draw_per_class_scores(curve_axes, shown, dataset)
-    evaluations.draw_federated_evaluation(federated_axes, rounds, NO_DATA)
+        draw_confusion_matrix(matrix_axes, shown, dataset)
+        if dataset.num_classes == 2:
+            draw_roc_curve(curve_axes, shown)
+        else:
+            draw_per_class_scores(curve_axes, shown, dataset)
+    evaluations.draw_federated_evaluation(federated_axes, rounds, NO_DATA, primary.name)
     evaluations.draw_heatmap(cross_site_axes, evaluations.cross_site_document(experiment), NO_DATA)
 
     buffer = io.BytesIO()
@@ -431,19 +505,27 @@ def draw_held_out_loss(axes: Axes, rounds: Sequence[Round]) -> None:
         ("training loss (clients' mean)", "--", training),
     ]
     if plot_per_round(axes, lines):
-        label_round_axis(axes, "cross-entropy")
+        label_round_axis(axes, "loss")
         axes.legend(loc="upper right", fontsize="small")
 
 
-def draw_held_out_quality(axes: Axes, rounds: Sequence[Round]) -> None:
-    axes.set_title("Held-out accuracy per round")
+def draw_held_out_quality(
+    axes: Axes, rounds: Sequence[Round], task: str = metric_catalog.CLASSIFICATION
+) -> None:
+    """The task's metrics in [0, 1] per round (the catalogue's), primary metric first."""
+    bounded = [
+        metric_catalog.get_metric(name)
+        for name in metric_catalog.scalar_metrics(task)
+        if metric_catalog.get_metric(name).bounded
+    ]
+    axes.set_title(f"Held-out {bounded[0].label} per round")
     lines = [
-        (label, "-", per_round_series(rounds, lambda r, key=key: held_out_metrics(r).get(key)))
-        for label, key in (
-            ("accuracy", "accuracy"),
-            ("balanced accuracy", "balanced_accuracy"),
-            ("ROC AUC", "roc_auc"),
+        (
+            metric.label,
+            "-",
+            per_round_series(rounds, lambda r, key=metric.name: held_out_metrics(r).get(key)),
         )
+        for metric in bounded
     ]
     if plot_per_round(axes, lines):
         label_round_axis(axes, "score")
@@ -487,8 +569,9 @@ def draw_site_metric(axes: Axes, rounds: Sequence[Round], key: str, title: str) 
         return
     for slug, (numbers, values) in sorted(by_site.items()):
         axes.plot(numbers, values, marker="o", markersize=3, linewidth=1.2, label=slug)
-    label_round_axis(axes, key)
-    if key == "accuracy":
+    metric = metric_catalog.METRICS.get(key)
+    label_round_axis(axes, metric_catalog.metric_label(key))
+    if metric is not None and metric.bounded:
         axes.set_ylim(0, 1.02)
     if len(by_site) <= MAX_SITES_IN_LEGEND:
         axes.legend(fontsize="small", ncols=2 if len(by_site) > 6 else 1)
@@ -616,3 +699,60 @@ def draw_per_class_scores(axes: Axes, shown: Round | None, dataset: Dataset) -> 
     axes.set_ylabel("score")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="best", fontsize="small")
+
+
+def per_round_source(fl_round: Round) -> dict[str, Any]:
+    """The round's held-out evaluation, else its sites' weighted federated evaluation."""
+    held_out = held_out_metrics(fl_round)
+    if held_out:
+        return held_out
+    return as_mapping(as_mapping(fl_round.federated_evaluation).get("weighted"))
+
+
+def draw_dice_per_class(axes: Axes, rounds: Sequence[Round], dataset: Dataset) -> None:
+    """Each foreground class's Dice per round, and the mean over them."""
+    metric = metric_catalog.get_metric("dice_per_class")
+    axes.set_title(f"{metric.label} per round (held-out, else the sites' weighted)")
+    by_class: dict[int, tuple[list[int], list[float]]] = {}
+    for fl_round in rounds:
+        values = per_round_source(fl_round).get(metric.name)
+        for position, value in enumerate(values if isinstance(values, list) else []):
+            number = as_number(value)
+            if number is not None:
+                numbers, series = by_class.setdefault(position, ([], []))
+                numbers.append(fl_round.number)
+                series.append(number)
+    mean = per_round_series(rounds, lambda r: per_round_source(r).get("dice"))
+    # dice_per_class lists the foreground classes 1..K-1: names from position + 1.
+    names = class_names(dataset, max(dataset.num_classes, len(by_class) + 1))
+    lines = [("mean over the classes", "-", mean)] + [
+        (shortened(names[position + 1]), "--", series)
+        for position, series in sorted(by_class.items())
+    ]
+    if plot_per_round(axes, lines):
+        label_round_axis(axes, "Dice")
+        axes.set_ylim(0, 1.02)
+        axes.legend(loc="lower right", fontsize="small")
+
+
+def draw_hd95(axes: Axes, rounds: Sequence[Round]) -> None:
+    """HD95 of the global model per round: held-out, and on each site's validation data."""
+    metric = metric_catalog.get_metric("hd95")
+    axes.set_title(f"{metric.label} per round ({metric.unit}, lower is better)")
+    by_site: dict[str, tuple[list[int], list[float]]] = {}
+    for fl_round in rounds:
+        sites = as_mapping(as_mapping(fl_round.federated_evaluation).get("sites"))
+        for slug, metrics in sorted(sites.items()):
+            number = as_number(as_mapping(metrics).get(metric.name))
+            if number is not None:
+                numbers, values = by_site.setdefault(slug, ([], []))
+                numbers.append(fl_round.number)
+                values.append(number)
+    held_out = per_round_series(rounds, lambda r: held_out_metrics(r).get(metric.name))
+    lines = [("global model (held-out)", "-", held_out)] + [
+        (slug, "--", series) for slug, series in list(by_site.items())[:MAX_SITES_IN_LEGEND]
+    ]
+    if plot_per_round(axes, lines):
+        label_round_axis(axes, f"{metric.label} ({metric.unit})")
+        axes.set_ylim(bottom=0)
+        axes.legend(loc="upper right", fontsize="small")
