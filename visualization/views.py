@@ -112,6 +112,27 @@ def form_choices(user, clone_of: Experiment | None = None) -> dict:
     }
 
 
+def first_form_values(user) -> dict:
+    """What a new form shows, so that submitting it as it is works: the user's most recent
+    dataset, every site that can train on it chosen, all of them in each round, and a
+    minimum of clients that those sites can meet."""
+    datasets = Dataset.objects.visible_to(user)
+    dataset = (
+        datasets.filter(owner=user).order_by("-created_at", "-pk").first()
+        or datasets.order_by("-created_at", "-pk").first()
+    )
+    sites = Site.objects.filter(is_active=True).order_by("name")
+    if dataset is not None and dataset.is_federated:
+        sites = sites.filter(declared_datasets__dataset=dataset)
+    slugs = list(sites.values_list("slug", flat=True))
+    return {
+        "dataset": dataset.pk if dataset is not None else None,
+        "sites": slugs,
+        "clients_per_round": max(len(slugs), 1),
+        "min_clients": 1,
+    }
+
+
 def strategy_params_from_form(post, strategy: str) -> dict:
     """The chosen strategy's parameter inputs as numbers (as typed when not a number, so
     that the validation names it); an empty input takes the parameter's default."""
@@ -185,6 +206,8 @@ def new_experiment(request):
             return redirect("experiment-page", experiment_id=experiment.pk)
     elif source is not None:
         values = {**sweeps.clone_settings(source, {}), "cloned_from": source.pk}
+    else:
+        values = first_form_values(request.user)
     return render(
         request,
         "visualization/new_experiment.html",

@@ -9,6 +9,7 @@ from django.db.models import Q
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from training import federation
 from training.fl.data import (
     NORMALIZATION_FORMS,
     DatasetFormatError,
@@ -489,6 +490,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
             errors.update(self.task_errors(merged))
         sites = merged.get("sites") or []
         errors.update(self.sampling_errors(merged, attrs, len(sites)))
+        errors.update(self.site_partition_errors(merged, len(sites)))
         errors.update(self.privacy_errors(merged))
         dataset = merged["dataset"]
         if dataset.is_federated:
@@ -583,6 +585,37 @@ class ExperimentSerializer(serializers.ModelSerializer):
                 "min_clients": f"{strategy} with f={params['f']} needs at least {needed} "
                 f"updates per round (2f + 3): raise min_clients to {needed} (and clients per "
                 "round with it), or lower f."
+            }
+        return {}
+
+    @staticmethod
+    def site_partition_errors(merged: dict, num_sites: int) -> dict[str, str]:
+        """The site partition gives each acquisition site in the server's data to one of
+        the experiment's sites: they must be as many, or every client fails at run time."""
+        dataset = merged["dataset"]
+        try:
+            kind = parse_partition_spec(merged.get("partition") or "iid").kind
+        except ValueError:
+            return {}  # validate_partition said why
+        if kind != "site" or dataset.is_federated or not dataset.path:
+            return {}
+        try:
+            data_sites = federation.open_dataset_at(dataset, dataset.path).sites
+        except (ValueError, OSError) as exc:
+            return {"partition": f"The site partition reads the dataset's sites: {exc}"}
+        if data_sites is None:
+            return {
+                "partition": f"Dataset {dataset.name!r} has no site column, so it cannot be "
+                "split by site: choose iid, dirichlet:<alpha> or quantity:<alpha>."
+            }
+        names = sorted(set(data_sites))
+        if len(names) != num_sites:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            return {
+                "partition": f"The site partition gives each of the dataset's sites to one "
+                f"client: {dataset.name!r} has {len(names)} sites ({shown}), but "
+                f"{num_sites} sites were chosen. Choose exactly {len(names)} sites (on the "
+                f"command line, --clients {len(names)}), or another partition such as iid."
             }
         return {}
 
