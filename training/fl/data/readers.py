@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -171,7 +172,7 @@ class _NiftiHeader:
         return self.vox_offset + math.prod(self.dims) * self.bitpix // 8
 
 
-def _open_nifti(path: Path):  # type: ignore[no-untyped-def]
+def _open_nifti(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if _extension_of(path) == ".nii.gz" else path.open("rb")
 
 
@@ -253,7 +254,7 @@ def _nifti2_as_nifti1(header: _NiftiHeader, path: Path) -> bytes:
     follows at offset 352, as in a single-file NIfTI-1 without extensions."""
     raw, order = header.raw, header.byte_order
 
-    def field(fmt: str, offset: int) -> tuple:  # type: ignore[type-arg]
+    def field(fmt: str, offset: int) -> tuple[Any, ...]:
         return struct.unpack_from(f"{order}{fmt}", raw, offset)
 
     dim = field("8q", 16)
