@@ -18,6 +18,7 @@ read one volume at a time, chosen by a ``#N`` suffix on its path (``scan.nii.gz#
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -172,8 +173,11 @@ class _NiftiHeader:
         return self.vox_offset + math.prod(self.dims) * self.bitpix // 8
 
 
-def _open_nifti(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if _extension_of(path) == ".nii.gz" else path.open("rb")
+def _open_nifti(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    """The file's uncompressed bytes, whether it is a .nii or a .nii.gz."""
+    if _extension_of(path) == ".nii.gz":
+        return gzip.GzipFile(path, "rb")
+    return path.open("rb")
 
 
 def _read_nifti_header(path: Path) -> _NiftiHeader:
