@@ -89,6 +89,16 @@ _DEFINITIONS = (
     Metric(
         "hd95", "HD95", (SEGMENTATION,), higher_is_better=False, bounded=False, digits=2, unit="mm"
     ),
+    Metric(
+        "hd95_per_class",
+        "HD95 per class",
+        (SEGMENTATION,),
+        higher_is_better=False,
+        per_class=True,
+        bounded=False,
+        digits=2,
+        unit="mm",
+    ),
     Metric("loss", "loss", BOTH, higher_is_better=False, bounded=False),
     # Privacy spent up to a round (client-level DP): a property of the run, not of a model.
     Metric("epsilon", "ε", BOTH, higher_is_better=False, bounded=False, digits=3),
