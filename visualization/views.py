@@ -1,6 +1,7 @@
 """Dashboard pages. They render the frame; the live data comes over the WebSocket
 (ws/experiments/<id>/) and the REST API, so a page and a script see the same thing."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -27,6 +28,8 @@ from training.models import (
     Site,
     SiteDataset,
 )
+from training.resume import resume_refusal
+from visualization import worker_status
 
 SPARKLINE_WIDTH, SPARKLINE_HEIGHT = 120, 28
 # The experiment form's single-valued inputs (sites is a list); names as in the REST API.
@@ -239,6 +242,13 @@ def experiment_detail(request, experiment_id: int):
     if experiment is None:
         raise Http404("No such experiment, or it is not shared with you.")
     may_change = request.user.is_staff or experiment.owner_id == request.user.pk
+    # Resume shows where it applies: an embedded experiment whose process died (in
+    # distributed mode the watchdog sends lost work again by itself).
+    may_resume = (
+        settings.FEDLENS_EMBEDDED
+        and request.user.has_perm("fedlens.start_experiment", experiment)
+        and resume_refusal(experiment) is None
+    )
     catalogue = metric_catalog.catalogue_json(experiment.task)
     scalar = [catalogue["metrics"][name] for name in catalogue["scalar"]]
     return render(
@@ -247,6 +257,8 @@ def experiment_detail(request, experiment_id: int):
         {
             "experiment": experiment,
             "may_change": may_change,
+            "may_resume": may_resume,
+            "no_worker": worker_status.no_worker_reason(experiment),
             "metric_catalog": catalogue,
             "primary_label": catalogue["metrics"][catalogue["primary"]]["label"],
             "table_metrics": scalar,

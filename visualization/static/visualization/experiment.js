@@ -490,6 +490,11 @@
     failure.textContent = experiment.failure_reason || "";
     const stop = document.getElementById("stop");
     if (stop) stop.hidden = !["queued", "running"].includes(experiment.status);
+    // Shown by the server only where it applies; never once the experiment ended.
+    const resume = document.getElementById("resume");
+    if (resume && experiment.status !== "running") resume.hidden = true;
+    const noWorker = document.getElementById("no-worker");
+    if (noWorker && experiment.status !== "running") noWorker.hidden = true;
     document.body.dataset.status = experiment.status;
   }
 
@@ -531,6 +536,26 @@
       if (!response.ok) {
         const body = await response.json().catch(() => ({}));
         window.alert(body.detail || `Stopping failed (${response.status}).`);
+      }
+    });
+  }
+
+  // --- Resume --------------------------------------------------------------------------------
+  const resumeButton = document.getElementById("resume");
+  if (resumeButton) {
+    resumeButton.addEventListener("click", async () => {
+      const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="));
+      const response = await fetch(`/api/experiments/${page.experiment}/resume/`, {
+        method: "POST", credentials: "same-origin",
+        headers: { "X-CSRFToken": csrf ? csrf.split("=")[1] : "" },
+      });
+      if (response.ok) {
+        resumeButton.hidden = true;
+        const noWorker = document.getElementById("no-worker");
+        if (noWorker) noWorker.hidden = true;
+      } else {
+        const body = await response.json().catch(() => ({}));
+        window.alert(body.detail || `Resuming failed (${response.status}).`);
       }
     });
   }
