@@ -10,7 +10,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from training import sweeps
+from training import metric_catalog, sweeps
 from training.models import TERMINAL_EXPERIMENT_STATUSES, Sweep
 from visualization.views import form_choices
 
@@ -121,4 +121,8 @@ def sweep_detail(request, sweep_id: int):
     sweep = visible_sweeps(request.user).filter(pk=sweep_id).first()
     if sweep is None:
         raise Http404("No such sweep, or it is not yours.")
-    return render(request, "visualization/sweep.html", {"sweep": sweep})
+    return render(
+        request,
+        "visualization/sweep.html",
+        {"sweep": sweep, "target_lower": metric_catalog.lower_is_better(sweep.target_metric)},
+    )
