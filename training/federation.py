@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
+from django.conf import settings
 from django.db import DatabaseError
 from torch import nn
 
@@ -19,6 +20,7 @@ from training import metric_catalog, modelstore
 from training.differential_privacy import round_epsilon, with_privacy
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
+from training.fl.data.formats import get_format
 from training.fl.data.partition import (
     holdout_split,
     parse_partition_spec,
@@ -42,7 +44,6 @@ from training.models import (
     Round,
     RoundKind,
     Site,
-    StorageFormat,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def open_dataset(
     image_shape: tuple[int, ...],
     channels: int,
     normalization: str = "",
+    class_names: tuple[str, ...] = (),
 ) -> ClassificationDataset:
     preprocessor = Preprocessor(
         # The ledger stores shapes as (depth,) height, width; SimpleITK sizes are x, y(, z).
@@ -98,7 +100,15 @@ def open_dataset(
         channels=channels,
         normalization=normalization,
     )
-    return load_dataset(path, storage_format, split=split, preprocessor=preprocessor)
+    return load_dataset(
+        path,
+        storage_format,
+        split=split,
+        preprocessor=preprocessor,
+        # A segmentation dataset's masks are checked against the registered classes.
+        class_names=list(class_names) or None,
+        max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS,
+    )
 
 
 def open_dataset_at(dataset: Dataset, path: str, split: str = "train") -> ClassificationDataset:
@@ -109,7 +119,14 @@ def open_dataset_at(dataset: Dataset, path: str, split: str = "train") -> Classi
         tuple(dataset.image_shape),
         dataset.channels,
         dataset.normalization,
+        tuple(dataset.class_names or ()),
     )
+
+
+def evaluation_split(dataset: Dataset) -> str | None:
+    """The split of the dataset's own that evaluates the global model (an .npz's test
+    split), or None when the server holds back a share of the training data instead."""
+    return get_format(dataset.storage_format).evaluation_split if dataset.storage_format else None
 
 
 @dataclass(frozen=True)
@@ -148,16 +165,16 @@ def simulated_split(
     labels, sites = data.labels, data.sites
     kept: list[int] = list(range(len(labels)))
     held_out: list[int] | None = None
-    is_folder = experiment.dataset.storage_format == StorageFormat.FOLDER
+    holds_back = evaluation_split(experiment.dataset) is None
     if parse_partition_spec(experiment.partition).kind == "file":
         parts = partition_indices(
             experiment.partition, labels=labels, num_clients=len(site_ids), seed=experiment.seed
         )
-        if is_folder:
+        if holds_back:
             assigned = {index for part in parts for index in part}
             held_out = [index for index in kept if index not in assigned]
         return dict(zip(site_ids, parts, strict=True)), held_out
-    if is_folder:
+    if holds_back:
         kept, held_out = holdout_split(labels, fraction=HOLDOUT_FRACTION, seed=experiment.seed)
         kept, held_out = [int(i) for i in kept], [int(i) for i in held_out]
     parts = partition_indices(
@@ -215,8 +232,9 @@ def evaluation_data(experiment: Experiment) -> EvaluationData | None:
     dataset = experiment.dataset
     if not dataset.path:
         return None
-    if dataset.storage_format == StorageFormat.NPZ:
-        return EvaluationData(open_dataset_at(dataset, dataset.path, split="test"), None)
+    split = evaluation_split(dataset)
+    if split is not None:
+        return EvaluationData(open_dataset_at(dataset, dataset.path, split=split), None)
     if is_simulation(dataset):
         _, held_out = simulated_split(experiment.pk, experiment_site_ids(experiment))
         if held_out == []:  # a partition file gave every row to a site

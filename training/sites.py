@@ -24,6 +24,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from training import site_broker
+from training.fl.data.formats import get_format
 from training.log_events import log_event
 from training.models import (
     Dataset,
@@ -289,6 +290,7 @@ def declare_dataset(site: Site, name: str, metadata: dict[str, Any]) -> tuple[Si
                         owner=owner,
                         is_federated=True,
                         storage_format=metadata["storage_format"],
+                        task=get_format(metadata["storage_format"]).task,
                         num_classes=metadata["num_classes"],
                         class_names=metadata["class_names"],
                         channels=metadata["channels"],
@@ -320,6 +322,12 @@ def check_declaration(dataset: Dataset, name: str, metadata: dict[str, Any]) -> 
         raise DeclarationConflict(
             f"A dataset named {name!r} already exists on the server and is not federated; "
             "declare your data under another name."
+        )
+    task = get_format(metadata["storage_format"]).task
+    if task != dataset.task:
+        raise DeclarationConflict(
+            f"Dataset {name!r} is for {dataset.task}; this site's {metadata['storage_format']} "
+            f"data is for {task}. Declare it under another name."
         )
     theirs = list(dataset.class_names) or [str(index) for index in range(dataset.num_classes)]
     ours = list(metadata["class_names"])

@@ -126,6 +126,9 @@ FEDLENS_UPLOAD_MAX_RATIO = env_int("FEDLENS_UPLOAD_MAX_RATIO", 100)
 # ... this many megabytes unpacked, and this many files.
 FEDLENS_UPLOAD_MAX_UNPACKED_MB = env_int("FEDLENS_UPLOAD_MAX_UNPACKED_MB", 20480)
 FEDLENS_UPLOAD_MAX_FILES = env_int("FEDLENS_UPLOAD_MAX_FILES", 100_000)
+# The largest image (voxels times components) a dataset may hold: larger ones are refused,
+# naming the file, before their pixels are read. Default 512^3 (512 MiB as float32).
+FEDLENS_MAX_VOLUME_VOXELS = env_int("FEDLENS_MAX_VOLUME_VOXELS", 512**3)
 # Each uploader's datasets go into a folder of their own under this one, which must lie
 # under FEDLENS_DATASET_ROOTS (the first root by default).
 FEDLENS_UPLOADS_DIR = Path(

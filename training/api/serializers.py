@@ -18,6 +18,7 @@ from training.fl.data import (
     check_normalization,
     native_channels,
 )
+from training.fl.data.formats import FORMAT_NAMES, DatasetFormat, get_format
 from training.fl.data.partition import parse_partition_spec
 from training.fl.networks import (
     SEGMENTATION_NETWORKS,
@@ -94,6 +95,13 @@ class DatasetSerializer(serializers.ModelSerializer):
         help_text=NORMALIZATION_HELP,
     )
     validation_fraction = serializers.FloatField(required=False, help_text=VALIDATION_FRACTION_HELP)
+    num_classes = serializers.IntegerField(
+        required=False,
+        min_value=2,
+        max_value=1000,
+        help_text="Classes the labels hold; for segmentation including the background. "
+        "Required for classification; a segmentation dataset's is read from its data.",
+    )
 
     class Meta:
         model = Dataset
@@ -104,6 +112,7 @@ class DatasetSerializer(serializers.ModelSerializer):
             "description",
             "modality",
             "storage_format",
+            "task",
             "num_classes",
             "class_names",
             "channels",
@@ -116,7 +125,7 @@ class DatasetSerializer(serializers.ModelSerializer):
             "sites",
             "created_at",
         ]
-        read_only_fields = ["is_federated", "created_at"]
+        read_only_fields = ["is_federated", "task", "created_at"]
 
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_sites(self, dataset) -> list[str]:
@@ -220,7 +229,21 @@ class DatasetSerializer(serializers.ModelSerializer):
                 "by their site agents (python -m workers.site datasets add), not here."
             )
         if not merged.get("storage_format") and not (self.instance and self.instance.is_federated):
-            errors["storage_format"] = "Say how the data is stored: folder or npz."
+            errors["storage_format"] = (
+                f"Say how the data is stored: one of {', '.join(FORMAT_NAMES)}."
+            )
+        if errors:
+            raise serializers.ValidationError(errors)
+        data_format = get_format(merged["storage_format"]) if merged.get("storage_format") else None
+        if data_format is not None:
+            attrs["task"] = data_format.task
+            if data_format.task == "segmentation" and self._data_changed(attrs):
+                # What the request gives wins; the rest is read from the data.
+                for field, value in self._described(data_format, merged).items():
+                    if field not in attrs:
+                        attrs[field] = merged[field] = value
+        if not merged.get("num_classes"):
+            errors["num_classes"] = "This field is required: how many classes the labels hold."
         class_names = merged.get("class_names") or []
         if class_names and len(class_names) != merged.get("num_classes"):
             errors["class_names"] = (
@@ -238,6 +261,26 @@ class DatasetSerializer(serializers.ModelSerializer):
         except NormalizationError as error:
             raise serializers.ValidationError({"normalization": str(error)}) from None
         return attrs
+
+    def _data_changed(self, attrs: dict) -> bool:
+        """Whether the data must be read again: a new dataset, or a new path, format or
+        classes. The register_dataset command reads it itself (context "described")."""
+        if self.context.get("described"):
+            return False
+        return self.instance is None or bool({"path", "storage_format", "class_names"} & set(attrs))
+
+    @staticmethod
+    def _described(data_format: DatasetFormat, merged: dict) -> dict:
+        """A segmentation dataset's facts, every mask checked; its errors name the file."""
+        try:
+            description = data_format.describe(
+                Path(merged["path"]),
+                class_names=merged.get("class_names") or None,
+                max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS,
+            )
+        except (DatasetFormatError, ImageReadError, OSError) as error:
+            raise serializers.ValidationError({"path": str(error)}) from None
+        return description.ledger_fields()
 
     @staticmethod
     def _channels_of_the_data(merged: dict) -> int:

@@ -96,11 +96,11 @@ def datasets_add(home: SiteHome, args: argparse.Namespace) -> int:
     name = check_dataset_name(args.name)
     api, _ = api_for(home)
     path = Path(args.path).expanduser().resolve()
-    # Declared statistics describe the stored intensities, whatever a task normalizes them to.
-    dataset = open_dataset(path, args.format, Preprocessor(normalization="none"))
     class_names = (
         [part.strip() for part in args.class_names.split(",")] if args.class_names else None
     )
+    # Declared statistics describe the stored intensities, whatever a task normalizes them to.
+    dataset = open_dataset(path, args.format, Preprocessor(normalization="none"), class_names)
     metadata = dataset_metadata(dataset, class_names=class_names)
     api.put_dataset(name, metadata)
     declared = home.datasets()
@@ -342,8 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(datasets_commands, "add", datasets_add, "Declare a dataset to the server.")
     sub.add_argument("--name", required=True, help="the federated dataset's name")
     sub.add_argument("--path", required=True, help="its folder or .npz file on this node")
-    sub.add_argument("--format", choices=("folder", "npz"), help="detected when omitted")
-    sub.add_argument("--class-names", help="comma-separated, in label order")
+    sub.add_argument(
+        "--format",
+        help="its format's name (training/fl/data/formats/: folder, npz, msd, maskfolder, ...); "
+        "detected when omitted",
+    )
+    sub.add_argument(
+        "--class-names",
+        help="comma-separated, in label order (segmentation: the background first)",
+    )
     command(datasets_commands, "list", datasets_list, "List the declared datasets.")
     sub = command(datasets_commands, "remove", datasets_remove, "Withdraw a dataset.")
     sub.add_argument("--name", required=True)

@@ -1,9 +1,10 @@
 """What a site tells the server about its datasets and its machine.
 
-A dataset's description is metadata only: class counts, image geometry and intensity
-statistics aggregated over the site (the ones the server's viewer shows, from
-training.fl.data.statistics). Neither the dataset's path nor any image, pixel sample or
-file name is part of it; read errors are counted, not quoted, since they name files.
+A dataset's description is metadata only: class counts, image geometry, intensity
+statistics and, for segmentation, each class's volume, aggregated over the site (the ones
+the server's viewer shows, from training.fl.data.statistics). Neither the dataset's path
+nor any image, pixel sample or file name is part of it; read errors are counted, not
+quoted, since they name files.
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from training.fl.data import (
     ClassificationDataset,
     DatasetFormatError,
     ImageArray,
-    ImageFolderDataset,
     ImageReadError,
-    NpzDataset,
     Preprocessor,
     load_dataset,
-    read_image,
 )
+from training.fl.data.datasets import SegmentationDataset
 from training.fl.data.statistics import SiteSummary, measure_image, summarise_site
 from workers.site.home import SiteAgentError
 
@@ -49,39 +48,22 @@ def check_dataset_name(name: str) -> str:
 
 
 def open_dataset(
-    path: str | os.PathLike[str], fmt: str | None, preprocessor: Preprocessor | None = None
-) -> ClassificationDataset:
-    """The dataset at ``path``, or a :class:`SiteAgentError` saying why it cannot be read."""
+    path: str | os.PathLike[str],
+    fmt: str | None,
+    preprocessor: Preprocessor | None = None,
+    class_names: list[str] | None = None,
+) -> ClassificationDataset | SegmentationDataset:
+    """The dataset at ``path``, or a :class:`SiteAgentError` saying why it cannot be read.
+    ``class_names`` declares a segmentation dataset's classes (its masks are checked)."""
     location = Path(path)
     if not location.exists():
         raise SiteAgentError(f"{location} does not exist")
     try:
-        return load_dataset(location, fmt, preprocessor=preprocessor)
-    except (DatasetFormatError, ValueError, OSError) as error:
+        return load_dataset(
+            location, fmt, preprocessor=preprocessor, class_names=class_names or None
+        )
+    except (DatasetFormatError, ImageReadError, ValueError, OSError) as error:
         raise SiteAgentError(f"cannot open the dataset at {location}: {error}") from None
-
-
-def storage_format(dataset: ClassificationDataset) -> str:
-    return "npz" if isinstance(dataset, NpzDataset) else "folder"
-
-
-def _npz_image(dataset: NpzDataset, index: int) -> ImageArray:
-    """An .npz sample as an image: channels last, unit spacing (.npz stores none)."""
-    tensor = dataset.images[index]
-    pixels = tensor[0] if tensor.shape[0] == 1 else tensor.movedim(0, -1)
-    dims = tensor.dim() - 1
-    identity = tuple(float(row == column) for row in range(dims) for column in range(dims))
-    return ImageArray(
-        array=pixels.numpy(), spacing=(1.0,) * dims, origin=(0.0,) * dims, direction=identity
-    )
-
-
-def _raw_image(dataset: ClassificationDataset, index: int) -> ImageArray:
-    if isinstance(dataset, ImageFolderDataset):
-        return read_image(dataset.paths[index])
-    if isinstance(dataset, NpzDataset):
-        return _npz_image(dataset, index)
-    raise SiteAgentError(f"cannot describe a dataset of type {type(dataset).__name__}")
 
 
 def _network_channels(image: ImageArray) -> int:
@@ -90,13 +72,20 @@ def _network_channels(image: ImageArray) -> int:
 
 
 def dataset_metadata(
-    dataset: ClassificationDataset,
+    dataset: ClassificationDataset | SegmentationDataset,
     *,
     class_names: list[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The PUT body that declares ``dataset`` to the server (see the module docstring)."""
-    labels = dataset.labels
+    """The PUT body that declares ``dataset`` to the server (see the module docstring).
+    A segmentation dataset's labels are its masks' most frequent foreground classes."""
+    segmentation = isinstance(dataset, SegmentationDataset)
+    if segmentation and not class_names:
+        class_names = list(dataset.class_names)
+    try:
+        labels = dataset.labels
+    except (DatasetFormatError, ImageReadError, OSError) as error:
+        raise SiteAgentError(f"cannot read the dataset's masks: {error}") from None
     num_classes = len(class_names) if class_names else dataset.num_classes
     if int(labels.max()) >= num_classes:
         raise SiteAgentError(
@@ -111,16 +100,16 @@ def dataset_metadata(
     measurements, unreadable, channels = [], 0, Counter[int]()
     for index in chosen:
         try:
-            image = _raw_image(dataset, int(index))
+            image, mask = dataset.raw_sample(int(index))
         except (ImageReadError, OSError, ValueError):
             unreadable += 1
             continue
         channels[_network_channels(image)] += 1
-        measurements.append(measure_image(image, rng))
+        measurements.append(measure_image(image, rng, mask, num_classes))
     if not measurements:
         raise SiteAgentError(f"none of the {len(chosen)} images sampled could be read")
     summary = summarise_site("", counts, measurements)
-    is_npz = isinstance(dataset, NpzDataset)
+    is_npz = dataset.storage_format == "npz"
     if is_npz:
         summary.spacings.clear()  # unit spacing is a stand-in, not a measurement
 
@@ -134,13 +123,16 @@ def dataset_metadata(
         "channels": channels.most_common(1)[0][0],
         "image_shape": shape,
         "spacing": spacing,
-        "storage_format": storage_format(dataset),
-        "statistics": site_statistics(summary, unreadable),
+        "storage_format": dataset.storage_format,
+        "statistics": site_statistics(summary, unreadable, class_names or []),
     }
 
 
-def site_statistics(summary: SiteSummary, unreadable: int) -> dict[str, Any]:
-    """The site's intensity and geometry summary: aggregates only, no pixel values."""
+def site_statistics(
+    summary: SiteSummary, unreadable: int, class_names: list[str] | None = None
+) -> dict[str, Any]:
+    """The site's intensity and geometry summary: aggregates only, no pixel values; with
+    masks, each class's volume over the sampled images (``class_volumes``)."""
     pixels = summary.pixel_sample
     if pixels.size:
         low, high = (float(v) for v in np.percentile(pixels, [1, 99]))
@@ -167,7 +159,26 @@ def site_statistics(summary: SiteSummary, unreadable: int) -> dict[str, Any]:
         "histogram": {"low": low, "high": high, "bins": HISTOGRAM_BINS, "fractions": fractions},
         "shapes": [{"shape": list(s), "count": n} for s, n in summary.shapes.most_common()],
         "spacings": [{"spacing": list(s), "count": n} for s, n in summary.spacings.most_common()],
+        **({"class_volumes": class_volumes(summary, class_names)} if summary.class_voxels else {}),
     }
+
+
+def class_volumes(summary: SiteSummary, class_names: list[str] | None) -> list[dict[str, Any]]:
+    """Each class's voxels and mm³ over the sampled masks, and its mean mm³ per image."""
+    names = list(class_names or [])
+    sampled = max(summary.num_sampled, 1)
+    return [
+        {
+            "label": label,
+            "name": names[label] if label < len(names) else f"class {label}",
+            "voxels": voxels,
+            "mm3": mm3,
+            "mean_mm3": mm3 / sampled,
+        }
+        for label, (voxels, mm3) in enumerate(
+            zip(summary.class_voxels, summary.class_mm3, strict=True)
+        )
+    ]
 
 
 # --- the machine ---------------------------------------------------------------------------

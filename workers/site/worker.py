@@ -89,13 +89,22 @@ def open_local_data(task: ClientTask, declared: Mapping[str, Any]) -> LocalData:
     normalization; all of its samples are this client's."""
     # image_shape is in array order ((depth,) height, width); resampling takes x, y(, z).
     size = tuple(reversed(task.data.image_shape)) or None
-    key = (declared["path"], declared["format"], size, task.data.channels, task.data.normalization)
+    # A segmentation dataset's masks are checked against the experiment's classes.
+    class_names = list(task.data.class_names) or None
+    key = (
+        declared["path"],
+        declared["format"],
+        size,
+        task.data.channels,
+        task.data.normalization,
+        tuple(class_names or ()),
+    )
 
     def load() -> ClassificationDataset:
         preprocessor = Preprocessor(
             size=size, channels=task.data.channels, normalization=task.data.normalization
         )
-        return open_dataset(declared["path"], declared["format"], preprocessor)
+        return open_dataset(declared["path"], declared["format"], preprocessor, class_names)
 
     dataset: ClassificationDataset = _datasets.get(key, load)
     if int(dataset.labels.max()) >= task.data.num_classes:

@@ -3,7 +3,9 @@
 The server's image viewer compares sites with these numbers, and a site agent computes
 the same ones next to its data and declares them with its dataset, so the two agree.
 Means and variances combine exactly over images (each image's count, mean and sum of
-squared deviations); histograms use a random sample of each image's pixels.
+squared deviations); histograms use a random sample of each image's pixels. With masks
+(segmentation), each class's volume is counted in voxels and in mm³ (voxels times the
+voxel's volume from the mask's spacing).
 """
 
 from __future__ import annotations
@@ -32,9 +34,25 @@ class ImageMeasurement:
     mean: float
     sum_squared_deviations: float
     pixel_sample: npt.NDArray[np.float64]
+    # Voxels of each class in the mask, label 0 first; empty without a mask.
+    class_voxels: tuple[int, ...] = ()
+    voxel_mm3: float = 0.0  # one voxel's volume (area in mm² for 2D images)
 
 
-def measure_image(image: ImageArray, rng: np.random.Generator) -> ImageMeasurement:
+def measure_image(
+    image: ImageArray,
+    rng: np.random.Generator,
+    mask: ImageArray | None = None,
+    num_classes: int = 0,
+) -> ImageMeasurement:
+    """``mask`` (its label per voxel) adds each of ``num_classes`` classes' volume."""
+    class_voxels: tuple[int, ...] = ()
+    voxel_mm3 = 0.0
+    if mask is not None:
+        labels = np.rint(mask.array).astype(np.int64).reshape(-1)
+        counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+        class_voxels = tuple(int(n) for n in counts)
+        voxel_mm3 = float(np.prod(mask.spacing))
     values = image.array.reshape(-1).astype(np.float64)
     values = values[np.isfinite(values)]
     count = int(values.size)
@@ -47,6 +65,8 @@ def measure_image(image: ImageArray, rng: np.random.Generator) -> ImageMeasureme
         mean=mean,
         sum_squared_deviations=float(((values - mean) ** 2).sum()) if count else 0.0,
         pixel_sample=sample,
+        class_voxels=class_voxels,
+        voxel_mm3=voxel_mm3,
     )
 
 
@@ -67,6 +87,9 @@ class SiteSummary:
     shapes: Counter[tuple[int, ...]] = field(default_factory=Counter)
     spacings: Counter[tuple[float, ...]] = field(default_factory=Counter)
     pixel_sample: npt.NDArray[np.float64] = field(default_factory=_empty_sample)
+    # Segmentation: each class's voxels and mm³ over the measured masks, label 0 first.
+    class_voxels: list[int] = field(default_factory=list)
+    class_mm3: list[float] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -91,5 +114,16 @@ def summarise_site(
         summary.pixel_count, summary.mean, summary.variance = total, mean, squares / total
         summary.pixel_sample = np.concatenate([m.pixel_sample for m in counted])
     summary.shapes.update(m.shape for m in measurements)
+    masked = [m for m in measurements if m.class_voxels]
+    if masked:
+        width = max(len(m.class_voxels) for m in masked)
+        voxels = np.zeros(width, dtype=np.int64)
+        volume = np.zeros(width, dtype=np.float64)
+        for m in masked:
+            counts = np.asarray(m.class_voxels, dtype=np.int64)
+            voxels[: counts.size] += counts
+            volume[: counts.size] += counts * m.voxel_mm3
+        summary.class_voxels = voxels.tolist()
+        summary.class_mm3 = volume.tolist()
     summary.spacings.update(m.spacing for m in measurements)
     return summary

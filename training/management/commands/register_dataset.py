@@ -1,41 +1,46 @@
-"""Register a dataset found on this server: its shape, classes and spacing are read from it."""
+"""Register a dataset found on this server: its task, shape, classes and spacing are read
+from it by its format (training/fl/data/formats/)."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from training.api.serializers import DatasetSerializer
-from training.fl.data import NORMALIZATION_FORMS, DatasetFormatError, load_dataset, read_image
+from training.fl.data import NORMALIZATION_FORMS, DatasetFormatError, ImageReadError
+from training.fl.data.formats import detect_format, formats, get_format
 from training.models import Dataset, Modality, StorageFormat
 from training.runner import ExperimentInputError, default_owner
 
 
-def describe(path: Path, storage_format: str | None) -> dict:
-    """What the ledger records of a dataset, read from the data itself."""
-    data = load_dataset(path, storage_format)
-    image, _ = data[0]
-    spacing: list[float] = []
-    if hasattr(data, "paths"):
-        # SimpleITK gives spacing as x, y(, z); the ledger keeps (depth,) height, width.
-        spacing = [float(step) for step in reversed(read_image(data.paths[0]).spacing)]
-    return {
-        "storage_format": StorageFormat.NPZ if path.suffix == ".npz" else StorageFormat.FOLDER,
-        "num_classes": data.num_classes,
-        "channels": data.in_channels,
-        "image_shape": list(image.shape[1:]),
-        "spacing": spacing,
-    }
+def describe(
+    path: Path, storage_format: str | None, class_names: Sequence[str] | None = None
+) -> dict:
+    """What the ledger records of a dataset, read from the data itself (a segmentation
+    dataset's masks are all checked). ``class_names`` declares the classes; segmentation
+    formats check the masks against them, classification keeps them as given."""
+    data_format = get_format(storage_format) if storage_format else detect_format(path)
+    description = data_format.describe(
+        path, class_names=class_names, max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS
+    )
+    return description.ledger_fields()
 
 
 class Command(BaseCommand):
-    help = "Register a dataset folder (images + labels.csv) or a MedMNIST .npz file."
+    help = "Register a dataset: " + "; ".join(f.summary for f in formats()) + "."
 
     def add_arguments(self, parser):
         parser.add_argument("--name", required=True)
         parser.add_argument("--path", required=True, type=Path)
         parser.add_argument("--format", choices=StorageFormat.values, help="skip detection")
         parser.add_argument("--modality", choices=Modality.values, default=Modality.OTHER)
-        parser.add_argument("--class-names", help="comma-separated, in label order")
+        parser.add_argument(
+            "--class-names",
+            help="comma-separated, in label order; for segmentation every class, the "
+            "background (label 0) first (default: dataset.json's labels, or 0 up to the "
+            "largest label in the masks)",
+        )
         parser.add_argument(
             "--channels",
             type=int,
@@ -68,18 +73,18 @@ class Command(BaseCommand):
                 raise CommandError(f"A dataset named {name!r} already points at {existing.path}.")
             self.stdout.write(f"Dataset {name!r} is already registered ({path}).")
             return
+        given = options["class_names"]
+        class_names = [part.strip() for part in given.split(",")] if given else []
         try:
             owner = default_owner(options["owner"])
-            facts = describe(path, options["format"])
-        except (ExperimentInputError, DatasetFormatError, ValueError) as exc:
+            facts = describe(path, options["format"], class_names)
+        except (ExperimentInputError, DatasetFormatError, ImageReadError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        class_names = options["class_names"]
         payload = {
             "name": name,
             "path": str(path),
             "modality": options["modality"],
             "description": options["description"],
-            "class_names": class_names.split(",") if class_names else [],
             "normalization": options["normalization"],
             **facts,
         }
@@ -87,7 +92,8 @@ class Command(BaseCommand):
             payload["channels"] = options["channels"]
         if options["validation_fraction"] is not None:
             payload["validation_fraction"] = options["validation_fraction"]
-        serializer = DatasetSerializer(data=payload, context={"owner": owner})
+        # "described": the data was read above, its masks checked.
+        serializer = DatasetSerializer(data=payload, context={"owner": owner, "described": True})
         if not serializer.is_valid():
             raise CommandError(
                 "; ".join(
@@ -98,7 +104,8 @@ class Command(BaseCommand):
         dataset = serializer.save(owner=owner)
         self.stdout.write(
             self.style.SUCCESS(
-                f"Registered {name!r}: {dataset.num_classes} classes, {dataset.channels} "
+                f"Registered {name!r} ({dataset.task}): {dataset.num_classes} classes, "
+                f"{dataset.channels} "
                 f"channel(s), images {dataset.image_shape}, normalization "
                 f"{dataset.normalization or 'the format default'}, owner {owner.username}."
             )
