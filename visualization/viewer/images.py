@@ -8,13 +8,12 @@ index into this list; no path it names is read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 import torch
+from django.conf import settings
 
 from training.api.serializers import is_within_dataset_roots
 from training.federation import open_dataset_at
@@ -22,10 +21,9 @@ from training.fl.data import (
     ClassificationDataset,
     DatasetFormatError,
     ImageArray,
-    ImageFolderDataset,
     ImageReadError,
-    read_image,
 )
+from training.fl.data.formats import DatasetFormat, ImageEntry, detect_format, get_format
 from training.fl.data.readers import image_shape
 from training.models import Dataset
 from visualization.viewer.cache import ProcessCache
@@ -48,8 +46,11 @@ class ImageRecord:
     label: int
     source: str  # the dataset folder or .npz file holding the image
     position: int  # the image's index within `source`
-    file: Path | None  # folder datasets: the image file, or its DICOM series folder
+    file: Path | None  # image files: the file, or its DICOM series folder; None in arrays
     relative_path: str  # what users see: the file within its folder, or the .npz entry
+    entry: ImageEntry  # how the dataset's format finds the image (and its mask) again
+    storage_format: str  # that format's name
+    mask_file: Path | None = None  # segmentation: the image's label mask
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,15 @@ def _checked_source(path: str) -> str:
     return str(resolved)
 
 
+def format_of(dataset: Dataset, source: str) -> DatasetFormat:
+    try:
+        if dataset.storage_format:
+            return get_format(dataset.storage_format)
+        return detect_format(source)
+    except DatasetFormatError as error:
+        raise DataUnavailable(f"The data at {source} cannot be read: {error}") from None
+
+
 def _open(dataset: Dataset, source: str) -> ClassificationDataset:
     try:
         return open_dataset_at(dataset, source, SPLIT)
@@ -114,34 +124,44 @@ def _open(dataset: Dataset, source: str) -> ClassificationDataset:
 def _records_of(
     dataset: Dataset, source: str, first_index: int, site: str | None
 ) -> list[ImageRecord]:
-    """The images of one source; `site` overrides its site column when given."""
-    data = _open(dataset, source)
-    folder = data.root.resolve() if isinstance(data, ImageFolderDataset) else None
-    records = []
-    for position, label in enumerate(data.labels.tolist()):
-        if isinstance(data, ImageFolderDataset) and folder is not None:
-            file: Path | None = data.paths[position]
-            shown = data.paths[position].relative_to(folder).as_posix()
-        else:
-            file, shown = None, f"{Path(source).name} {SPLIT}[{position}]"
-        records.append(
-            ImageRecord(
-                index=first_index + position,
-                site=site or _site_column(data, position),
-                label=int(label),
-                source=source,
-                position=position,
-                file=file,
-                relative_path=shown,
-            )
+    """The images of one source; `site` overrides its site column when given. A
+    segmentation image's label is its mask's most frequent foreground class."""
+    data_format = format_of(dataset, source)
+    try:
+        entries = data_format.entries(Path(source), split=SPLIT)
+    except (DatasetFormatError, ImageReadError, OSError, ValueError) as error:
+        raise DataUnavailable(f"The data at {source} cannot be read: {error}") from None
+    if any(entry.label is None for entry in entries):
+        data = _open(dataset, source)
+        try:
+            labels = data.labels.tolist()
+        except (DatasetFormatError, ImageReadError, OSError) as error:
+            raise DataUnavailable(f"The data at {source} cannot be read: {error}") from None
+    else:
+        labels = [entry.label for entry in entries]
+    # Formats that store files (not rows of an array) name each image's file.
+    folder = Path(source) if data_format.stores_geometry else None
+    return [
+        ImageRecord(
+            index=first_index + entry.position,
+            site=site or _site_of(entry),
+            label=int(label),
+            source=source,
+            position=entry.position,
+            file=folder / entry.image if folder else None,
+            relative_path=entry.image,
+            entry=entry,
+            storage_format=data_format.name,
+            mask_file=folder / entry.mask if folder and entry.mask else None,
         )
-    return records
+        for entry, label in zip(entries, labels, strict=True)
+    ]
 
 
-def _site_column(data: ClassificationDataset, position: int) -> str:
-    if data.sites is None:
+def _site_of(entry: ImageEntry) -> str:
+    if entry.site is None:
         return ALL_SITES
-    return data.sites[position] or NO_SITE
+    return entry.site or NO_SITE
 
 
 def _build_catalog(dataset: Dataset) -> Catalog:
@@ -173,54 +193,40 @@ def catalog_for(dataset: Dataset) -> Catalog:
     return _catalogs.get_or_compute(data_key(dataset), lambda: _build_catalog(dataset))
 
 
-_npz_arrays: ProcessCache[str, npt.NDArray[np.generic]] = ProcessCache(maxsize=2)
-
-
-def _npz_images(source: str) -> npt.NDArray[np.generic]:
-    def load() -> npt.NDArray[np.generic]:
-        with np.load(source, allow_pickle=False) as archive:
-            return archive[f"{SPLIT}_images"]
-
-    return _npz_arrays.get_or_compute(source, load)
-
-
-def _npz_image(dataset: Dataset, record: ImageRecord) -> ImageArray:
-    pixels = np.asarray(_npz_images(record.source)[record.position], dtype=np.float32)
-    # Like NpzDataset: a trailing axis of 3 is colour, otherwise 3 axes make a volume.
-    dims = 2 if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3) else 3
+def read_raw_pair(dataset: Dataset, record: ImageRecord) -> tuple[ImageArray, ImageArray | None]:
+    """The image's stored intensities (not the normalised training tensor) and its label
+    mask (None without one), each with its geometry."""
+    data_format = format_of(dataset, record.source)
+    try:
+        image, mask = data_format.read_entry(
+            Path(record.source), record.entry, max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS
+        )
+    except (DatasetFormatError, ImageReadError, OSError) as error:
+        raise DataUnavailable(str(error)) from None
     spacing = [float(step) for step in (dataset.spacing or [])]
-    # The ledger keeps spacing in array order; SimpleITK geometry is x, y(, z).
-    geometry = tuple(reversed(spacing)) if len(spacing) == dims else (1.0,) * dims
-    return ImageArray(
-        array=pixels,
-        spacing=geometry,
-        origin=(0.0,) * dims,
-        direction=tuple(np.eye(dims).ravel().tolist()),
-    )
+    if not data_format.stores_geometry and len(spacing) == image.spatial_dims:
+        # An array stores no spacing: the ledger's, kept in array order (SimpleITK: x, y(, z)).
+        image = replace(image, spacing=tuple(reversed(spacing)))
+    return image, mask
 
 
 def read_raw_image(dataset: Dataset, record: ImageRecord) -> ImageArray:
     """The image's stored intensities (not the normalised training tensor)."""
-    if record.file is None:
-        return _npz_image(dataset, record)
-    try:
-        return read_image(record.file)
-    except ImageReadError as error:
-        raise DataUnavailable(str(error)) from None
+    return read_raw_pair(dataset, record)[0]
 
 
-def training_sample(dataset: Dataset, record: ImageRecord) -> tuple[torch.Tensor, int]:
-    """The image exactly as training feeds it to the network, with its label.
+def training_sample(
+    dataset: Dataset, record: ImageRecord
+) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """The image exactly as training feeds it to the network, with its label (a
+    segmentation dataset's: its mask on the same grid).
 
-    Folder images go through the training dataset's own preprocessor, but without its
-    tensor cache: in a web process that cache would grow with every image looked at.
+    Images go through the training dataset's own preprocessor, but without its tensor
+    cache: in a web process that cache would grow with every image looked at.
     """
     data = _open(dataset, record.source)
     try:
-        if isinstance(data, ImageFolderDataset):
-            tensor = data.preprocessor(read_image(data.paths[record.position]))
-            return tensor, int(data.labels[record.position])
-        return data[record.position]
+        return data.read_sample(record.position)
     except (ImageReadError, RuntimeError, ValueError) as error:
         raise DataUnavailable(f"{record.relative_path} cannot be preprocessed: {error}") from None
 
@@ -238,9 +244,13 @@ def _file_shape(path: str) -> tuple[int, ...] | None:
 
 def stored_shape(record: ImageRecord) -> list[int] | None:
     """The image's shape in array order ((slices,) rows, columns), read cheaply."""
-    if record.file is None:
-        pixels = _npz_images(record.source)[record.position]
-        colour = pixels.ndim == 3 and pixels.shape[-1] == 3
-        return [int(n) for n in (pixels.shape[:2] if colour else pixels.shape)]
+    if record.file is None:  # a row of an array, which its format keeps in memory
+        try:
+            image, _ = get_format(record.storage_format).read_entry(
+                Path(record.source), record.entry
+            )
+        except (DatasetFormatError, OSError, ValueError):
+            return None
+        return list(image.array.shape[: image.spatial_dims])
     shape = _file_shape(str(record.file))
     return list(shape) if shape is not None else None
