@@ -134,15 +134,20 @@ def _per_sample_spacing(
 ) -> list[list[float]]:
     if spacing is None:
         return [[1.0] * spatial_dims] * count
-    values = list(spacing)
-    if values and all(isinstance(value, int | float) for value in values):
-        values = [values] * count
-    if len(values) != count or any(len(list(value)) != spatial_dims for value in values):
+    one_for_all = all(isinstance(value, int | float) for value in spacing)
+    values = np.asarray([spacing] * count if one_for_all else spacing, dtype=np.float64)
+    if values.shape != (count, spatial_dims):
         raise ValueError(
             f"spacing must give {spatial_dims} values, or {spatial_dims} values for each of the "
             f"{count} samples, got {spacing!r}"
         )
-    return [[float(step) for step in value] for value in values]
+    return [[float(step) for step in row] for row in values]
+
+
+def _scores(result: Any) -> npt.NDArray[np.float64]:
+    """A MONAI metric's (N, classes) result as float64 (it returns one tensor when called
+    with tensors)."""
+    return np.asarray(torch.as_tensor(result).double().numpy(), dtype=np.float64)
 
 
 def segmentation_scores(
@@ -179,14 +184,14 @@ def segmentation_scores(
     steps = _per_sample_spacing(spacing, len(target_maps), spatial_dims)
     # ignore_empty=False scores a class predicted where the target has none as 0, not NaN.
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    dice_values = dice(predicted, expected).double().numpy()
+    dice_values = _scores(dice(predicted, expected))
     hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
     with warnings.catch_warnings():
         # MONAI warns of each empty class (handled below) and of a deprecated argument it
         # passes itself.
         warnings.filterwarnings("ignore", message=".*is all 0.*", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        hd_values = hd95(predicted, expected, spacing=steps).double().numpy()
+        hd_values = _scores(hd95(predicted, expected, spacing=steps))
     in_prediction = predicted[:, 1:].flatten(2).any(dim=2).numpy()
     in_target = expected[:, 1:].flatten(2).any(dim=2).numpy()
     spatial_shape = target_maps.shape[2:]

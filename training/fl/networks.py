@@ -358,7 +358,7 @@ def build_network(
             torch.default_generator.manual_seed(seed)
             network = builder(**arguments)
     # Whole-image inference pads inputs to this multiple (training.fl.segmentation).
-    network.spatial_divisor = spatial_divisor(name, **params)
+    network.spatial_divisor = spatial_divisor(name, **params)  # type: ignore[assignment]
     return network
 
 
@@ -387,7 +387,7 @@ def spatial_divisor(name: str, **params: Any) -> int:
     if name == "basicunet":
         return 16
     if name == "segresnet":
-        return 2 ** (len(settings["blocks_down"]) - 1)
+        return int(2 ** (len(settings["blocks_down"]) - 1))
     return 1
 
 

@@ -222,7 +222,8 @@ def train_segmentation(
     device = device or default_device()
     on_cuda = device.type == "cuda"
     memory_format = _memory_format(spatial_dims) if on_cuda else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device)
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing in stubs
     model.train()
     optimizer = make_optimizer(model, config)
     adjustment = gradient_adjustment(model, proximal_mu, gradient_correction)
@@ -275,7 +276,7 @@ def train_segmentation(
                     )
     finally:
         # The module is reused for later tasks, whose weights load into the usual layout.
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return LocalResult(
         num_samples=len(index_list),
         loss=epoch_loss,
