@@ -42,7 +42,7 @@ class DecathlonFormat(PairedFormat):
     def check_split(self, path: Path, split: str) -> None:
         if split == "test":
             raise DatasetFormatError(
-                f"{path}: the Decathlon's test images ({'imagesTs'}/) have no labels, so they "
+                f"{path}: the Decathlon's test images (imagesTs/) have no labels, so they "
                 "cannot evaluate a model; FedLens holds back a share of imagesTr instead"
             )
         super().check_split(path, split)
