@@ -1,6 +1,8 @@
 """Resume: who may, what it sends again, when it is refused (409), and the page's button."""
 
 import json
+import logging
+import logging.config
 import os
 import socket
 from datetime import timedelta
@@ -13,8 +15,11 @@ from django.utils import timezone
 
 from tests.conftest import client_for, uses_redis
 from tests.factories import ClientUpdateFactory, ExperimentFactory, RoundFactory, UserFactory
+from training import services
 from training.models import ClientUpdateStatus, ExperimentStatus, RoundStatus
+from training.runner import quiet_task_logs
 from visualization import worker_status
+from workers.embedded import orphaned_experiments, resume_orphaned_experiments
 
 pytestmark = pytest.mark.django_db
 
@@ -250,3 +255,40 @@ def test_the_page_says_when_no_worker_consumes_the_experiments_queues(stalled):
     assert 'id="no-worker"' in html
     assert "No worker is alive on queue training, aggregation" in html
     assert 'id="resume"' not in html  # the watchdog's job in distributed mode
+
+
+def test_the_embedded_server_resumes_only_the_experiments_of_dead_processes(stalled, embedded):
+    alive = ExperimentFactory(clients_per_round=1)
+    alive.transition_to(ExperimentStatus.RUNNING)
+    this_process = psutil.Process()
+    register_process(
+        embedded, pid=this_process.pid, started=this_process.create_time(), experiments=[alive.pk]
+    )
+
+    resumed = resume_orphaned_experiments()
+
+    assert [each.experiment.pk for each in resumed] == [stalled["experiment"].pk]
+
+
+def test_an_embedded_watchdog_leaves_a_dead_processs_overdue_round_to_resume(stalled, embedded):
+    later = timezone.now() + timedelta(minutes=1)  # round 2's deadline has passed
+
+    closed = services.close_overdue_rounds(later, leave_alone=frozenset(orphaned_experiments()))
+
+    assert closed == []
+    stalled["experiment"].refresh_from_db()
+    assert stalled["experiment"].status == ExperimentStatus.RUNNING
+
+
+def test_quiet_task_logs_outlast_django_setting_logging_up_again(settings):
+    trace = logging.getLogger("celery.app.trace")
+    configured = settings.LOGGING["loggers"]["celery"]["level"]
+
+    with quiet_task_logs(verbosity=1):
+        # What Celery's Django fix-up does as the embedded worker starts.
+        logging.config.dictConfig(settings.LOGGING)
+        quiet = not trace.isEnabledFor(logging.INFO)
+    logging.config.dictConfig(settings.LOGGING)
+
+    assert quiet
+    assert settings.LOGGING["loggers"]["celery"]["level"] == configured  # restored on exit
