@@ -28,6 +28,7 @@ from training.fl.networks import (
     network_task,
     spatial_divisor,
 )
+from training.fl.privacy import dp_sgd_problem
 from training.fl.strategies import (
     available_strategies,
     describe_strategies,
@@ -579,6 +580,18 @@ class ExperimentSerializer(serializers.ModelSerializer):
                     check_input_shape(network, image_shape, **params)
                 except ValueError as exc:
                     return {"network": f"{exc}; or register the dataset with a larger image_shape."}
+            if merged.get("local_dp_noise") is not None:
+                problem = dp_sgd_problem(
+                    build_network(
+                        network,
+                        in_channels=dataset.channels,
+                        num_classes=dataset.num_classes,
+                        spatial_dims=len(image_shape) if image_shape else 2,
+                        **params,
+                    )
+                )
+                if problem is not None:
+                    return {"local_dp_noise": f"Local DP-SGD: {problem}."}
             return {}
         errors = {}
         if merged.get("local_dp_noise") is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "add_gaussian_noise_",
     "client_noise_std",
     "clip_update",
+    "dp_sgd_problem",
     "epsilon_spent",
     "make_private_training",
     "server_noise_generator",
@@ -174,6 +175,19 @@ def _has_default_sampling(data_loader: DataLoader[Any]) -> bool:
     )
 
 
+def dp_sgd_problem(model: nn.Module) -> str | None:
+    """Why Opacus cannot train ``model`` with per-sample DP-SGD, or None when it can."""
+    problems = ModuleValidator.validate(model, strict=False)
+    if not problems:
+        return None
+    # Opacus explains each problem at length; its first sentence names it.
+    reasons = "; ".join(sorted({str(problem).split(".")[0] for problem in problems}))
+    return (
+        f"this network cannot be trained with per-sample DP-SGD ({reasons}); choose a "
+        "network without batch normalization, such as cnn-small"
+    )
+
+
 def make_private_training(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -206,14 +220,9 @@ def make_private_training(
             "DP-SGD samples from the data loader's whole dataset: give it a loader over this "
             "client's samples only (a Subset) with the default sampler"
         )
-    problems = ModuleValidator.validate(model, strict=False)
-    if problems:
-        # Opacus explains each problem at length; its first sentence names it.
-        reasons = "; ".join(sorted({str(problem).split(".")[0] for problem in problems}))
-        raise ValueError(
-            f"this network cannot be trained with per-sample DP-SGD ({reasons}); choose a "
-            "network without batch normalization, such as cnn-small"
-        )
+    problem = dp_sgd_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
     # Opacus's backward hooks cannot see through in-place activations (autograd refuses
     # them on the hooks' views); turning them off changes neither the weights nor results.
     for module in model.modules():
