@@ -122,3 +122,24 @@ def test_a_classification_dataset_refuses_segmentation_networks_and_patches(owne
     assert densenet.status_code == 400
     assert "at least 32" in densenet.json()["network"][0]
     assert not Experiment.objects.exists()
+
+
+def test_local_dp_sgd_with_a_network_opacus_cannot_train_is_refused_up_front(owner):
+    # Given a classification dataset and a network with batch normalization
+    dataset = DatasetFactory(owner=owner, image_shape=[32, 32])
+    sites = SiteFactory.create_batch(2)
+    base = {"name": "x", "dataset": dataset.pk, "sites": [s.slug for s in sites],
+            "local_dp_noise": 1.0, "local_dp_clip": 1.0}  # fmt: skip
+    client = client_for(owner)
+
+    # When local DP-SGD is asked for with it, and with cnn-small
+    refused = client.post("/api/experiments/", {**base, "network": "densenet121"})
+    accepted = client.post("/api/experiments/", {**base, "network": "cnn-small"})
+
+    # Then the first is refused on local_dp_noise naming a network that works
+    assert refused.status_code == 400
+    assert (
+        "choose a network without batch normalization, such as cnn-small"
+        in (refused.json()["local_dp_noise"][0])
+    )
+    assert accepted.status_code == 201, accepted.json()
