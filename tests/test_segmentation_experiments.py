@@ -3,6 +3,7 @@ task, the patch fits the images and the network's downsampling, and what cannot 
 segmentation network is refused with 400 naming the field and the fix."""
 
 import pytest
+from django.core.management import CommandError, call_command
 
 from tests.conftest import client_for
 from tests.factories import DatasetFactory, SiteFactory, UserFactory
@@ -143,3 +144,17 @@ def test_local_dp_sgd_with_a_network_opacus_cannot_train_is_refused_up_front(own
         in (refused.json()["local_dp_noise"][0])
     )
     assert accepted.status_code == 201, accepted.json()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("12,32,32", r"patch_size: .*multiple of 8"),
+        ("16,32", r"patch_size: Give 3 sizes"),
+        ("16,x,32", r"--patch-size: give positive sizes separated by commas"),
+    ],
+)
+def test_run_experiment_refuses_a_patch_size_that_does_not_fit(volumes, admin_user, given, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("run_experiment", "--dataset", volumes.name, "--patch-size", given)
+    assert not Experiment.objects.exists()
