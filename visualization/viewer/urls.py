@@ -26,6 +26,11 @@ urlpatterns = [
         name="dataset-image-prediction",
     ),
     path(
+        "api/datasets/<int:dataset_id>/images/<int:index>/overlay/",
+        views.DatasetImageOverlayView.as_view(),
+        name="dataset-image-overlay",
+    ),
+    path(
         "api/datasets/<int:dataset_id>/statistics/",
         views.DatasetStatisticsView.as_view(),
         name="dataset-statistics",

@@ -21,8 +21,9 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from training import metric_catalog
 from training.api.pagination import StandardPagination
-from training.models import Checkpoint, Dataset, Experiment
+from training.models import Checkpoint, Dataset, Experiment, Task
 from visualization.viewer import rendering
 from visualization.viewer.images import (
     Catalog,
@@ -33,6 +34,12 @@ from visualization.viewer.images import (
     class_names_of,
     read_raw_image,
     stored_shape,
+)
+from visualization.viewer.overlay import (
+    NotSegmentation,
+    check_segmentation,
+    class_legend,
+    overlay,
 )
 from visualization.viewer.prediction import CheckpointUnusable, predict
 from visualization.viewer.serializers import (
@@ -259,6 +266,92 @@ class DatasetImagePNGView(DatasetViewerMixin, APIView):
         return JSONRenderer(), JSONRenderer.media_type
 
 
+class DatasetImageOverlayView(DatasetViewerMixin, APIView):
+    """A segmentation image's masks over one slice: the ground truth and, with a
+    checkpoint, its prediction, each a transparent PNG coloured per class, with the legend
+    and the prediction's Dice and HD95 on this image."""
+
+    @extend_schema(
+        operation_id="dataset_image_overlay",
+        parameters=[
+            DATASET_ID,
+            INDEX,
+            OpenApiParameter(
+                "checkpoint",
+                int,
+                description="A checkpoint of an experiment on this dataset that you may see; "
+                "without one, the ground truth only.",
+            ),
+            OpenApiParameter(
+                "plane", str, enum=rendering.PLANES, description="Volumes only; axial by default."
+            ),
+            OpenApiParameter(
+                "slice", int, description="Slice of a volume along `plane`; the middle by default."
+            ),
+            OpenApiParameter(
+                "size",
+                int,
+                description=f"Longest side in pixels, as for the image's PNG "
+                f"({rendering.MAX_OUTPUT_SIDE} by default).",
+            ),
+        ],
+        responses={
+            200: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="`ground_truth` and `prediction`: PNG data URLs the size of the "
+                "image's PNG of the same slice (null without a mask or checkpoint); `classes`: "
+                "value, name and colour of each foreground class; `dice` (mean over the "
+                "foreground classes), `dice_per_class`, `hd95` (mm) of the prediction; "
+                "`plane`, `slice`, `slices_per_plane`.",
+            ),
+            **BAD_PARAMETER,
+            **ERRORS,
+        },
+    )
+    def get(self, request, dataset_id: int, index: int):
+        dataset = self.get_dataset()
+        checkpoint_id = _query_number(request, "checkpoint", int, "a checkpoint id")
+        size = _query_number(request, "size", int, "a whole number")
+        options = {
+            "plane": request.query_params.get("plane") or "axial",
+            "slice_index": _query_number(request, "slice", int, "a whole number"),
+            "max_side": rendering.MAX_OUTPUT_SIDE if size is None else size,
+        }
+        checkpoint = (
+            None if checkpoint_id is None else visible_checkpoint(request, dataset, checkpoint_id)
+        )
+        try:
+            check_segmentation(dataset)  # before its data is read
+        except NotSegmentation as error:
+            raise BadParameter(str(error)) from None
+        record = self.get_record(dataset)
+        try:
+            answer = overlay(dataset, record, checkpoint=checkpoint, **options)
+        except (NotSegmentation, rendering.RenderError) as error:
+            raise BadParameter(str(error)) from None
+        except (DataUnavailable, CheckpointUnusable) as error:
+            raise DataUnreadable(str(error)) from None
+        return Response(answer)
+
+
+def visible_checkpoint(request, dataset: Dataset, checkpoint_id: int) -> Checkpoint:
+    """The checkpoint of an experiment on `dataset` that the user may see, or a 404."""
+    checkpoint = (
+        Checkpoint.objects.select_related("experiment__dataset", "round")
+        .filter(
+            pk=checkpoint_id,
+            experiment__dataset=dataset,
+            experiment__in=Experiment.objects.visible_to(request.user),
+        )
+        .first()
+    )
+    if checkpoint is None:
+        raise NotFound(
+            f"No checkpoint {checkpoint_id} of an experiment on this dataset that you may see."
+        )
+    return checkpoint
+
+
 class DatasetImagePredictionView(DatasetViewerMixin, APIView):
     """What a checkpoint's network predicts for the image, preprocessed as in training."""
 
@@ -283,19 +376,7 @@ class DatasetImagePredictionView(DatasetViewerMixin, APIView):
             raise BadParameter(
                 "Give checkpoint=<id>, a checkpoint of an experiment on this dataset."
             )
-        checkpoint = (
-            Checkpoint.objects.select_related("experiment__dataset", "round")
-            .filter(
-                pk=checkpoint_id,
-                experiment__dataset=dataset,
-                experiment__in=Experiment.objects.visible_to(request.user),
-            )
-            .first()
-        )
-        if checkpoint is None:
-            raise NotFound(
-                f"No checkpoint {checkpoint_id} of an experiment on this dataset that you may see."
-            )
+        checkpoint = visible_checkpoint(request, dataset, checkpoint_id)
         record = self.get_record(dataset)
         try:
             outcome = predict(checkpoint, dataset, record)
@@ -343,8 +424,9 @@ class DatasetStatisticsView(DatasetViewerMixin, APIView):
 
 def checkpoint_choice_label(checkpoint: Checkpoint) -> str:
     stage = f"round {checkpoint.round.number}" if checkpoint.round_id else "initial weights"
-    accuracy = (checkpoint.metrics.get("global") or {}).get("accuracy")
-    extras = [f"accuracy {accuracy:.1%}"] if isinstance(accuracy, int | float) else []
+    primary = metric_catalog.get_metric(metric_catalog.primary_metric(checkpoint.experiment.task))
+    score = (checkpoint.metrics.get("global") or {}).get(primary.name)
+    extras = [f"{primary.label} {score:.1%}"] if isinstance(score, int | float) else []
     if checkpoint.is_best:
         extras.append("best")
     suffix = f" ({', '.join(extras)})" if extras else ""
@@ -382,6 +464,8 @@ def dataset_viewer(request, dataset_id: int):
             for name in rendering.presets_for_modality(dataset.modality)
         ],
         "defaultPreset": rendering.presets_for_modality(dataset.modality)[0],
+        # Segmentation: masks drawn over the slices (see DatasetImageOverlayView).
+        "segmentation": dataset.task == Task.SEGMENTATION,
     }
     context = {
         "dataset": dataset,
@@ -393,6 +477,7 @@ def dataset_viewer(request, dataset_id: int):
         "checkpoints": [(c.pk, checkpoint_choice_label(c)) for c in checkpoints],
         "presets": config["presets"],
         "viewer_config": config,
+        "overlay_classes": class_legend(dataset) if config["segmentation"] else [],
     }
     response = render(request, "visualization/viewer.html", context)
     patch_cache_control(response, private=True)

@@ -1,5 +1,7 @@
 /* The dataset image viewer: browse a dataset's images per site, show one with a window/level
- * and a slice slider, ask a checkpoint for its prediction, and compare the sites.
+ * and a slice slider, ask a checkpoint for its prediction, and compare the sites. For a
+ * segmentation dataset, the ground-truth mask (filled) and a checkpoint's predicted mask
+ * (outlined) are drawn over the slice in each class's colour, with the prediction's Dice.
  *
  * Everything comes from the viewer API with the page's session cookie (same origin). Text
  * from the data (site and class names, paths, messages) is only ever set as textContent.
@@ -33,6 +35,9 @@
   let pictureUrl = null;
   let sliderTimer = null;
   let statistics = null;
+  // Segmentation: the masks of the slice on screen, as decoded pictures, and their opacity.
+  const overlayState = { truth: null, prediction: null, opacity: 0.45 };
+  let latestOverlay = 0;
 
   // --- Small helpers -------------------------------------------------------------------
 
@@ -225,10 +230,125 @@
         byId("window-level").value = response.headers.get("X-Window-Level") || "";
       }
       hideError();
+      if (config.segmentation) loadOverlay();
     } catch (error) {
       if (request === latestRender) showError(error.message);
     } finally {
       if (request === latestRender) picture.classList.remove("loading");
+    }
+  }
+
+  // --- Mask overlays (segmentation) ----------------------------------------------------
+
+  function decodePicture(dataUrl) {
+    if (!dataUrl) return Promise.resolve(null);
+    return new Promise((resolve, reject) => {
+      const picture = new Image();
+      picture.onload = () => resolve(picture);
+      picture.onerror = () => reject(new Error("A mask could not be decoded."));
+      picture.src = dataUrl;
+    });
+  }
+
+  // The prediction's outline: its pixels that touch a pixel of another class (or the edge).
+  function outlineOf(picture) {
+    const scratch = element("canvas", { width: picture.width, height: picture.height });
+    const context = scratch.getContext("2d");
+    context.drawImage(picture, 0, 0);
+    const pixels = context.getImageData(0, 0, picture.width, picture.height);
+    const data = pixels.data;
+    const width = picture.width;
+    const height = picture.height;
+    const colourAt = (x, y) => {
+      if (x < 0 || y < 0 || x >= width || y >= height) return -1;
+      const i = 4 * (y * width + x);
+      return data[i + 3] === 0 ? 0 : (data[i] << 16) | (data[i + 1] << 8) | data[i + 2];
+    };
+    const outline = context.createImageData(width, height);
+    for (let y = 0; y < height; y += 1) {
+      for (let x = 0; x < width; x += 1) {
+        const own = colourAt(x, y);
+        if (own === 0) continue;
+        if ([colourAt(x - 1, y), colourAt(x + 1, y), colourAt(x, y - 1), colourAt(x, y + 1)]
+          .some((other) => other !== own)) {
+          const i = 4 * (y * width + x);
+          outline.data.set(data.subarray(i, i + 4), i);
+        }
+      }
+    }
+    context.putImageData(outline, 0, 0);
+    return scratch;
+  }
+
+  function drawOverlay() {
+    const canvas = byId("overlay-canvas");
+    if (!canvas) return;
+    const context = canvas.getContext("2d");
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    const layers = [
+      [byId("show-truth").checked, overlayState.truth, overlayState.opacity],
+      // The outline is thin: drawn stronger than the fill so that it stays visible.
+      [byId("show-prediction").checked, overlayState.prediction,
+        Math.min(1, overlayState.opacity + 0.4)],
+    ];
+    context.imageSmoothingEnabled = false;
+    for (const [shown, picture, alpha] of layers) {
+      if (!shown || !picture) continue;
+      // Fitted into the box as the slice is (object-fit: contain), so the masks lie on it.
+      const scale = Math.min(canvas.width / picture.width, canvas.height / picture.height);
+      const width = picture.width * scale;
+      const height = picture.height * scale;
+      context.globalAlpha = alpha;
+      context.drawImage(picture, (canvas.width - width) / 2, (canvas.height - height) / 2,
+        width, height);
+    }
+    context.globalAlpha = 1;
+    canvas.dataset.drawn = String(Boolean(overlayState.truth || overlayState.prediction));
+  }
+
+  function showDice(answer) {
+    const box = byId("prediction-result");
+    if (!answer.checkpoint) {
+      box.replaceChildren();
+      return;
+    }
+    const names = new Map(answer.classes.map((entry) => [entry.value, entry.name]));
+    const perClass = (answer.dice_per_class || [])
+      .map((value, position) => `${names.get(position + 1) || `class ${position + 1}`} ` +
+        (typeof value === "number" ? value.toFixed(3) : "–"));
+    const summary = typeof answer.dice === "number"
+      ? `Dice ${answer.dice.toFixed(3)} on this image` : "No Dice: no class in either mask";
+    box.replaceChildren(element("p", {
+      className: "prediction-summary", id: "overlay-dice",
+      textContent: summary + (perClass.length ? ` (${perClass.join(", ")})` : "") +
+        (typeof answer.hd95 === "number" ? ` · HD95 ${answer.hd95.toFixed(2)} mm` : ""),
+    }));
+  }
+
+  async function loadOverlay() {
+    if (!config.segmentation || state.index === null || !state.details) return;
+    const request = ++latestOverlay;
+    const index = state.index;
+    const parameters = Object.assign({ checkpoint: state.checkpoint },
+      isVolume() ? { plane: state.plane, slice: state.slice } : {});
+    if (state.checkpoint) {
+      byId("prediction-result").replaceChildren(
+        element("p", { className: "note", textContent: "Predicting…" }));
+    }
+    try {
+      const answer = await getJSON(imageUrl(index, "/overlay/") + query(parameters));
+      const [truth, prediction] = await Promise.all([
+        decodePicture(answer.ground_truth), decodePicture(answer.prediction)]);
+      if (request !== latestOverlay) return;
+      overlayState.truth = truth;
+      overlayState.prediction = prediction ? outlineOf(prediction) : null;
+      drawOverlay();
+      showDice(answer);
+    } catch (error) {
+      if (request === latestOverlay) {
+        byId("prediction-result").replaceChildren(
+          element("p", { className: "error", textContent: error.message }));
+      }
     }
   }
 
@@ -245,8 +365,8 @@
       state.plane = "axial";
       showDetails(details);
       setUpSlices();
-      renderImage();
-      loadPrediction();
+      renderImage(); // a segmentation dataset's masks follow each rendered slice
+      if (!config.segmentation) loadPrediction();
     } catch (error) {
       showError(error.message);
     }
@@ -267,6 +387,10 @@
   async function loadPrediction() {
     const box = byId("prediction-result");
     state.checkpoint = byId("checkpoint-select").value;
+    if (config.segmentation) {
+      loadOverlay(); // a mask, not a class: drawn over the slice with its Dice
+      return;
+    }
     if (!state.checkpoint || state.index === null) {
       box.replaceChildren();
       return;
@@ -505,6 +629,15 @@
     renderImage();
   });
   byId("checkpoint-select").addEventListener("change", loadPrediction);
+  if (config.segmentation) {
+    byId("show-truth").addEventListener("change", drawOverlay);
+    byId("show-prediction").addEventListener("change", drawOverlay);
+    byId("overlay-opacity").addEventListener("input", (event) => {
+      overlayState.opacity = Number(event.target.value) / 100;
+      byId("overlay-opacity-value").textContent = `${event.target.value}%`;
+      drawOverlay();
+    });
+  }
   window.addEventListener("resize", () => {
     if (statistics) drawHistograms(statistics);
   });
