@@ -133,7 +133,7 @@ def test_a_dataset_in_use_cannot_be_deleted(owner):
         ({"path": "relative/path"}, "path", "absolute path"),
         ({"path": "/etc"}, "path", "FEDLENS_DATASET_ROOTS"),
         ({"path": ""}, "path", "declared by their site agents"),
-        ({"storage_format": ""}, "storage_format", "folder or npz"),
+        ({"storage_format": ""}, "storage_format", "one of folder, npz, msd, maskfolder"),
         ({"class_names": ["a", "b", "c"]}, "class_names", "exactly num_classes (2)"),
         ({"class_names": ["a", "a"]}, "class_names", "unique"),
         ({"image_shape": [64]}, "image_shape", "2 or 3 positive whole numbers"),

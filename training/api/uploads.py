@@ -187,18 +187,17 @@ class DatasetUploadView(APIView):
         except ArchiveRefused as refused:
             return refusal(str(refused), member=refused.member)
 
+        names = [name.strip() for name in fields["class_names"].split(",") if name.strip()]
         try:
-            facts = describe(folder, StorageFormat.FOLDER)
+            facts = describe(folder, StorageFormat.FOLDER, names)
         except (DatasetFormatError, ImageReadError, ValueError, OSError) as error:
             shutil.rmtree(destination, ignore_errors=True)
             return refusal(hide_folder(str(error), folder))
-        names = [name.strip() for name in fields["class_names"].split(",") if name.strip()]
         dataset = DatasetSerializer(
             data={
                 "name": fields["name"],
                 "description": fields["description"],
                 "modality": fields["modality"],
-                "class_names": names,
                 "normalization": fields["normalization"],
                 "path": str(folder),
                 **facts,
