@@ -31,6 +31,7 @@ from training.fl.networks import (
 from training.fl.privacy import dp_sgd_problem
 from training.fl.strategies import (
     available_strategies,
+    batch_norm_parameters,
     describe_strategies,
     validate_strategy_params,
 )
@@ -532,6 +533,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
             errors["network_params"] = network_error
         else:
             errors.update(self.task_errors(merged))
+            errors.update(self.fedbn_errors(merged))
         sites = merged.get("sites") or []
         errors.update(self.sampling_errors(merged, attrs, len(sites)))
         errors.update(self.site_partition_errors(merged, len(sites)))
@@ -553,6 +555,29 @@ class ExperimentSerializer(serializers.ModelSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+    @staticmethod
+    def fedbn_errors(merged: dict) -> dict[str, str]:
+        """FedBN keeps batch-norm layers at the sites: a network without any would silently
+        run FedAvg."""
+        if merged.get("strategy") != "fedbn":
+            return {}
+        dataset, network = merged["dataset"], merged.get("network", "cnn-small")
+        image_shape = dataset.image_shape or []
+        built = build_network(
+            network,
+            in_channels=dataset.channels,
+            num_classes=dataset.num_classes,
+            spatial_dims=len(image_shape) if image_shape else 2,
+            **(merged.get("network_params") or {}),
+        )
+        if batch_norm_parameters(built):
+            return {}
+        return {
+            "strategy": f"fedbn keeps each site's batch-norm layers local, but {network} has "
+            "none: choose fedavg, or a network with batch normalization (resnet18-small, "
+            'densenet121, or unet with network_params {"norm": "batch"}).'
+        }
 
     @staticmethod
     def task_errors(merged: dict) -> dict[str, str]:
