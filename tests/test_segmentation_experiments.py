@@ -158,3 +158,17 @@ def test_run_experiment_refuses_a_patch_size_that_does_not_fit(volumes, admin_us
     with pytest.raises(CommandError, match=message):
         call_command("run_experiment", "--dataset", volumes.name, "--patch-size", given)
     assert not Experiment.objects.exists()
+
+
+def test_fedbn_needs_a_network_with_batch_norm_layers(owner, payload):
+    client = client_for(owner)
+
+    instance_norm = client.post("/api/experiments/", {**payload, "strategy": "fedbn"})
+    batch_norm = client.post(
+        "/api/experiments/",
+        {**payload, "strategy": "fedbn", "network_params": {"norm": "batch"}},
+    )
+
+    assert instance_norm.status_code == 400
+    assert 'unet with network_params {"norm": "batch"}' in instance_norm.json()["strategy"][0]
+    assert batch_norm.status_code == 201, batch_norm.json()
