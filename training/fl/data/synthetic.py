@@ -255,8 +255,10 @@ def _ellipsoid_radius(
 
 
 def _smooth_field(
-    rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels: float
+    rng: np.random.Generator, shape: tuple[int, ...], sigma_voxels: float | Sequence[float]
 ) -> npt.NDArray[np.float64]:
+    """Smoothed white noise with unit standard deviation; ``sigma_voxels`` per array axis
+    or one for all."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_voxels, mode="wrap")
     smooth: npt.NDArray[np.float64] = field / max(float(field.std()), 1e-12)
     return smooth
@@ -303,7 +305,9 @@ def _draw_case(
     return recorded.astype(np.float32), labels
 
 
-def _geometry(shape: tuple[int, ...], spacing_mm: tuple[float, ...]) -> dict[str, tuple]:
+def _geometry(
+    shape: tuple[int, ...], spacing_mm: tuple[float, ...]
+) -> dict[str, tuple[float, ...]]:
     """Spacing, origin and identity direction that put the grid's centre at the origin."""
     dims = len(shape)
     voxels = tuple(reversed(shape))  # physical order
