@@ -24,6 +24,7 @@ from training.fl.local import DpSgd, TrainConfig, evaluate, train_local
 from training.fl.metrics import segmentation_metrics
 from training.fl.networks import build_network
 from training.fl.segmentation import predict_mask
+from training.fl.simulation import run_simulation
 
 CPU = torch.device("cpu")
 
@@ -355,3 +356,20 @@ def test_federated_evaluation_weights_dice_per_class_by_each_sites_samples() -> 
     assert combined["dice"] == pytest.approx(0.5)
     assert combined["hd95"] == pytest.approx(7.0)
     assert combined["dice_per_class"] == pytest.approx([0.5, 0.5])
+
+
+def test_a_simulated_segmentation_federation_reports_dice_each_round() -> None:
+    data = BlobSegmentation(6, (16, 32, 32))
+    config = TrainConfig(epochs=1, batch_size=2, lr=0.01, optimizer="adam", seed=0,
+                         patch_size=(16, 16, 16))  # fmt: skip
+
+    result = run_simulation(
+        model=a_unet(3), dataset=data, partitions=[[0, 1], [2, 3]], rounds=2, config=config,
+        eval_dataset=data, eval_indices=[4, 5], eval_batch_size=2, device=CPU,
+    )  # fmt: skip
+
+    assert [summary.failures for summary in result.rounds] == [{}, {}]
+    for summary in result.rounds:
+        assert "dice" in summary.train_metrics and "accuracy" not in summary.train_metrics
+        assert summary.eval_metrics["num_samples"] == 2
+        assert len(summary.eval_metrics["dice_per_class"]) == 2

@@ -156,6 +156,7 @@ def _task(
     options: Mapping[str, Any],
     weights_sha256: str,
     payload_sha256: str,
+    task: str,
 ) -> ClientTask:
     # The network and data descriptions are for clients that build their own; the
     # simulation hands every client the one model and dataset, so they are placeholders.
@@ -167,7 +168,14 @@ def _task(
         site=f"site-{client_index}",
         kind="train",
         network=NetworkSpec(name="simulation", in_channels=1, num_classes=2, spatial_dims=2),
-        data=DataSpec(name="simulation", num_classes=2, class_names=(), channels=1, image_shape=()),
+        data=DataSpec(
+            name="simulation",
+            num_classes=2,
+            class_names=(),
+            channels=1,
+            image_shape=(),
+            task=task,
+        ),
         train=replace(config, seed=client_seed(config.seed, client_index)),
         start_epoch=round_index * config.epochs,
         options=dict(options),
@@ -232,6 +240,7 @@ def run_simulation(
                 ),
                 weights_sha256=weights_sha256,
                 payload_sha256=payload_sha256,
+                task=getattr(dataset, "task", "classification"),
             )
             connection = _InMemoryConnection(
                 global_weights, payload, site_states[client_index], attacks.get(client_index)
@@ -265,9 +274,15 @@ def run_simulation(
                 personal_eval_indices or [eval_indices] * len(partitions),
                 eval_batch_size,
                 device,
+                config.patch_size,
             )
             eval_metrics = evaluate(
-                model, eval_dataset, eval_indices, batch_size=eval_batch_size, device=device
+                model,
+                eval_dataset,
+                eval_indices,
+                batch_size=eval_batch_size,
+                device=device,
+                patch_size=config.patch_size,
             )
         summary = RoundSummary(
             round_index=round_index,
@@ -291,9 +306,11 @@ def _personalized_evaluation(
     eval_indices: Sequence[Sequence[int] | None],
     batch_size: int,
     device: torch.device | None,
+    patch_size: Sequence[int] = (),
 ) -> dict[str, float] | None:
-    """Sample-weighted mean accuracy and loss of each site's model (the global one with the
-    layers the site kept) on its evaluation samples; None when no site keeps layers."""
+    """Sample-weighted mean accuracy (Dice for segmentation) and loss of each site's model
+    (the global one with the layers the site kept) on its evaluation samples; None when no
+    site keeps layers."""
     if not any(FEDBN_LOCAL in state.kept for state in site_states):
         return None
     global_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -301,11 +318,24 @@ def _personalized_evaluation(
     for state, indices in zip(site_states, eval_indices, strict=True):
         model.load_state_dict({**global_weights, **state.kept.get(FEDBN_LOCAL, {})})
         per_site.append(
-            evaluate(model, eval_dataset, indices, batch_size=batch_size, device=device)
+            evaluate(
+                model,
+                eval_dataset,
+                indices,
+                batch_size=batch_size,
+                device=device,
+                patch_size=patch_size,
+            )
         )
     model.load_state_dict(global_weights)
     total = sum(int(metrics["num_samples"]) for metrics in per_site)
+    # Dice is None for a site whose samples hold no foreground: averaged where all have it.
+    reported = [
+        key
+        for key in ("accuracy", "dice", "loss")
+        if all(isinstance(m.get(key), int | float) for m in per_site)
+    ]
     return {
         key: sum(float(m[key]) * int(m["num_samples"]) for m in per_site) / total
-        for key in ("accuracy", "loss")
+        for key in reported
     }
