@@ -12,6 +12,7 @@ from tests.segmentation_data import replace_mask, volume, write_mask_folder, wri
 from training.fl.data import generate_synthetic_dataset
 from training.fl.data.datasets import load_dataset
 from training.models import Dataset, Task
+from visualization.viewer.images import catalog_for, read_raw_pair
 from workers.site.describe import dataset_metadata
 
 pytestmark = pytest.mark.django_db
@@ -169,3 +170,25 @@ def test_a_site_declares_each_class_s_volume(dataset_root):
     assert [entry["voxels"] for entry in volumes] == [2 * (480 - 96), 2 * (96 - 8), 2 * 8]
     assert [entry["mm3"] for entry in volumes] == pytest.approx([384.0, 88.0, 8.0])
     assert volumes[2]["mean_mm3"] == pytest.approx(4.0)
+
+
+def test_the_viewer_lists_each_image_with_its_mask_and_counts_class_volumes_per_site(
+    owner, dataset_root
+):
+    root = write_msd(dataset_root / "msd", cases=4, sites=["a", "b"], spacing=(0.5, 0.5, 2.0))
+    dataset = Dataset.objects.get(pk=register(owner, root, storage_format="msd").json()["id"])
+
+    records = catalog_for(dataset).records
+    image, mask = read_raw_pair(dataset, records[0])
+    statistics = client_for(owner).get(f"/api/datasets/{dataset.pk}/statistics/").json()
+
+    assert [record.relative_path for record in records][:2] == [
+        "imagesTr/case_000.nii.gz",
+        "imagesTr/case_001.nii.gz",
+    ]
+    assert records[0].mask_file == root.resolve() / "labelsTr/case_000.nii.gz"
+    assert mask is not None and mask.array.shape == image.array.shape
+    by_site = {site["site"]: site["class_volumes"] for site in statistics["sites"]}
+    assert set(by_site) == {"a", "b"}
+    # Two cases per site, each with a 2x2x2 lesion of 0.5 mm³ voxels.
+    assert by_site["a"][2] == {"label": 2, "name": "lesion", "voxels": 16, "mm3": 8.0}

@@ -432,7 +432,7 @@ def test_statistics_are_computed_once_per_process(lesions, owner, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("the images were read again")
 
-    monkeypatch.setattr("visualization.viewer.statistics.read_raw_image", no_reading)
+    monkeypatch.setattr("visualization.viewer.statistics.read_raw_pair", no_reading)
     second = client.get(f"/api/datasets/{lesions.pk}/statistics/").json()
 
     assert second == first

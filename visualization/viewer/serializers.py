@@ -79,6 +79,13 @@ class SpacingCountSerializer(serializers.Serializer):
     count = serializers.IntegerField(help_text="Sampled images with this spacing.")
 
 
+class ClassVolumeSerializer(serializers.Serializer):
+    label = serializers.IntegerField()
+    name = serializers.CharField()
+    voxels = serializers.IntegerField(help_text="Voxels of this class in the sampled masks.")
+    mm3 = serializers.FloatField(help_text="Their volume in mm³ (mm² for 2D images).")
+
+
 class SiteStatisticsSerializer(serializers.Serializer):
     site = serializers.CharField()
     num_samples = serializers.IntegerField(help_text="Images at the site.")
@@ -97,6 +104,11 @@ class SiteStatisticsSerializer(serializers.Serializer):
     shapes = ShapeCountSerializer(many=True)
     spacings = SpacingCountSerializer(many=True)
     flagged = serializers.BooleanField(help_text="Whether a flag names this site.")
+    class_volumes = ClassVolumeSerializer(
+        many=True,
+        required=False,
+        help_text="Segmentation datasets: each class's volume over the sampled masks.",
+    )
 
 
 class HistogramRangeSerializer(serializers.Serializer):

@@ -4,7 +4,8 @@ Federated training suffers when sites' images differ in ways the network should 
 to learn (scanner gain, pixel spacing, image size) or when their class balance differs a
 lot; these numbers and flags show where. Intensities come from at most `SAMPLES_PER_SITE`
 images per site, so that the answer stays quick on large datasets; class counts use every
-label. The per-image and per-site measurements are training/fl/data/statistics.py's, which
+label. With masks (segmentation), each site's class volumes (voxels, mm³) come from the same
+sampled images. The per-image and per-site measurements are training/fl/data/statistics.py's, which
 site agents also use to describe their datasets.
 """
 
@@ -32,7 +33,7 @@ from visualization.viewer.images import (
     catalog_for,
     class_names_of,
     data_key,
-    read_raw_image,
+    read_raw_pair,
 )
 
 SAMPLES_PER_SITE = 200
@@ -215,8 +216,10 @@ def compute_statistics(
     samples_per_site: int = SAMPLES_PER_SITE,
     bins: int = HISTOGRAM_BINS,
     seed: int = 0,
+    read_mask: Callable[[ImageRecord], ImageArray | None] | None = None,
 ) -> dict:
-    """The statistics of every site, read through `read`; the same seed, the same sample."""
+    """The statistics of every site, read through `read` (and `read_mask`, for class
+    volumes); the same seed, the same sample."""
     rng = np.random.default_rng(seed)
     summaries = []
     names = list(class_names)
@@ -226,7 +229,8 @@ def compute_statistics(
         measurements, unreadable, first_error = [], 0, ""
         for record in sample_records(records, samples_per_site, rng):
             try:
-                measurements.append(measure_image(read(record), rng))
+                mask = read_mask(record) if read_mask is not None else None
+                measurements.append(measure_image(read(record), rng, mask, len(names)))
             except DataUnavailable as error:
                 unreadable += 1
                 first_error = first_error or str(error)
@@ -287,7 +291,23 @@ def _site_result(
             for spacing, count in summary.spacings.most_common()
         ],
         "flagged": summary.site in flagged,
+        **({"class_volumes": _class_volumes(summary, names)} if summary.class_voxels else {}),
     }
+
+
+def _class_volumes(summary: SiteSummary, names: Sequence[str]) -> list[dict]:
+    """Each class's voxels and mm³ over the site's sampled masks."""
+    return [
+        {
+            "label": label,
+            "name": names[label] if label < len(names) else f"class {label}",
+            "voxels": voxels,
+            "mm3": mm3,
+        }
+        for label, (voxels, mm3) in enumerate(
+            zip(summary.class_voxels, summary.class_mm3, strict=True)
+        )
+    ]
 
 
 _statistics: ProcessCache[tuple, dict] = ProcessCache(maxsize=16)
@@ -302,8 +322,20 @@ def dataset_statistics(dataset: Dataset) -> dict:
         by_site: dict[str, list[ImageRecord]] = {site: [] for site in catalog.sites}
         for record in catalog.records:
             by_site[record.site].append(record)
+        # The sampled record's image and mask, read once for both measurements.
+        last: dict[int, tuple[ImageArray, ImageArray | None]] = {}
+
+        def pair(record: ImageRecord) -> tuple[ImageArray, ImageArray | None]:
+            if record.index not in last:
+                last.clear()
+                last[record.index] = read_raw_pair(dataset, record)
+            return last[record.index]
+
         result = compute_statistics(
-            by_site, lambda record: read_raw_image(dataset, record), class_names_of(dataset)
+            by_site,
+            lambda record: pair(record)[0],
+            class_names_of(dataset),
+            read_mask=lambda record: pair(record)[1],
         )
         result["unavailable_sites"] = [
             {"site": site, "reason": reason} for site, reason in catalog.unavailable_sites.items()
