@@ -27,6 +27,7 @@ from training.fl.data import (
     load_dataset,
 )
 from training.fl.data.datasets import SegmentationDataset
+from training.fl.data.formats import get_format
 from training.fl.data.statistics import SiteSummary, measure_image, summarise_site
 from workers.site.home import SiteAgentError
 
@@ -109,12 +110,12 @@ def dataset_metadata(
     if not measurements:
         raise SiteAgentError(f"none of the {len(chosen)} images sampled could be read")
     summary = summarise_site("", counts, measurements)
-    is_npz = dataset.storage_format == "npz"
-    if is_npz:
+    stores_geometry = get_format(dataset.storage_format).stores_geometry
+    if not stores_geometry:
         summary.spacings.clear()  # unit spacing is a stand-in, not a measurement
 
     shape = list(summary.shapes.most_common(1)[0][0])
-    spacing = [] if is_npz else list(summary.spacings.most_common(1)[0][0])
+    spacing = list(summary.spacings.most_common(1)[0][0]) if stores_geometry else []
     return {
         "num_classes": num_classes,
         "class_names": list(class_names or []),
