@@ -250,7 +250,8 @@
     });
   }
 
-  // The prediction's outline: its pixels that touch a pixel of another class (or the edge).
+  // The prediction's outline: its pixels that touch a pixel of another class (or the edge),
+  // in a lighter shade of their class's colour.
   function outlineOf(picture) {
     const scratch = element("canvas", { width: picture.width, height: picture.height });
     const context = scratch.getContext("2d");
@@ -271,8 +272,10 @@
         if (own === 0) continue;
         if ([colourAt(x - 1, y), colourAt(x + 1, y), colourAt(x, y - 1), colourAt(x, y + 1)]
           .some((other) => other !== own)) {
+          // Lighter than the class's fill, so that it shows over the ground truth.
           const i = 4 * (y * width + x);
-          outline.data.set(data.subarray(i, i + 4), i);
+          for (let c = 0; c < 3; c += 1) outline.data[i + c] = (data[i + c] + 255) >> 1;
+          outline.data[i + 3] = 255;
         }
       }
     }
