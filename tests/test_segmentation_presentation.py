@@ -12,6 +12,7 @@ import pytest
 from django.urls import reverse
 
 from tests.factories import (
+    CheckpointFactory,
     ClientUpdateFactory,
     DatasetFactory,
     ExperimentFactory,
@@ -325,3 +326,20 @@ def test_the_snapshot_gives_the_page_the_tasks_metric_catalogue(segmented):
     assert catalogue["primary"] == "dice"
     assert catalogue["metrics"]["hd95"]["unit"] == "mm"
     assert catalogue["metrics"]["hd95"]["higher_is_better"] is False
+
+
+def test_the_experiment_list_gives_a_segmentation_experiments_best_dice_and_trend(
+    client, segmented
+):
+    CheckpointFactory(
+        experiment=segmented,
+        round=segmented.rounds.get(number=2),
+        is_best=True,
+        metrics=segmented.rounds.get(number=2).metrics,
+    )
+    client.force_login(segmented.owner)
+
+    page = client.get(reverse("home")).content.decode()
+
+    assert '0.750 <span class="muted">Dice</span>' in page
+    assert 'aria-label="Dice per round"' in page

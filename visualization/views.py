@@ -44,14 +44,16 @@ NULLABLE_FIELDS = ("client_fraction", "dp_clip", "local_dp_noise", "local_dp_cli
 PARAMETER_PREFIX = "strategy_params."
 
 
-def accuracy_of(metrics: dict) -> float | None:
+def primary_score(metrics: dict, task: str) -> float | None:
+    """The task's primary metric (accuracy, Dice) of a round or checkpoint: held-out, else
+    the clients' mean."""
     source = metrics.get("global") or metrics.get("clients") or {}
-    value = source.get("accuracy")
+    value = source.get(metric_catalog.primary_metric(task))
     return float(value) if isinstance(value, int | float) else None
 
 
 def sparkline_points(values: list[float]) -> str:
-    """SVG polyline points for accuracies in [0, 1], drawn left to right."""
+    """SVG polyline points for scores in [0, 1] (accuracy, Dice), drawn left to right."""
     if len(values) < 2:
         return ""
     step = SPARKLINE_WIDTH / (len(values) - 1)
@@ -78,9 +80,10 @@ def home(request):
     )
     rows = []
     for experiment in experiments:
-        accuracies = [
+        task = experiment.task
+        scores = [
             value
-            for value in (accuracy_of(r.metrics) for r in experiment.closed_rounds)
+            for value in (primary_score(r.metrics, task) for r in experiment.closed_rounds)
             if value is not None
         ]
         best_checkpoint = experiment.best_checkpoints[0] if experiment.best_checkpoints else None
@@ -88,8 +91,11 @@ def home(request):
             {
                 "experiment": experiment,
                 "progress": round(100 * len(experiment.closed_rounds) / experiment.num_rounds),
-                "best_accuracy": accuracy_of(best_checkpoint.metrics) if best_checkpoint else None,
-                "sparkline": sparkline_points(accuracies),
+                "best_score": primary_score(best_checkpoint.metrics, task)
+                if best_checkpoint
+                else None,
+                "score_label": metric_catalog.get_metric(metric_catalog.primary_metric(task)).label,
+                "sparkline": sparkline_points(scores),
             }
         )
     return render(
