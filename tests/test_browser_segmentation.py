@@ -5,7 +5,9 @@ outlined) with the prediction's Dice, in each plane of a volume.
 
 Screenshots under test-output/screenshots/: segmentation-experiment.png (the page),
 segmentation-overlay.png (the viewer's stage with a 2D image's masks and Dice) and
-segmentation-overlay-coronal.png (a volume's coronal slice with its mask).
+segmentation-overlay-coronal.png (a volume's coronal slice with its mask). A binary
+classification experiment's page is checked too: the same catalogue-driven page keeps its
+accuracy curves, confusion matrix and ROC curve there.
 """
 
 import json
@@ -185,4 +187,56 @@ def test_a_segmentation_experiment_and_its_masks_in_the_browser(segmentation_ser
     browser.find_element(By.CSS_SELECTOR, ".viewer-stage").screenshot(
         str(SCREENSHOTS / "segmentation-overlay-coronal.png")
     )
+    assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+@pytest.fixture
+def classification_server(tmp_path):
+    """The same harness with a finished binary classification experiment, to check that
+    the page read from the metric catalogue still draws classification's panels."""
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+        DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+    )
+    lesions = tmp_path / "datasets" / "lesions"
+    manage(env, "migrate", "--noinput")
+    manage(env, "createsuperuser", "--noinput", "--username", "ana", "--email", "ana@x.org")
+    manage(env, "make_synthetic_dataset", "--out", str(lesions), "--sites", "2",
+           "--per-site", "30", "--size", "32")  # fmt: skip
+    manage(env, "register_dataset", "--name", "lesions", "--path", str(lesions))
+    summary = tmp_path / "summary.json"
+    manage(env, "run_experiment", "--dataset", "lesions", "--clients", "2", "--rounds", "2",
+           "--json", str(summary))  # fmt: skip
+    fedlens = Server(env)
+    fedlens.start()
+    yield fedlens, json.loads(summary.read_text())
+    fedlens.stop()
+
+
+@pytest.mark.timeout(600)
+def test_a_classification_experiments_page_keeps_accuracy_confusion_and_roc(
+    classification_server,
+    browser,  # noqa: F811
+):
+    server, summary = classification_server
+    assert summary["status"] == "completed", summary["failure_reason"]
+    log_in(browser, server)
+
+    browser.get(f"{server.url}/experiments/{summary['experiment']}/")
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#confusion table.confusion")
+    )
+
+    labels = chart_labels(browser, "global-chart")
+    assert labels[:3] == ["loss", "accuracy", "balanced accuracy"]
+    assert chart_points(browser, "global-chart")[1] == 2
+    assert chart_points(browser, "roc-chart")[0] > 2  # the ROC curve of the last round
+    assert not browser.find_elements(By.ID, "dice-class-chart")
+    headings = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#rounds-table th")]
+    assert headings[3:5] == ["Accuracy", "Balanced accuracy"]
+    metrics = Select(browser.find_element(By.ID, "cross-site-metric"))
+    assert metrics.options[0].get_attribute("value") == "accuracy"
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
