@@ -134,15 +134,17 @@ def test_a_class_in_neither_mask_is_skipped_and_in_one_mask_scores_zero_and_the_
 
 
 @pytest.mark.parametrize(
-    ("shape", "patch_size"), [((48, 48), (32, 32)), ((16, 32, 32), (16, 16, 16))]
+    ("shape", "patch_size"),
+    # Whole images of sizes off the network's multiple of 4 are padded.
+    [((48, 48), (32, 32)), ((16, 32, 32), (16, 16, 16)), ((30, 42), ())],
 )
-def test_a_few_epochs_of_patch_training_reduce_the_loss(shape, patch_size) -> None:
+def test_a_few_epochs_of_training_reduce_the_loss(shape, patch_size) -> None:
     # Given a U-Net and a few images with organs and lesions
     data = BlobSegmentation(6, shape)
     model = a_unet(len(shape))
     before = evaluate(model, data, batch_size=3, patch_size=patch_size, device=CPU)
 
-    # When it trains for a few epochs on random patches
+    # When it trains for a few epochs on random patches (or whole images)
     config = TrainConfig(epochs=4, batch_size=3, lr=0.01, optimizer="adam", seed=3,
                          patch_size=patch_size)  # fmt: skip
     result = train_local(model, data, range(6), config, device=CPU)
