@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 
+from training import metric_catalog
 from training.models import (
     Checkpoint,
     ClientUpdateStatus,
@@ -216,10 +217,12 @@ def round_metrics(fl_round: Round) -> dict[str, float]:
         if is_number(value):  # not the confusion matrix, ROC curve and per-class lists
             metrics[f"global/{key}"] = float(value)
     clients = recorded.get("clients") or {}
-    for key, name in (("loss", "mean_loss"), ("accuracy", "mean_accuracy"),
-                      ("num_samples", "num_samples")):  # fmt: skip
-        if is_number(clients.get(key)):
-            metrics[f"clients/{name}"] = float(clients[key])
+    # The clients' means of the catalogue's metrics they report (loss, accuracy or Dice).
+    for key, value in clients.items():
+        if key in metric_catalog.METRICS and is_number(value):
+            metrics[f"clients/mean_{key}"] = float(value)
+    if is_number(clients.get("num_samples")):
+        metrics["clients/num_samples"] = float(clients["num_samples"])
     for key in ("wall_seconds", "aggregation_seconds", "evaluation_seconds"):
         if is_number(recorded.get(key)):
             metrics[f"round/{key}"] = float(recorded[key])
