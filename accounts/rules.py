@@ -93,6 +93,9 @@ rules.add_perm("fedlens.stop_experiment", may_manage_own)
 rules.add_perm("fedlens.create_site", is_admin)
 rules.add_perm("fedlens.delete_site", is_admin)
 rules.add_perm("fedlens.change_site", may_operate)
+# A site's slug names its queue and its agents' credentials, and is_active decides whether
+# experiments may use it: an operator changes the rest of their site, an admin these.
+rules.add_perm("fedlens.administer_site", is_admin)
 rules.add_perm("fedlens.enrol_site", may_operate)
 rules.add_perm("fedlens.decide_approval", may_operate)
 

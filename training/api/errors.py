@@ -1,12 +1,33 @@
 """Errors of the domain turned into HTTP answers, in one place for every view."""
 
 from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
+from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from rest_framework import status
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from training.models import InvalidTransition
+from training.models import Dataset, InvalidTransition
+
+# Names are unique across all users: the message confirms only the name the caller chose.
+DATASET_NAME_TAKEN = "A dataset with this name already exists; choose another name."
+
+
+def save_dataset_unless_name_taken(serializer, **fields):
+    """Save a dataset serializer; a name taken meanwhile is the caller's 400, not a 500.
+
+    Two requests for one name can both pass the serializer's uniqueness check before either
+    inserts; the database's unique index then refuses the second.
+    """
+    try:
+        with transaction.atomic():
+            return serializer.save(**fields)
+    except IntegrityError:
+        name = serializer.validated_data.get("name")
+        if name is None or not Dataset.objects.filter(name=name).exists():
+            raise
+        raise ValidationError({"name": [DATASET_NAME_TAKEN]}) from None
 
 
 def request_too_large_answer(exc: Exception) -> tuple[str, int] | None:

@@ -24,6 +24,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from training.api.errors import save_dataset_unless_name_taken
 from training.api.permissions import RolePermission
 from training.api.serializers import (
     NORMALIZATION_HELP,
@@ -212,7 +213,11 @@ class DatasetUploadView(APIView):
         if not dataset.is_valid():
             shutil.rmtree(destination, ignore_errors=True)
             raise ValidationError(dataset.errors)
-        dataset.save(owner=request.user)
+        try:
+            save_dataset_unless_name_taken(dataset, owner=request.user)
+        except ValidationError:
+            shutil.rmtree(destination, ignore_errors=True)
+            raise
         return Response(dataset.data, status=status.HTTP_201_CREATED)
 
     @staticmethod

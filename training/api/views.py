@@ -6,11 +6,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action, api_view, permission_classes
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 
 from training import audit, services, sweeps
+from training.api.errors import save_dataset_unless_name_taken
 from training.api.filters import (
     CheckpointFilter,
     ClientUpdateFilter,
@@ -41,6 +42,10 @@ from training.models import (
 )
 from training.resume import resume_experiment
 
+# The slug names the site's queue and its agents' credentials; is_active decides whether
+# experiments may use it.
+ADMIN_ONLY_SITE_FIELDS = ("slug", "is_active")
+
 
 class SiteViewSet(viewsets.ModelViewSet):
     queryset = Site.objects.all()
@@ -49,6 +54,20 @@ class SiteViewSet(viewsets.ModelViewSet):
     filterset_class = SiteFilter
     search_fields = ["name", "slug", "description"]
     ordering_fields = ["name", "slug", "created_at", "last_seen"]
+
+    def perform_update(self, serializer):
+        changing = [
+            field
+            for field in ADMIN_ONLY_SITE_FIELDS
+            if field in serializer.validated_data
+            and serializer.validated_data[field] != getattr(serializer.instance, field)
+        ]
+        if changing and not self.request.user.has_perm("fedlens.administer_site"):
+            raise PermissionDenied(
+                f"Only an admin may change a site's {' or '.join(changing)}; you may change "
+                "its name and description. Ask a FedLens admin for the rest."
+            )
+        serializer.save()
 
 
 class DatasetViewSet(viewsets.ModelViewSet):
@@ -67,7 +86,10 @@ class DatasetViewSet(viewsets.ModelViewSet):
         )
 
     def perform_create(self, serializer):
-        serializer.save(owner=self.request.user)
+        save_dataset_unless_name_taken(serializer, owner=self.request.user)
+
+    def perform_update(self, serializer):
+        save_dataset_unless_name_taken(serializer)
 
 
 class ExperimentViewSet(viewsets.ModelViewSet):
