@@ -72,7 +72,10 @@ class ExperimentDownloadViewSet(viewsets.GenericViewSet):
                 OpenApiTypes.STR,
                 description="A header row, then one row per round and client, with the "
                 "columns " + ", ".join(reports.METRIC_COLUMNS) + ". Global metrics are the "
-                "round's held-out evaluation, repeated on each of its rows.",
+                "round's held-out evaluation, repeated on each of its rows. A segmentation "
+                "experiment's columns are "
+                + ", ".join(reports.metric_columns("segmentation"))
+                + ", with one global_dice_<class name> per foreground class after global_hd95.",
             )
         },
     )
