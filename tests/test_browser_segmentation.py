@@ -134,8 +134,20 @@ def test_a_segmentation_experiment_and_its_masks_in_the_browser(segmentation_ser
     browser.save_screenshot(str(SCREENSHOTS / "segmentation-experiment.png"))
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
+    # The compare page: a chart per compared metric, Dice first, and Dice as the target
+    browser.get(f"{server.url}/compare/?experiment={summary['experiment']}")
+    WebDriverWait(browser, 30).until(lambda d: chart_points(d, "hd95-chart"))
+    charts = [c.get_attribute("data-metric") for c in browser.find_elements(
+        By.CSS_SELECTOR, "#compare-charts .card")]  # fmt: skip
+    assert charts == ["dice", "hd95", "loss"]
+    assert chart_points(browser, "dice-chart") == [ROUNDS]
+    columns = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#compare-summary th")]
+    assert columns[2:5] == ["Dice", "HD95", "loss"]
+    assert "rounds to dice" in browser.find_element(By.CSS_SELECTOR, ".card h2").text
+
     # The viewer: the ground truth over the first image, then the best checkpoint's
     # prediction with its Dice on this image
+    browser.get(f"{server.url}/experiments/{summary['experiment']}/")
     browser.find_element(By.LINK_TEXT, "Images").click()
     WebDriverWait(browser, 30, ignored_exceptions=[StaleElementReferenceException]).until(
         lambda d: click_first(d, "#image-list button")
