@@ -18,8 +18,9 @@ from tests.factories import (
     ExperimentFactory,
     RoundFactory,
     SiteFactory,
+    UserFactory,
 )
-from training import comparison, federation, metric_catalog
+from training import comparison, federation, metric_catalog, sweeps
 from training.fl.metrics import classification_metrics, segmentation_metrics
 from training.models import (
     ClientUpdateStatus,
@@ -343,3 +344,34 @@ def test_the_experiment_list_gives_a_segmentation_experiments_best_dice_and_tren
 
     assert '0.750 <span class="muted">Dice</span>' in page
     assert 'aria-label="Dice per round"' in page
+
+
+def test_a_sweep_of_segmentation_experiments_targets_dice_unless_told_otherwise(db, dataset_root):
+    # Given a segmentation dataset (the ledger's row; nothing here reads its files)
+    owner = UserFactory()
+    dataset = DatasetFactory(
+        owner=owner,
+        path=str(dataset_root),
+        task=Task.SEGMENTATION,
+        storage_format=StorageFormat.MSD,
+        num_classes=3,
+        class_names=CLASS_NAMES,
+        image_shape=[32, 32],
+    )
+    base = {
+        "dataset": dataset.pk,
+        "network": "unet",
+        "sites": [site_named("north").slug, site_named("south").slug],
+        "num_rounds": 2,
+        "clients_per_round": 2,
+        "min_clients": 1,
+    }
+    # When sweeps are made over seeds, one without a target metric
+    default = sweeps.create_sweep(owner, name="dice", base_settings=base, grid={"seed": [0, 1]})
+    told = sweeps.create_sweep(
+        owner, name="hd95", base_settings=base, grid={"seed": [0]}, target_metric="hd95"
+    )
+
+    # Then the first targets Dice, the second what it was told
+    assert default.target_metric == "dice"
+    assert told.target_metric == "hd95"
