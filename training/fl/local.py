@@ -349,6 +349,20 @@ def train_local(
     )
 
 
+def evaluation_indices(dataset: Any, indices: Indices | None, batch_size: int) -> list[int]:
+    """The samples an evaluation covers (all of them when ``indices`` is None), checked."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if indices is None:
+        if not isinstance(dataset, Sized):
+            raise TypeError("evaluate needs explicit indices for a dataset without a length")
+        indices = range(len(dataset))
+    index_list = [int(index) for index in indices]
+    if not index_list:
+        raise ValueError("evaluate needs at least one sample")
+    return index_list
+
+
 def evaluate(
     model: nn.Module,
     dataset: Dataset[Sample],
@@ -376,15 +390,7 @@ def evaluate(
             patch_size=patch_size,
             device=device,
         )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if indices is None:
-        if not isinstance(dataset, Sized):
-            raise TypeError("evaluate needs explicit indices for a dataset without a length")
-        indices = range(len(dataset))
-    index_list = [int(index) for index in indices]
-    if not index_list:
-        raise ValueError("evaluate needs at least one sample")
+    index_list = evaluation_indices(dataset, indices, batch_size)
     device = device or default_device()
     on_cuda = device.type == "cuda"
     model.to(device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from training.fl.local import (
     TrainConfig,
     default_device,
     derive_seed,
+    evaluation_indices,
     gradient_adjustment,
     make_optimizer,
     rng_devices,
@@ -304,15 +305,7 @@ def evaluate_segmentation(
     ``patch_size`` each image is covered by overlapping windows of that size, in batches
     of ``batch_size`` windows; without it ``batch_size`` whole images go through at once.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if indices is None:
-        if not isinstance(dataset, Sized):
-            raise TypeError("evaluate needs explicit indices for a dataset without a length")
-        indices = range(len(dataset))
-    index_list = [int(index) for index in indices]
-    if not index_list:
-        raise ValueError("evaluate needs at least one sample")
+    index_list = evaluation_indices(dataset, indices, batch_size)
     device = device or default_device()
     on_cuda = device.type == "cuda"
     model.to(device)
