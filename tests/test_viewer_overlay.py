@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import client_for
@@ -18,7 +19,7 @@ from training.fl.data.formats import get_format
 from training.fl.data.synthetic import generate_segmentation_dataset
 from training.fl.metrics import segmentation_metrics
 from training.fl.segmentation import predict_mask
-from visualization.viewer.overlay import class_colour
+from visualization.viewer.overlay import class_colour, to_stored_grid
 
 ORGAN, LESION = 1, 2
 
@@ -232,3 +233,37 @@ def test_the_viewer_page_of_a_segmentation_dataset_offers_the_overlay(slices, ow
     assert 'id="overlay-canvas"' in page
     assert 'id="overlay-opacity"' in page
     assert "Seg run: initial weights" in page
+
+
+def test_a_volumes_prediction_is_cut_along_the_chosen_plane_with_the_volumes_dice(volumes, owner):
+    experiment = ExperimentFactory(owner=owner, dataset=volumes, network="unet")
+    checkpoint = checkpoint_of(experiment)
+    client = client_for(owner)
+
+    coronal = client.get(
+        overlay_url(volumes), {"checkpoint": checkpoint.pk, "plane": "coronal", "slice": 10}
+    ).json()
+    sagittal = client.get(
+        overlay_url(volumes), {"checkpoint": checkpoint.pk, "plane": "sagittal", "slice": 10}
+    ).json()
+
+    # One prediction of the whole volume: the same Dice whatever the slice shown
+    assert coronal["dice"] == sagittal["dice"]
+    assert 0.0 <= coronal["dice"] <= 1.0
+    assert len(coronal["dice_per_class"]) == 2
+    truth, predicted = decoded(coronal["ground_truth"]), decoded(coronal["prediction"])
+    assert truth.shape == predicted.shape
+
+
+def test_a_predicted_label_map_is_brought_to_the_stored_grid_by_nearest_neighbour():
+    labels = torch.tensor([[0, 1], [2, 1]])
+
+    stored = to_stored_grid(labels, (4, 6))
+
+    assert stored.dtype == np.int64
+    assert stored.tolist() == [
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [2, 2, 2, 1, 1, 1],
+        [2, 2, 2, 1, 1, 1],
+    ]

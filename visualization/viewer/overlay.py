@@ -84,7 +84,7 @@ def check_segmentation(dataset: Dataset) -> None:
         )
 
 
-def _to_stored_grid(labels: torch.Tensor, shape: tuple[int, ...]) -> npt.NDArray[np.int64]:
+def to_stored_grid(labels: torch.Tensor, shape: tuple[int, ...]) -> npt.NDArray[np.int64]:
     """A label map resampled to `shape` with nearest neighbour (labels stay labels)."""
     if tuple(labels.shape) == shape:
         return labels.numpy().astype(np.int64)
@@ -127,7 +127,7 @@ def _predict(checkpoint: Checkpoint, dataset: Dataset, record: ImageRecord) -> P
         labels[None, None], truth[None], num_classes=dataset.num_classes, spacing=spacing
     )
     stored_shape = tuple(image.array.shape[: image.spatial_dims])
-    return Prediction(labels=_to_stored_grid(labels, stored_shape), metrics=metrics)
+    return Prediction(labels=to_stored_grid(labels, stored_shape), metrics=metrics)
 
 
 def labels_image(labels: npt.NDArray[np.int64], like: ImageArray) -> ImageArray:
