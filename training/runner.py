@@ -226,8 +226,10 @@ def format_cross_site(results: dict[str, Any], metric: str | None = None) -> str
     hold `metric`, by default the task's primary one (accuracy, or Dice when the sites
     report Dice)."""
     if metric is None:
-        reported = {name for weighted in results["weighted"].values() for name in weighted}
-        task = metric_catalog.SEGMENTATION if "dice" in reported else metric_catalog.CLASSIFICATION
+        # The matrix does not name its task: the sites reported Dice only for segmentation.
+        dice = [weighted.get("dice") for weighted in results["weighted"].values()]
+        segmented = any(value is not None for value in dice)
+        task = metric_catalog.SEGMENTATION if segmented else metric_catalog.CLASSIFICATION
         metric = metric_catalog.primary_metric(task)
     columns = [*results["sites"], "weighted"]
     rows = [
