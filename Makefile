@@ -22,8 +22,12 @@ $(VENV)/.base-installed: requirements/base.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements/base.txt
 	touch $@
 
-$(VENV)/.dev-installed: requirements/dev.txt $(VENV)/.base-installed
-	$(BIN)/pip install --quiet -r requirements/dev.txt
+# The suite's environment is the lock file: dev.txt's requirements (base.txt's among them)
+# and everything they pull in, each at one version with its hashes; pip refuses a file whose
+# hash differs. torch's hash is the local CPU wheel's (/opt/wheels, found through pip's
+# find-links). After changing a pin, run the pip-compile command in the lock file's header.
+$(VENV)/.dev-installed: requirements/lock.txt requirements/dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements/lock.txt
 	touch $@
 
 $(CHART_JS): package.json package-lock.json
