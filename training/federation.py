@@ -5,6 +5,7 @@ so that only the first round of an experiment pays for reading them.
 """
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,14 +274,20 @@ def network_with_weights(experiment: Experiment, weights: dict[str, torch.Tensor
     return network
 
 
-@cached_by_ledger_id(maxsize=2)
 def training_network(experiment_id: int) -> nn.Module:
-    """The network that a worker process trains an experiment's clients in, built once.
+    """The network that this thread trains an experiment's clients in, built once.
 
     Each task loads its round's starting weights into it, which resets every parameter and
     buffer: building the modules again for every client cost more than a tiny model's
-    training step.
+    training step. One per thread: the embedded worker trains several clients at once.
     """
+    return thread_training_network(experiment_id, threading.get_ident())
+
+
+# Two experiments per thread of the embedded worker (a thread id is reused only once its
+# thread is gone, and only one thread trains in a worker process of the distributed mode).
+@cached_by_ledger_id(maxsize=2 * settings.FEDLENS_EMBEDDED_CONCURRENCY)
+def thread_training_network(experiment_id: int, thread_id: int) -> nn.Module:
     experiment = experiment_configuration(experiment_id)
     # Seeded so as to leave the global random state alone; the weights are replaced anyway.
     return build_experiment_network(experiment, seed=experiment.seed)

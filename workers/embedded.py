@@ -2,9 +2,13 @@
 
 Used when no REDIS_URL is set: the broker is kombu's in-memory transport, so tasks sent by
 this process run in this process, through the same Celery machinery as in a deployment.
-The `solo` pool runs one task at a time in the worker thread; the `threads` pool stalls for
-about two seconds per task on the in-memory transport once its prefetch is full. A beat
-thread sends the periodic tasks (the round watchdog) as `celery beat` does in a deployment.
+The `solo` pool runs one task at a time in its consumer's thread; the `threads` pool stalls
+for about two seconds per task on the in-memory transport once its prefetch is full. So the
+worker runs FEDLENS_EMBEDDED_CONCURRENCY solo consumers, each in a thread of its own, and
+the clients of a round train at once: PyTorch releases the GIL in its kernels, and each
+client has FEDLENS_TORCH_THREADS of its own (training/federation.py gives each thread its own
+network). A beat thread sends the periodic tasks (the round watchdog) as `celery beat` does
+in a deployment.
 
 The tasks of an experiment live in the memory of the process that sent them: each embedded
 process records which experiments it drives (flproject/embedded_processes.py), and the
@@ -22,6 +26,7 @@ from celery.app import trace
 from celery.beat import EmbeddedService
 from celery.signals import after_task_publish
 from celery.worker import WorkController
+from django.conf import settings
 
 from flproject import embedded_processes
 from flproject.celery import app as project_app
@@ -61,41 +66,48 @@ class EmbeddedWorker:
         queues: tuple[str, ...] = (TRAINING_QUEUE, AGGREGATION_QUEUE),
         name: str | None = None,
         beat: bool = True,
+        concurrency: int | None = None,
     ) -> None:
         self.app = app
         self.beat = beat
         self.queues = queues
         self.hostname = name or f"embedded@{socket.gethostname()}"
-        self._thread: threading.Thread | None = None
-        self._controller: EmbeddedWorkController | None = None
+        self.concurrency = concurrency or settings.FEDLENS_EMBEDDED_CONCURRENCY
+        self._consumers: list[tuple[EmbeddedWorkController, threading.Thread]] = []
         self._beat = None
 
     def start(self) -> "EmbeddedWorker":
         # As `celery worker --pool solo` does: tasks see this worker's name and this app,
         # whichever thread runs them.
         trace.setup_worker_optimizations(self.app, self.hostname)
-        self._controller = EmbeddedWorkController(
-            app=self.app,
-            hostname=self.hostname,
-            pool_cls="solo",
-            concurrency=1,
-            queues=list(self.queues),
-            # Gossip, mingle and heartbeats talk to other workers; there are none.
-            without_gossip=True,
-            without_mingle=True,
-            without_heartbeat=True,
-            optimization="fair",
-        )
-        self._thread = threading.Thread(
-            target=self._controller.start, name="fedlens-embedded-worker", daemon=True
-        )
-        self._thread.start()
-        if not self._controller.ready.wait(READY_TIMEOUT_SECONDS):
-            raise RuntimeError(
-                f"The embedded Celery worker did not start in {READY_TIMEOUT_SECONDS} s."
+        # Consumers of the same queues under one name: to the ledger and to remote control
+        # they are one worker whose pool trains `concurrency` tasks at a time.
+        for number in range(1, self.concurrency + 1):
+            controller = EmbeddedWorkController(
+                app=self.app,
+                hostname=self.hostname,
+                pool_cls="solo",
+                concurrency=1,
+                queues=list(self.queues),
+                # Gossip, mingle and heartbeats talk to other workers; there are none.
+                without_gossip=True,
+                without_mingle=True,
+                without_heartbeat=True,
+                optimization="fair",
             )
+            thread = threading.Thread(
+                target=controller.start, name=f"fedlens-embedded-worker-{number}", daemon=True
+            )
+            thread.start()
+            self._consumers.append((controller, thread))
+        for controller, _ in self._consumers:
+            if not controller.ready.wait(READY_TIMEOUT_SECONDS):
+                self.stop()
+                raise RuntimeError(
+                    f"The embedded Celery worker did not start in {READY_TIMEOUT_SECONDS} s."
+                )
         # The solo pool marks the whole process as "inside a task", which forbids waiting on
-        # results; only the worker thread runs tasks, so the other threads may wait (Celery's
+        # results; only the consumer threads run tasks, so the other threads may wait (Celery's
         # own test worker resets the flag the same way).
         _set_task_join_will_block(False)
         if self.beat:
@@ -104,19 +116,24 @@ class EmbeddedWorker:
                 self.app, thread=True, scheduler_cls="celery.beat:Scheduler"
             )
             self._beat.start()
-        logger.info("Embedded Celery worker %s consumes %s", self.hostname, ", ".join(self.queues))
+        logger.info(
+            "Embedded Celery worker %s consumes %s, %s tasks at a time",
+            self.hostname,
+            ", ".join(self.queues),
+            self.concurrency,
+        )
         return self
 
     def stop(self) -> None:
         if self._beat is not None:
             self._beat.stop()
             self._beat = None
-        if self._controller is not None:
-            self._controller.stop(in_sighandler=False)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for controller, _ in self._consumers:
+            controller.stop(in_sighandler=False)
+        for _, thread in self._consumers:
+            thread.join(timeout=10)
         trace.reset_worker_optimizations(self.app)
-        self._controller = self._thread = None
+        self._consumers = []
 
     def __enter__(self) -> "EmbeddedWorker":
         return self.start()

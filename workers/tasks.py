@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 @worker_process_init.connect
 def limit_torch_threads(**kwargs) -> None:
-    """In each pool process of a `celery worker` (not in the embedded worker's host)."""
+    """In each pool process of a `celery worker`, and in the embedded worker's host as each
+    of its solo consumers starts (settings give each concurrent client its share)."""
     torch.set_num_threads(settings.FEDLENS_TORCH_THREADS)
 
 

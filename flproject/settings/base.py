@@ -14,7 +14,8 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
-# A module, not its upper-case names, which would become settings. It imports no Django.
+# Modules, not their upper-case names, which would become settings. They import no Django.
+from flproject import machine
 from training import queues
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -404,10 +405,19 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # or aged connection before each task, as Django does per request.
 CELERY_DB_REUSE_MAX = 1000
 CELERY_TIMEZONE = TIME_ZONE
-# PyTorch threads per worker process. One by default: a worker trains one task at a time
-# (on its GPU when it has one), and more threads spin against the Celery parent process and
-# the other workers of the node. CPU-only nodes training larger networks may raise it.
-FEDLENS_TORCH_THREADS = env_int("FEDLENS_TORCH_THREADS", 1)
+# Embedded mode: clients of a round trained at once, each by its own consumer thread of the
+# in-process worker (PyTorch releases the GIL in its kernels). Default: the CPUs this process
+# may use (its affinity mask, capped by a container's CPU quota).
+FEDLENS_EMBEDDED_CONCURRENCY = env_int("FEDLENS_EMBEDDED_CONCURRENCY", machine.available_cpus())
+# PyTorch threads per training client. Embedded mode: each concurrent client's share of the
+# CPUs. A worker process of the distributed mode: one, as it trains one task at a time (on its
+# GPU when it has one) and more threads spin against the other workers of the node; CPU-only
+# nodes training larger networks may raise it. The CPU kernels split their sums by thread,
+# so final weights are bit-for-bit repeatable for a given value, not across values.
+FEDLENS_TORCH_THREADS = env_int(
+    "FEDLENS_TORCH_THREADS",
+    max(1, machine.available_cpus() // FEDLENS_EMBEDDED_CONCURRENCY) if FEDLENS_EMBEDDED else 1,
+)
 # How often the watchdog looks for rounds past their deadline.
 FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
 # A client's task is sent at most this many times (its first send included) when the
