@@ -103,7 +103,9 @@ CRUD_VERBS = {
 
 
 class AuditEntrySerializer(serializers.ModelSerializer):
-    actor = serializers.CharField(source="actor.username", default=None, read_only=True)
+    actor = serializers.CharField(
+        source="actor.username", default=None, read_only=True, allow_null=True
+    )
     action = serializers.SerializerMethodField(
         help_text="create, update or delete (a saved object), or what was done: start, stop, "
         "resume, approve, refuse, login, login-failed, logout, token-issued, tokens-revoked."

@@ -369,6 +369,10 @@ SPECTACULAR_SETTINGS = {
         "RoundStatusEnum": "training.models.RoundStatus",
         "ClientUpdateStatusEnum": "training.models.ClientUpdateStatus",
     },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "flproject.api_schema.document_error_responses",
+    ],
 }
 
 # --- Celery -----------------------------------------------------------------------------------

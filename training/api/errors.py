@@ -70,4 +70,9 @@ def exception_handler(exc, context):
     if too_large is not None:
         detail, code = too_large
         return Response({"detail": detail}, status=code)
-    return drf_exception_handler(exc, context)
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(response.data, list):
+        # A ValidationError raised without a field (a filter's, a parser's) is a bare list;
+        # every error of the API is an object, with `detail` when no field is at fault.
+        response.data = {"detail": " ".join(str(message) for message in response.data)}
+    return response

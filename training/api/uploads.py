@@ -99,9 +99,14 @@ class DatasetUploadSerializer(serializers.Serializer):
 
 
 class UploadErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField()
+    """A refused archive has `detail` and `member`; refused form fields are named instead,
+    each with its messages (as every 400 of the API)."""
+
+    detail = serializers.CharField(required=False)
     member = serializers.CharField(
-        allow_null=True, help_text="The archive member to fix, when one is at fault."
+        required=False,
+        allow_null=True,
+        help_text="The archive member to fix, when one is at fault.",
     )
 
 

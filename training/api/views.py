@@ -3,8 +3,8 @@
 from django.db.models import Prefetch
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import status, viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view, permission_classes
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import IsAuthenticated
@@ -258,7 +258,24 @@ class CheckpointViewSet(ExperimentLedgerViewSet):
         return response
 
 
-@extend_schema(responses={200: OpenApiTypes.OBJECT})
+@extend_schema(
+    responses={
+        200: inline_serializer(
+            name="StrategyDescription",
+            fields={
+                "name": serializers.CharField(),
+                "title": serializers.CharField(),
+                "paper": serializers.CharField(),
+                "description": serializers.CharField(),
+                "parameters": serializers.ListField(
+                    child=serializers.DictField(),
+                    help_text="Each parameter's name, type, default, description and range.",
+                ),
+            },
+            many=True,
+        )
+    }
+)
 @api_view(["GET"])
 @permission_classes([IsAuthenticated])
 def strategy_list(request):
