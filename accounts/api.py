@@ -203,7 +203,8 @@ class SiteEnrolmentTokenView(APIView):
         try:
             token = sites.issue_enrolment_token(site, created_by=request.user)
         except sites.SitesNotConfigured as missing:
-            return Response({"detail": str(missing)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+            # How this server is set up, which its admin changes; not an outage that passes.
+            return Response({"detail": str(missing)}, status=status.HTTP_409_CONFLICT)
         expires_at = timezone.now() + timedelta(hours=settings.FEDLENS_ENROLMENT_TOKEN_HOURS)
         return Response({"token": token, "expires_at": expires_at}, status=status.HTTP_201_CREATED)
 

@@ -6,35 +6,19 @@ from pathlib import Path
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from training import federation
 from training.fl.data import (
     NORMALIZATION_FORMS,
     DatasetFormatError,
     ImageReadError,
     NormalizationError,
     check_normalization,
-    native_channels,
 )
 from training.fl.data.formats import FORMAT_NAMES, DatasetFormat, get_format
 from training.fl.data.partition import parse_partition_spec
-from training.fl.networks import (
-    SEGMENTATION_NETWORKS,
-    available_networks,
-    build_network,
-    check_input_shape,
-    network_task,
-    spatial_divisor,
-)
-from training.fl.privacy import dp_sgd_problem
-from training.fl.strategies import (
-    available_strategies,
-    batch_norm_parameters,
-    describe_strategies,
-    validate_strategy_params,
-)
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -289,6 +273,8 @@ class DatasetSerializer(serializers.ModelSerializer):
         """A new dataset's channels when not given: the stored images' (1 or 3). Data that
         cannot be read yet keeps the default of 1, as registration never required readable
         data; an experiment on it reports the read error."""
+        from training.fl.data import native_channels
+
         try:
             return native_channels(merged["path"], merged["storage_format"])
         except (DatasetFormatError, ImageReadError, OSError, ValueError):
@@ -324,8 +310,15 @@ class VisibleDatasetField(serializers.PrimaryKeyRelatedField):
         return visible
 
 
+# The engine's catalogues of networks and strategies (and its checks of a network) are
+# imported where they are used below: they load PyTorch, which a web process does not load
+# until it validates an experiment.
+
+
 def strategy_params_schema() -> dict:
     """OpenAPI: the parameters object of each strategy, with types, defaults and ranges."""
+    from training.fl.strategies import describe_strategies
+
     variants = []
     for strategy in describe_strategies():
         properties = {}
@@ -358,12 +351,22 @@ def strategy_params_schema() -> dict:
     }
 
 
-@extend_schema_field(strategy_params_schema())
 class StrategyParamsField(serializers.JSONField):
     """A JSON object checked against the chosen strategy in ExperimentSerializer.validate."""
 
 
+class StrategyParamsFieldSchema(OpenApiSerializerFieldExtension):
+    """The schema of StrategyParamsField, built when a schema is generated."""
+
+    target_class = StrategyParamsField
+
+    def map_serializer_field(self, auto_schema, direction):
+        return strategy_params_schema()
+
+
 def strategy_choices() -> list[tuple[str, str]]:
+    from training.fl.strategies import available_strategies, describe_strategies
+
     titles = {strategy["name"]: strategy["title"] for strategy in describe_strategies()}
     return [(name, titles.get(name, name)) for name in available_strategies()]
 
@@ -397,9 +400,10 @@ class ExperimentSerializer(serializers.ModelSerializer):
         queryset=Site.objects.all(),
         help_text="Slugs of the sites that may be picked as clients.",
     )
-    network = serializers.ChoiceField(choices=available_networks(), default="cnn-small")
+    # Choices filled in by get_fields().
+    network = serializers.ChoiceField(choices=(), default="cnn-small")
     strategy = serializers.ChoiceField(
-        choices=strategy_choices(),
+        choices=(),
         default="fedavg",
         help_text="The aggregation strategy; GET /api/strategies/ describes each one.",
     )
@@ -452,6 +456,14 @@ class ExperimentSerializer(serializers.ModelSerializer):
             },
         }
 
+    def get_fields(self):
+        from training.fl.networks import available_networks
+
+        fields = super().get_fields()
+        fields["network"].choices = available_networks()
+        fields["strategy"].choices = strategy_choices()
+        return fields
+
     def validate_network_params(self, value):
         if not isinstance(value, dict):
             raise serializers.ValidationError("Give an object of network parameters.")
@@ -484,6 +496,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
     @staticmethod
     def network_error(network: str, params: dict, dataset) -> str | None:
         """Why the network cannot be built for this dataset, or None if it can."""
+        from training.fl.networks import build_network
+
         try:
             build_network(
                 network,
@@ -508,6 +522,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
         return value
 
     def validate(self, attrs):
+        from training.fl.strategies import validate_strategy_params
+
         merged = {**self._current_values(), **attrs}
         errors = {}
         try:
@@ -562,6 +578,9 @@ class ExperimentSerializer(serializers.ModelSerializer):
         run FedAvg."""
         if merged.get("strategy") != "fedbn":
             return {}
+        from training.fl.networks import build_network
+        from training.fl.strategies import batch_norm_parameters
+
         dataset, network = merged["dataset"], merged.get("network", "cnn-small")
         image_shape = dataset.image_shape or []
         built = build_network(
@@ -583,6 +602,15 @@ class ExperimentSerializer(serializers.ModelSerializer):
     def task_errors(merged: dict) -> dict[str, str]:
         """The network must learn the dataset's task; a segmentation patch must fit the
         images and the network's downsampling; local DP-SGD cannot train segmentation."""
+        from training.fl.networks import (
+            SEGMENTATION_NETWORKS,
+            build_network,
+            check_input_shape,
+            network_task,
+            spatial_divisor,
+        )
+        from training.fl.privacy import dp_sgd_problem
+
         dataset, network = merged["dataset"], merged.get("network", "cnn-small")
         params = merged.get("network_params") or {}
         patch_size = merged.get("patch_size") or []
@@ -680,6 +708,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
             return {}  # validate_partition said why
         if kind != "site" or dataset.is_federated or not dataset.path:
             return {}
+        from training import federation
+
         try:
             data_sites = federation.open_dataset_at(dataset, dataset.path).sites
         except (ValueError, OSError) as exc:
@@ -771,7 +801,9 @@ class ExperimentSummarySerializer(serializers.ModelSerializer):
 class CheckpointSummarySerializer(serializers.ModelSerializer):
     """A checkpoint without request-dependent links (sent over the WebSocket)."""
 
-    round_number = serializers.IntegerField(source="round.number", read_only=True, default=None)
+    round_number = serializers.IntegerField(
+        source="round.number", read_only=True, default=None, allow_null=True
+    )
 
     class Meta:
         model = Checkpoint

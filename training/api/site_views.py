@@ -101,7 +101,8 @@ class EnrolView(APIView):
         except sites.EnrolmentRefused as refused:
             raise ValidationError({"token": [str(refused)]}) from None
         except sites.SitesNotConfigured as missing:
-            return Response({"detail": str(missing)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+            # How this server is set up, which its admin changes; not an outage that passes.
+            return Response({"detail": str(missing)}, status=status.HTTP_409_CONFLICT)
         return Response(IssuedCredentialSerializer(issued).data, status=status.HTTP_201_CREATED)
 
 
