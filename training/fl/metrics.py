@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.utils import one_hot
 from sklearn.metrics import confusion_matrix, precision_score, roc_auc_score, roc_curve
 
 __all__ = [
@@ -179,6 +177,10 @@ def segmentation_scores(
     for name, maps in (("predictions", predicted_maps), ("targets", target_maps)):
         if maps.numel() and (int(maps.min()) < 0 or int(maps.max()) >= num_classes):
             raise ValueError(f"{name} hold labels outside 0..{num_classes - 1}")
+    # Imported here: ``import monai`` loads all of MONAI (MLflow's handler included).
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+    from monai.networks.utils import one_hot
+
     predicted = one_hot(predicted_maps, num_classes)
     expected = one_hot(target_maps, num_classes)
     steps = _per_sample_spacing(spacing, len(target_maps), spatial_dims)

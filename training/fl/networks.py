@@ -6,6 +6,9 @@ SegResNet) map it to per-voxel logits shaped (N, num_classes, H, W) or (N, num_c
 H, W). None of them uses dropout by default, so the only randomness in training is the
 data order (and, for segmentation, the augmentations), which ``training.fl.local`` and
 ``training.fl.segmentation`` seed.
+
+MONAI is imported by the builders that use it: ``import monai`` loads every MONAI module,
+MLflow's handler included, which a run of the small networks has no use for.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.networks import nets as monai_nets
 from torch import nn
 
 __all__ = [
@@ -220,7 +222,9 @@ def _unet(
             "network 'unet' needs at least 2 channels and one stride fewer than channels, "
             f"got channels {list(channels)} and strides {list(strides)}"
         )
-    return monai_nets.UNet(
+    from monai.networks.nets import UNet
+
+    return UNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
@@ -242,7 +246,9 @@ def _basicunet(
     _check_spatial_dims("basicunet", spatial_dims, (2, 3))
     if len(features) != 6:
         raise ValueError(f"network 'basicunet' needs 6 features, got {list(features)}")
-    return monai_nets.BasicUNet(
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
@@ -271,7 +277,9 @@ def _segresnet(
             "network 'segresnet' needs one entry of blocks_up fewer than blocks_down, got "
             f"{list(blocks_down)} and {list(blocks_up)}"
         )
-    return monai_nets.SegResNet(
+    from monai.networks.nets import SegResNet
+
+    return SegResNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
@@ -291,7 +299,9 @@ def _densenet121(
 ) -> nn.Module:
     """MONAI's DenseNet121 (Huang et al. 2017, arXiv:1608.06993) for classification."""
     _check_spatial_dims("densenet121", spatial_dims, (2, 3))
-    return monai_nets.DenseNet121(
+    from monai.networks.nets import DenseNet121
+
+    return DenseNet121(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
