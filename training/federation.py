@@ -501,6 +501,9 @@ def aggregate_usable_updates(fl_round: Round, rejected: dict[int, str]) -> Aggre
     # An update holds exactly the global model's tensors: the network's names and shapes.
     expected = {name: (tuple(t.shape), t.dtype) for name, t in start_weights.items()}
     strategy.begin_round(start_weights)
+    # The strategy kept what it needs of them (plain FedAvg: nothing); holding them through
+    # the round would cost a model's memory more than the running sum and one update.
+    del start_weights
     updates = list(
         fl_round.client_updates.filter(status=ClientUpdateStatus.SUCCEEDED)
         .select_related("site")
@@ -512,19 +515,18 @@ def aggregate_usable_updates(fl_round: Round, rejected: dict[int, str]) -> Aggre
     # keeps only its running sum. Each is checked before the strategy sees it.
     for update in updates:
         try:
-            weights = modelstore.load_stored_weights(
+            received = modelstore.load_stored_weights(
                 update.update_file.name, update.update_sha256, into=received
             )
         except (WeightsError, OSError) as error:
             rejected[update.pk] = rejection_reason(str(error))
             continue
-        received = weights
-        problem = weights_mismatch(weights, expected)
+        problem = weights_mismatch(received, expected)
         if problem is not None:
             rejected[update.pk] = rejection_reason(problem)
             continue
         strategy.accumulate(
-            weights,
+            received,
             num_samples=update.num_samples,
             metrics={key: update.metrics[key] for key in TRAINING_METRICS if key in update.metrics},
             extras=update.metrics.get("extras"),
@@ -546,12 +548,15 @@ def aggregate_usable_updates(fl_round: Round, rejected: dict[int, str]) -> Aggre
     modelstore.save_strategy_files(
         stored.name, state=strategy.state_dict(), payload=strategy.client_payload()
     )
-    # A second pass, one update at a time again, for each site's distance from the result.
+    # A second pass, one update at a time again into the same tensors, for each site's
+    # distance from the result.
     files = [(update.update_file.name, update.update_sha256) for update in usable]
+    reread = modelstore.stream_stored_weights(files, into=received)
     client_metrics = {
         update.pk: {**update.metrics, "distance_to_aggregate": l2_distance(weights, new_weights)}
-        for update, weights in zip(usable, modelstore.stream_stored_weights(files), strict=True)
+        for update, weights in zip(usable, reread, strict=True)
     }
+    del received, reread
     aggregated = time.perf_counter()
 
     evaluation: dict[str, Any] | None = None

@@ -4,14 +4,15 @@ It goes through Django's storage API (STORAGES["models"]), so a deployment can p
 shared volume or an object store; the ledger keeps each file's name and SHA-256.
 """
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from django.core.files.base import ContentFile
+from django.core.files.base import File
 
-from training.fl.weights import load_weights, load_weights_file, sha256_hex, weights_to_bytes
+from training.fl.weights import encode_weights, load_weights, load_weights_file, sha256_hex
 from training.models import model_store
 
 
@@ -45,17 +46,38 @@ def _delivery() -> str:
     return uuid.uuid4().hex[:8]
 
 
+class _EncodedWeights(File):
+    """Weights as the storage API reads a file: chunk by chunk, hashed on the way, so that
+    storing a model never holds a second copy of it (nor its bytes) in memory."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], name: str) -> None:
+        super().__init__(None, name)
+        self.size, self._encoded = encode_weights(weights)
+        self.digest = hashlib.sha256()
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        for chunk in self._encoded:
+            self.digest.update(chunk)
+            yield chunk
+
+    def multiple_chunks(self, chunk_size: int | None = None) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # for a storage that reads rather than iterates
+        return b"".join(self.chunks())
+
+
 def save_weights(name: str, weights: Mapping[str, torch.Tensor]) -> StoredWeights:
     """Store `weights` under `name`, replacing an earlier file (a task may run twice)."""
-    data = weights_to_bytes(weights)
     storage = model_store()
     if storage.exists(name):
         storage.delete(name)
-    stored_name = storage.save(name, ContentFile(data))
+    encoded = _EncodedWeights(weights, name)
+    stored_name = storage.save(name, encoded)
     return StoredWeights(
         name=stored_name,
-        sha256=sha256_hex(data),
-        size_bytes=len(data),
+        sha256=encoded.digest.hexdigest(),
+        size_bytes=encoded.size,
         num_parameters=sum(tensor.numel() for tensor in weights.values()),
     )
 
@@ -81,12 +103,12 @@ def load_stored_weights(
 
 
 def stream_stored_weights(
-    files: Iterable[tuple[str, str]],
+    files: Iterable[tuple[str, str]], *, into: Mapping[str, torch.Tensor] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The weights of each (name, SHA-256) in turn, each read into the tensors of the one
-    before: memory for one model, however many files. A consumer must be done with one
-    before it asks for the next."""
-    received: dict[str, torch.Tensor] | None = None
+    before (the first into `into`'s): memory for one model, however many files. A consumer
+    must be done with one before it asks for the next."""
+    received = into
     for name, sha256 in files:
         received = load_stored_weights(name, sha256, into=received)
         yield received

@@ -12,6 +12,9 @@ from torch import nn
 from training.fl.networks import build_network
 from training.fl.weights import (
     WeightsError,
+    all_finite,
+    encode_weights,
+    l2_distance,
     load_weights,
     load_weights_file,
     save_weights,
@@ -209,3 +212,38 @@ def test_load_weights_file_refuses_a_malformed_file(tmp_path: Path, damage, mess
 
     with pytest.raises(WeightsError, match=message):
         load_weights_file(path, expected_sha256=hashlib.sha256(damaged).hexdigest())
+
+
+def test_streamed_encoding_loads_with_safetensors_and_with_the_one_pass_reader(
+    tmp_path: Path,
+) -> None:
+    # Given a state with mixed dtypes, a strided tensor, an empty one, and chunks smaller
+    # than most tensors
+    state = mixed_state() | {"extra.empty": torch.zeros(0, 3)}
+    # When it is encoded as a stream
+    size, chunks = encode_weights(state, chunk_bytes=64)
+    data = b"".join(chunks)
+    # Then the bytes are as long as announced, and both readers give the state back
+    assert len(data) == size
+    assert_same_state(weights_from_bytes(data), state)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert_same_state(load_weights_file(path, expected_sha256=digest), state)
+
+
+def test_all_finite_finds_a_nan_past_the_first_piece() -> None:
+    weights = torch.zeros(1_000_000)
+    assert all_finite(weights)
+    weights[-1] = float("nan")
+    assert not all_finite(weights)
+    weights[-1] = float("-inf")
+    assert not all_finite(weights)
+
+
+def test_l2_distance_of_large_tensors_matches_a_float64_computation() -> None:
+    generator = torch.Generator().manual_seed(0)
+    first = {"w": torch.randn(700_001, generator=generator), "n": torch.tensor(3)}
+    second = {"w": torch.randn(700_001, generator=generator), "n": torch.tensor(5)}
+    expected = float((first["w"].double() - second["w"].double()).norm())
+    assert l2_distance(first, second) == pytest.approx(expected, rel=1e-12)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from safetensors.torch import save as save_safetensors
 __all__ = [
     "WeightsError",
     "WeightsInfo",
+    "all_finite",
+    "encode_weights",
     "l2_distance",
     "load_weights",
     "save_weights",
@@ -91,6 +93,61 @@ _DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+# Work through large tensors in pieces of this many elements, so that the temporaries of a
+# check or a distance stay in the cache instead of costing a model's worth of memory.
+_PIECE = 1 << 18
+
+
+def encode_weights(
+    state_dict: Mapping[str, torch.Tensor], *, chunk_bytes: int = 8 << 20
+) -> tuple[int, Iterator[bytes]]:
+    """The safetensors encoding of ``state_dict`` as its size and a stream of chunks.
+
+    Unlike :func:`weights_to_bytes`, it never holds a copy of the model: each tensor's bytes
+    are sliced into chunks of at most ``chunk_bytes`` as they are written, so storing a large
+    global model costs only a chunk of memory. Tensors are laid out widest dtype first, then
+    by name, which keeps every tensor aligned; the result loads with safetensors itself.
+    """
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPE_CODES:
+            raise WeightsError(f"tensor {name!r} has dtype {tensor.dtype}, not storable")
+        size = tensor.numel() * tensor.dtype.itemsize
+        header[name] = {
+            "dtype": _DTYPE_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data section starts aligned
+
+    def chunks() -> Iterator[bytes]:
+        yield len(header_bytes).to_bytes(8, "little") + header_bytes
+        for name in order:
+            tensor = tensors[name]
+            if tensor.numel() == 0:
+                continue
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            for start in range(0, len(data), chunk_bytes):
+                yield bytes(data[start : start + chunk_bytes])
+
+    return 8 + len(header_bytes) + offset, chunks()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or infinity (piece by piece, so that
+    the check of a large tensor allocates no mask of its size)."""
+    flat = tensor.detach().reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[start : start + _PIECE]).all())
+        for start in range(0, flat.numel(), _PIECE)
+    )
 
 
 def load_weights_file(
@@ -218,16 +275,23 @@ def weights_mismatch(
                 f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}; the network's is "
                 f"{dtype} {tuple(shape)}"
             )
-        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if tensor.dtype.is_floating_point and not all_finite(tensor):
             return f"tensor {name!r} holds NaN or infinite values"
     return None
 
 
 def l2_distance(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
-    """Euclidean distance between two sets of weights, over their floating-point tensors."""
+    """Euclidean distance between two sets of weights, over their floating-point tensors.
+
+    Differences are taken in float64 a piece at a time: the temporaries of a large model's
+    distance stay the size of a piece, not three float64 copies of its largest tensor."""
     total = 0.0
     for name, tensor in first.items():
         if tensor.dtype.is_floating_point:
-            difference = tensor.detach().cpu().to(torch.float64) - second[name].to(torch.float64)
-            total += float(difference.square().sum())
+            left = tensor.detach().cpu().reshape(-1)
+            right = second[name].detach().cpu().reshape(-1)
+            for start in range(0, left.numel(), _PIECE):
+                piece = left[start : start + _PIECE].to(torch.float64)
+                piece.sub_(right[start : start + _PIECE])
+                total += float(piece.square_().sum())
     return math.sqrt(total)

@@ -27,6 +27,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from training.fl.weights import all_finite
+
 __all__ = [
     "WEIGHTINGS",
     "Parameter",
@@ -292,7 +294,7 @@ class Strategy(ABC):
                 )
             if tensor.dtype.is_floating_point != dtype.is_floating_point:
                 raise ValueError(f"update {name!r} has dtype {tensor.dtype}, expected {dtype}")
-            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            if tensor.dtype.is_floating_point and not all_finite(tensor):
                 raise ValueError(f"update {name!r} contains NaN or infinite values")
 
     @abstractmethod
