@@ -10,12 +10,18 @@ a round picks over the experiment's pool of sites, as configured (``clients_per_
 ``dp_delta``. Clipping without noise gives no guarantee, and no ε is recorded.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from training.fl.privacy import DifferentiallyPrivate, epsilon_spent, server_noise_generator
-from training.fl.strategies import Strategy
+from typing import TYPE_CHECKING, Any
+
 from training.models import Experiment, NoiseLocation
 from training.sampling import clients_in_round
+
+if TYPE_CHECKING:
+    from training.fl.strategies import Strategy
+
+# The engine's privacy (PyTorch, Opacus) is imported by the functions that apply it: the
+# settings' summaries are also read by web processes, which do not load it.
 
 
 def uses_client_level_dp(experiment: Experiment) -> bool:
@@ -69,6 +75,8 @@ def round_epsilon(experiment: Experiment, round_number: int) -> float | None:
     picked, pool = client_sampling(experiment)
     if pool == 0:
         return None
+    from training.fl.privacy import epsilon_spent
+
     return epsilon_spent(
         noise_multiplier=experiment.dp_noise,
         sample_rate=picked / pool,
@@ -87,6 +95,8 @@ def with_privacy(
     """
     if not uses_privacy(experiment):
         return strategy
+    from training.fl.privacy import DifferentiallyPrivate, server_noise_generator
+
     noise_at = experiment.dp_at
     expected_clients = None
     if noise_at == NoiseLocation.CLIENT:

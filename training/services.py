@@ -16,6 +16,7 @@ import logging
 import random
 import uuid
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import transaction
@@ -23,7 +24,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from flproject.celery import app as celery_app
-from training import federation, modelstore, signals, site_evaluation
+from training import signals, site_evaluation
 from training.log_events import log_event
 from training.models import (
     ApprovalStatus,
@@ -49,6 +50,12 @@ from training.queues import (
 )
 from training.reconnect import retry_on_lost_connection
 from training.sampling import clients_in_round
+
+if TYPE_CHECKING:
+    from training import federation
+
+# training.federation and training.modelstore (PyTorch, the engine) are imported by the
+# functions that use them, so that a web process handling requests starts without them.
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def pick_clients(experiment: Experiment, number: int) -> list[Site]:
 
 def training_queue(dataset: Dataset, site: Site) -> str:
     """Simulated clients share the training queue; a real site trains on its own node."""
-    return TRAINING_QUEUE if federation.is_simulation(dataset) else site.queue
+    return TRAINING_QUEUE if not dataset.is_federated else site.queue
 
 
 def send_task(name: str, *, args: list, queue: str, **options) -> None:
@@ -164,6 +171,8 @@ def start_experiment(experiment_id: int) -> Experiment:
 def begin_running(experiment: Experiment) -> None:
     """Store the initial global model, open round 1 and move to running; the caller holds
     the experiment's lock."""
+    from training import federation
+
     stored = federation.store_initial_weights(experiment)
     Checkpoint.objects.create(
         experiment=experiment,
@@ -314,6 +323,8 @@ def claim_client_update(
     # Not read back (a query with two joins cost as much as the UPDATE): the UPDATE matched
     # this site's row of this round, and an unfinished row holds nothing but what the claim
     # just wrote and the id of the task it was sent with.
+    from training import federation
+
     fl_round = federation.round_for_clients(round_id)
     update = ClientUpdate(
         pk=client_update_id,
@@ -389,6 +400,8 @@ def record_client_result(
     recorded = retry_on_lost_connection(record, what=report)
     if not recorded:
         if outcome is not None and outcome.stored is not None:  # nobody will read them
+            from training import modelstore
+
             modelstore.delete_weights(outcome.stored.name)
         log_event(logger, "client.not_counted", level=logging.WARNING, **client_fields(claimed))
         return False
@@ -609,6 +622,8 @@ def complete_round(fl_round: Round, outcome: "federation.AggregationOutcome") ->
 def record_completed_round(
     fl_round: Round, outcome: "federation.AggregationOutcome", now: datetime
 ) -> bool:
+    from training import federation, modelstore
+
     with transaction.atomic():
         experiment = locked_experiment(fl_round.experiment_id)
         closing = {

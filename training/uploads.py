@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import SimpleITK as sitk
 
-from training.fl.data.datasets import LABELS_FILE
+from training.fl.data.errors import LABELS_FILE
 from training.fl.data.readers import SUPPORTED_EXTENSIONS
 
 __all__ = [

@@ -13,14 +13,15 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.ticker import MaxNLocator
 
 from training import metric_catalog, site_evaluation
 from training.models import Experiment, Round
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 # The CSV row of a model's sample-weighted mean over the sites (no slug has a space).
 WEIGHTED_SITE = "all (weighted)"
@@ -167,6 +168,9 @@ def draw_federated_evaluation(
 ) -> None:
     """Each round's global model on each site's validation split, and their weighted mean,
     by `metric` (the experiment's primary metric: accuracy, Dice)."""
+    # Drawn in a web process's first report: matplotlib is not loaded at start-up.
+    from matplotlib.ticker import MaxNLocator
+
     definition = metric_catalog.get_metric(metric)
     axes.set_title(f"Federated evaluation: {definition.label} on the sites' validation data")
     by_site: dict[str, tuple[list[int], list[float]]] = {}

@@ -17,19 +17,21 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from django.db.models import Prefetch
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from training import faults, metric_catalog
 from training.differential_privacy import privacy_settings, uses_client_level_dp
 from training.models import ClientUpdate, Dataset, Experiment, Round, RoundKind, RoundStatus
 from visualization import evaluations
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+# matplotlib is imported by the functions that draw: a web process loads it with the first
+# figure it serves, not at start-up.
 
 REPORT_CONTENT_TYPES = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}
 PNG_DPI = 150
@@ -333,6 +335,9 @@ def render_report(experiment: Experiment, fmt: str, *, round_number: int | None 
     shown = chosen_round(experiment, rounds, round_number)
     dataset = experiment.dataset
 
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=FIGURE_INCHES, layout="constrained")
     FigureCanvasAgg(figure)
     (
@@ -474,6 +479,8 @@ def per_round_series(rounds: Iterable[Round], read: Callable[[Round], Any]) -> S
 
 
 def label_round_axis(axes: Axes, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     axes.set_xlabel("round")
     axes.set_ylabel(ylabel)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -550,6 +557,8 @@ def draw_privacy_spent(axes: Axes, experiment: Experiment, rounds: Sequence[Roun
     )
     privacy_axes.set_ylabel("ε")
     privacy_axes.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
     privacy_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     privacy_axes.legend(loc="center right", fontsize="small")
 

@@ -11,8 +11,6 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from training import audit, comparison, faults, metric_catalog, services, sweeps
-from training.fl.networks import available_networks
-from training.fl.strategies import available_strategies, describe_strategies
 from training.models import (
     AggregationWeighting,
     Checkpoint,
@@ -106,6 +104,10 @@ def home(request):
 
 
 def form_choices(user, clone_of: Experiment | None = None) -> dict:
+    # The engine's catalogues load PyTorch: imported by the pages that show them.
+    from training.fl.networks import available_networks
+    from training.fl.strategies import available_strategies, describe_strategies
+
     datasets = Dataset.objects.visible_to(user)
     if clone_of is not None:  # a clone may keep its source's dataset (see clone_experiment)
         datasets = datasets | Dataset.objects.filter(pk=clone_of.dataset_id)
@@ -145,6 +147,8 @@ def first_form_values(user) -> dict:
 def strategy_params_from_form(post, strategy: str) -> dict:
     """The chosen strategy's parameter inputs as numbers (as typed when not a number, so
     that the validation names it); an empty input takes the parameter's default."""
+    from training.fl.strategies import describe_strategies
+
     types = {
         parameter["name"]: parameter["type"]
         for description in describe_strategies()

@@ -15,7 +15,6 @@ from django.core.cache import cache
 
 from flproject import embedded_processes
 from flproject.celery import app as celery_app
-from training import federation
 from training.models import Experiment, ExperimentStatus
 from training.queues import AGGREGATION_QUEUE, TRAINING_QUEUE
 
@@ -59,7 +58,7 @@ def no_worker_reason(experiment: Experiment) -> str | None:
     if consumed is None:
         return "The broker does not answer: no worker can receive this experiment's tasks."
     needed = [AGGREGATION_QUEUE]
-    if federation.is_simulation(experiment.dataset):
+    if not experiment.dataset.is_federated:  # simulated sites train on the training queue
         needed.insert(0, TRAINING_QUEUE)
     missing = [queue for queue in needed if queue not in consumed]
     reasons = []
@@ -68,7 +67,7 @@ def no_worker_reason(experiment: Experiment) -> str | None:
             f"No worker is alive on queue {', '.join(missing)}: start one with "
             f"`python -m workers.launch --queues {','.join(missing)}`."
         )
-    if not federation.is_simulation(experiment.dataset):
+    if experiment.dataset.is_federated:
         offline = sorted(
             site.slug for site in experiment.sites.filter(is_active=True) if not site.is_connected
         )

@@ -17,7 +17,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from training import clients, federation, services, sites
+from training import services, sites
 from training.api.site_auth import IsSiteAgent, SiteCredentialAuthentication
 from training.api.site_serializers import (
     ApprovalDecisionSerializer,
@@ -33,7 +33,6 @@ from training.api.site_serializers import (
     SiteStateSerializer,
     UploadedSerializer,
 )
-from training.fl.client import ClientReport
 from training.models import (
     ClientUpdate,
     ClientUpdateStatus,
@@ -42,6 +41,9 @@ from training.models import (
     SiteDataset,
     model_store,
 )
+
+# training.clients and training.federation (the engine, PyTorch) are imported by the views
+# that use them, so that a web process starts without loading the engine.
 
 TAG = ["site API"]
 NOT_RUNNING = (
@@ -63,6 +65,8 @@ class SiteAgentView(APIView):
 
     def own_update(self, client_update_id: int) -> ClientUpdate:
         """The site's own ledger row for a task: 404 if none, 403 if another site's."""
+        from training import federation
+
         update = (
             ClientUpdate.objects.select_related("round", "site").filter(pk=client_update_id).first()
         )
@@ -204,6 +208,8 @@ class ClaimTaskView(SiteAgentView):
         },
     )
     def post(self, request, client_update_id: int):
+        from training import clients, federation
+
         given = ClaimSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         own = self.own_update(client_update_id)
@@ -248,6 +254,8 @@ class TaskWeightsView(SiteAgentView):
         },
     )
     def get(self, request, client_update_id: int):
+        from training import federation
+
         update = self.own_update(client_update_id)
         if update.status != ClientUpdateStatus.RUNNING:
             return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
@@ -281,6 +289,8 @@ class TaskPayloadView(SiteAgentView):
         },
     )
     def get(self, request, client_update_id: int):
+        from training import federation
+
         update = self.own_update(client_update_id)
         if update.status != ClientUpdateStatus.RUNNING:
             return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
@@ -314,6 +324,8 @@ class TaskEvaluationModelView(SiteAgentView):
         },
     )
     def get(self, request, client_update_id: int, label: str):
+        from training import clients
+
         update = self.own_update(client_update_id)
         if update.status != ClientUpdateStatus.RUNNING:
             return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
@@ -413,6 +425,8 @@ class TaskUpdateView(SiteAgentView):
         },
     )
     def put(self, request, client_update_id: int):
+        from training import clients
+
         update = self.own_update(client_update_id)
         if update.status != ClientUpdateStatus.RUNNING:
             return Response({"detail": NOT_RUNNING}, status=status.HTTP_409_CONFLICT)
@@ -461,6 +475,9 @@ class TaskResultView(SiteAgentView):
         responses={200: RecordedSerializer, 400: OpenApiTypes.OBJECT, 409: RecordedSerializer},
     )
     def post(self, request, client_update_id: int):
+        from training import clients
+        from training.fl.client import ClientReport
+
         given = ClientReportSerializer(data=request.data)
         given.is_valid(raise_exception=True)
         update = self.own_update(client_update_id)

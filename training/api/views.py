@@ -29,7 +29,6 @@ from training.api.serializers import (
     RoundSerializer,
     SiteSerializer,
 )
-from training.fl.strategies import describe_strategies
 from training.models import (
     Checkpoint,
     ClientUpdate,
@@ -280,4 +279,7 @@ class CheckpointViewSet(ExperimentLedgerViewSet):
 @permission_classes([IsAuthenticated])
 def strategy_list(request):
     """Every aggregation strategy: its paper, and each parameter's type, default and range."""
+    # The engine's catalogue loads PyTorch: imported by the request that reads it.
+    from training.fl.strategies import describe_strategies
+
     return Response(describe_strategies())

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import Dataset
 
-from training.fl.local import Indices, Sample, evaluate
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from training.fl.local import Indices, Sample
 
 __all__ = [
     "WEIGHTED_METRICS",
@@ -95,6 +97,10 @@ def evaluate_model(
     The same evaluation as the server's held-out one (:func:`training.fl.local.evaluate`),
     so that a site's numbers and the server's compare. Raises ValueError without indices.
     """
+    # PyTorch is imported here: the server's side of this module (combining what the sites
+    # report) runs in web processes, which have no use for it.
+    from training.fl.local import evaluate
+
     return evaluate(
         model, dataset, indices, batch_size=batch_size, device=device, patch_size=patch_size
     )

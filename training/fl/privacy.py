@@ -23,18 +23,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from training.fl.local import derive_seed
 from training.fl.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+# Opacus (and the SciPy it loads) is imported by the functions that account or train with
+# DP-SGD: most runs use neither, and it costs seconds to import.
 
 __all__ = [
     "NOISE_LOCATIONS",
@@ -139,6 +142,8 @@ def epsilon_spent(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     # The history Opacus builds from `steps` identical step() calls, in one entry.
     accountant.history = [(noise_multiplier, sample_rate, steps)]
@@ -177,6 +182,8 @@ def _has_default_sampling(data_loader: DataLoader[Any]) -> bool:
 
 def dp_sgd_problem(model: nn.Module) -> str | None:
     """Why Opacus cannot train ``model`` with per-sample DP-SGD, or None when it can."""
+    from opacus.validators import ModuleValidator
+
     problems = ModuleValidator.validate(model, strict=False)
     if not problems:
         return None
@@ -232,6 +239,8 @@ def make_private_training(
         # Its reminder that secure_mode is off: the noise need not resist an attack on the
         # random generator here (secure_mode needs torchcsprng, and seeded runs repeat).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,

@@ -11,22 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from django.conf import settings
 
 from training.api.serializers import is_within_dataset_roots
-from training.federation import open_dataset_at
-from training.fl.data import (
-    ClassificationDataset,
-    DatasetFormatError,
-    ImageArray,
-    ImageReadError,
-)
+from training.fl.data import DatasetFormatError, ImageArray, ImageReadError
 from training.fl.data.formats import DatasetFormat, ImageEntry, detect_format, get_format
 from training.fl.data.readers import image_shape
 from training.models import Dataset
 from visualization.viewer.cache import ProcessCache
+
+if TYPE_CHECKING:
+    import torch
+
+    from training.fl.data import ClassificationDataset
 
 ALL_SITES = "all"
 # Rows of labels.csv whose site cell is empty.
@@ -115,6 +114,9 @@ def format_of(dataset: Dataset, source: str) -> DatasetFormat:
 
 
 def _open(dataset: Dataset, source: str) -> ClassificationDataset:
+    # Training's datasets load PyTorch: imported when the viewer first opens one.
+    from training.federation import open_dataset_at
+
     try:
         return open_dataset_at(dataset, source, SPLIT)
     except (DatasetFormatError, ImageReadError, OSError, ValueError) as error:

@@ -15,17 +15,13 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from PIL import Image
 
-from training.federation import open_dataset_at
 from training.fl.data import DatasetFormatError, ImageArray, ImageReadError
-from training.fl.metrics import segmentation_metrics
-from training.fl.segmentation import predict_mask
 from training.models import Checkpoint, Dataset, Task
 from visualization.viewer import rendering
 from visualization.viewer.cache import ProcessCache
@@ -39,6 +35,9 @@ from visualization.viewer.images import (
     training_sample,
 )
 from visualization.viewer.prediction import CheckpointUnusable, network_of
+
+if TYPE_CHECKING:
+    import torch
 
 # Foreground classes 1, 2, ... take these colours in turn; the background stays clear.
 CLASS_COLOURS = (
@@ -86,6 +85,8 @@ def check_segmentation(dataset: Dataset) -> None:
 
 def to_stored_grid(labels: torch.Tensor, shape: tuple[int, ...]) -> npt.NDArray[np.int64]:
     """A label map resampled to `shape` with nearest neighbour (labels stay labels)."""
+    import torch
+
     if tuple(labels.shape) == shape:
         return labels.numpy().astype(np.int64)
     resized = torch.nn.functional.interpolate(
@@ -105,6 +106,13 @@ def prediction_of(checkpoint: Checkpoint, dataset: Dataset, record: ImageRecord)
 
 
 def _predict(checkpoint: Checkpoint, dataset: Dataset, record: ImageRecord) -> Prediction:
+    # The engine (PyTorch, MONAI) is imported by the first prediction a web process makes.
+    import torch
+
+    from training.federation import open_dataset_at
+    from training.fl.metrics import segmentation_metrics
+    from training.fl.segmentation import predict_mask
+
     image, _ = read_raw_pair(dataset, record)
     tensor, truth = training_sample(dataset, record)
     try:

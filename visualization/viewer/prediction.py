@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from training.federation import network_with_weights
-from training.fl.weights import WeightsError
 from training.models import Checkpoint, Dataset
-from training.modelstore import load_stored_weights
 from visualization.viewer.cache import ProcessCache
 from visualization.viewer.images import ImageRecord, training_sample
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # Networks are small, but reading and verifying weights costs more than a forward pass:
 # keep the last few checkpoints a user clicked through.
@@ -23,6 +23,10 @@ class CheckpointUnusable(Exception):
 
 def network_of(checkpoint: Checkpoint) -> nn.Module:
     """The checkpoint's network in evaluation mode, built once per process."""
+    # The engine (PyTorch) is imported by the first prediction a web process makes.
+    from training.federation import network_with_weights
+    from training.fl.weights import WeightsError
+    from training.modelstore import load_stored_weights
 
     def build() -> nn.Module:
         try:
@@ -39,6 +43,8 @@ def network_of(checkpoint: Checkpoint) -> nn.Module:
 
 def class_probabilities(network: nn.Module, tensor: torch.Tensor) -> list[float]:
     """Softmax over the network's logits for one channels-first image tensor."""
+    import torch
+
     parameter = next(network.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     with torch.inference_mode():

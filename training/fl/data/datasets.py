@@ -21,7 +21,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
+from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, LABELS_FILE, DatasetFormatError
 from training.fl.data.headers import check_volume_size
 from training.fl.data.preprocess import (
     DEFAULT_NPZ_NORMALIZATION,
@@ -46,7 +46,6 @@ __all__ = [
     "native_channels",
 ]
 
-LABELS_FILE = "labels.csv"
 _NPZ_SPLITS = ("train", "val", "test")
 
 

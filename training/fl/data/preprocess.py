@@ -15,13 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
-import torch
 
 from training.fl.data.readers import ImageArray, image_from_sitk, image_to_sitk
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_FOLDER_NORMALIZATION",
@@ -375,7 +378,14 @@ class Preprocessor:
                 raise ValueError(f"{name} must be 2 or 3 positive values, got {values}")
 
     def __call__(self, image: ImageArray) -> torch.Tensor:
+        # Imported here: the registry's users in web processes validate normalizations only.
+        import torch
+
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: ImageArray) -> npt.NDArray[np.float32]:
+        """The network input as a float32 array, channels first (what ``self(image)`` wraps)."""
         if self.size is not None or self.spacing is not None:
             image = resample(image, size=self.size, spacing=self.spacing)
         array = self._normalization(to_channels(image, self.channels))
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        return np.ascontiguousarray(array, dtype=np.float32)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from training.fl.data.datasets import LABELS_FILE, ImageFolderDataset
-from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS
+from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, LABELS_FILE
 from training.fl.data.formats.base import (
     CLASSIFICATION,
     DatasetDescription,
@@ -17,6 +17,9 @@ from training.fl.data.formats.base import (
 )
 from training.fl.data.preprocess import Preprocessor
 from training.fl.data.readers import ImageArray, read_image
+
+if TYPE_CHECKING:
+    from training.fl.data.datasets import ImageFolderDataset
 
 __all__ = ["ImageFolderFormat"]
 
@@ -42,6 +45,8 @@ class ImageFolderFormat(DatasetFormat):
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
     ) -> ImageFolderDataset:
+        from training.fl.data.datasets import ImageFolderDataset
+
         self.check_split(path, split)
         return ImageFolderDataset(path, preprocessor=preprocessor, max_voxels=max_voxels)
 
@@ -87,6 +92,8 @@ class ImageFolderFormat(DatasetFormat):
         return read_listed_file(path, entry.image, max_voxels), None
 
     def native_channels(self, path: Path) -> int:
+        from training.fl.data.datasets import ImageFolderDataset
+
         first = ImageFolderDataset(path, cache=False).paths[0]
         # As to_channels keeps them: grey (+ alpha) is 1 channel, RGB(A) 3.
         return 1 if read_image(first).channels in (1, 2) else 3

@@ -7,8 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from training.fl.data.datasets import LABELS_FILE
-from training.fl.data.errors import DatasetFormatError
+from training.fl.data.errors import LABELS_FILE, DatasetFormatError
 from training.fl.data.formats.base import csv_columns
 from training.fl.data.formats.paired import PairedFormat, PairListing
 

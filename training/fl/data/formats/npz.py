@@ -7,11 +7,11 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from training.fl.data.datasets import NpzDataset, npz_array_shape
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
 from training.fl.data.formats.base import (
     CLASSIFICATION,
@@ -21,6 +21,9 @@ from training.fl.data.formats.base import (
 )
 from training.fl.data.preprocess import Preprocessor
 from training.fl.data.readers import ImageArray
+
+if TYPE_CHECKING:
+    from training.fl.data.datasets import NpzDataset
 
 __all__ = ["NpzFormat"]
 
@@ -58,6 +61,8 @@ class NpzFormat(DatasetFormat):
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
     ) -> NpzDataset:
+        from training.fl.data.datasets import NpzDataset
+
         self.check_split(path, split)
         if preprocessor is None:
             return NpzDataset(path, split)
@@ -123,5 +128,7 @@ class NpzFormat(DatasetFormat):
         return image, None
 
     def native_channels(self, path: Path) -> int:
+        from training.fl.data.datasets import npz_array_shape
+
         shape = npz_array_shape(path, "train_images")
         return 3 if len(shape) == 4 and shape[-1] == 3 else 1

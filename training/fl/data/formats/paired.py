@@ -6,6 +6,7 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +21,9 @@ from training.fl.data.formats.base import (
 from training.fl.data.headers import check_volume_size
 from training.fl.data.preprocess import Preprocessor
 from training.fl.data.readers import ImageArray, read_image
-from training.fl.data.segmentation import SegmentationDataset
+
+if TYPE_CHECKING:
+    from training.fl.data.segmentation import SegmentationDataset
 
 __all__ = ["BACKGROUND", "PairListing", "PairedFormat", "default_class_names"]
 
@@ -62,6 +65,8 @@ class PairedFormat(DatasetFormat):
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
     ) -> SegmentationDataset:
+        from training.fl.data.segmentation import SegmentationDataset
+
         self.check_split(path, split)
         listing = self.listing(path, split)
         folder = path.resolve()
