@@ -105,8 +105,10 @@ def base_env(data_dir: Path) -> dict[str, str]:
 def manage(env: dict[str, str], *args: str) -> float:
     """Run a manage.py command to its end; its whole-process wall seconds."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env,
-                   check=True, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run([sys.executable, "manage.py", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        sys.exit(f"manage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
