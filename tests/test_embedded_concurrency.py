@@ -12,11 +12,9 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-from torch import nn
 
 from flproject import machine
 from tests.conftest import PROJECT_ROOT, service_env
-from training.fl.networks import build_network, draws_random_numbers
 
 SITES, ROUNDS = 4, 3
 
@@ -137,11 +135,3 @@ def test_available_cpus_is_capped_by_a_cgroup_quota(tmp_path, monkeypatch):
     half = machine.available_cpus()
 
     assert (unlimited, one_and_a_half, half) == (8, 2, 1)
-
-
-def test_only_networks_that_drop_something_count_as_drawing_random_numbers():
-    small = build_network("cnn-small", in_channels=1, num_classes=2, spatial_dims=2)
-
-    assert draws_random_numbers(small) is False
-    assert draws_random_numbers(nn.Sequential(small, nn.Dropout(0.0))) is False
-    assert draws_random_numbers(nn.Sequential(small, nn.Dropout2d(0.2))) is True

@@ -10,9 +10,7 @@ import hashlib
 import logging
 import math
 import tempfile
-import threading
 from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
 from typing import IO
 
 import torch
@@ -28,7 +26,6 @@ from training.fl.client import (
     LocalData,
     run_client_task,
 )
-from training.fl.networks import draws_random_numbers
 from training.fl.weights import WeightsError, load_weights, load_weights_file
 from training.models import (
     ClientUpdate,
@@ -186,12 +183,6 @@ def simulated_local_data(update: ClientUpdate):
     return local_data
 
 
-# Training seeds the process's one CPU generator per client and epoch. The embedded worker
-# trains several clients at once in threads: those whose networks draw from that generator
-# (dropout) train one at a time, so that what each draws does not depend on its neighbours.
-_GLOBAL_GENERATOR = threading.Lock()
-
-
 def train_simulated_client(claimed: ClientUpdate) -> bool:
     """Run a claimed simulated client's task in this process; whether its result counted."""
     if not federation.is_simulation(claimed.round.experiment.dataset):
@@ -200,22 +191,12 @@ def train_simulated_client(claimed: ClientUpdate) -> bool:
             error=f"Site {claimed.site.slug} trains on its own data: its task belongs on its "
             f"own queue ({claimed.site.queue}), consumed by its site agent, not a server worker.",
         )
-    with generator_guard(claimed.round.experiment_id):
-        return run_client_task(
-            federation.client_task(claimed),
-            InProcessConnection(claimed),
-            local_data=simulated_local_data(claimed),
-            network=lambda task: federation.training_network(task.experiment),
-        )
-
-
-def generator_guard(experiment_id: int) -> AbstractContextManager[object]:
-    """The lock to train under when the experiment's network draws random numbers."""
-    try:
-        network = federation.training_network(experiment_id)
-    except Exception:  # not built: run_client_task reports why, as the client's failure
-        return nullcontext()
-    return _GLOBAL_GENERATOR if draws_random_numbers(network) else nullcontext()
+    return run_client_task(
+        federation.client_task(claimed),
+        InProcessConnection(claimed),
+        local_data=simulated_local_data(claimed),
+        network=lambda task: federation.training_network(task.experiment),
+    )
 
 
 # --- What a real site sends ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.fl.metrics import classification_metrics
+from training.fl.randomness import GLOBAL_GENERATOR, draws_random_numbers, forked_global_generator
 
 __all__ = [
     "OPTIMIZERS",
@@ -152,7 +153,8 @@ def seed_generators(seed: int, device: torch.device) -> None:
     that is absent or not yet initialised it queues the seed with a stack trace of the
     caller, which cost more than a tiny model's training step inside a Celery task.
     """
-    torch.default_generator.manual_seed(seed)
+    with GLOBAL_GENERATOR:
+        torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
@@ -284,11 +286,14 @@ def train_local(
             noise_generator=torch.Generator(device).manual_seed(secrets.randbits(63)),
         )
         sample_rate = float(private_loader.sample_rate)  # type: ignore[attr-defined]
+    # Dropout and DP-SGD's sampling draw from the global generator: no other thread may
+    # seed, draw from or restore it while they train (see training.fl.randomness).
+    draws_from_global = private_loader is not None or draws_random_numbers(model)
     started = time.perf_counter()
     steps = drawn = 0
     epoch_loss, epoch_accuracy = 0.0, 0.0
     try:
-        with torch.random.fork_rng(devices=rng_devices(device)):
+        with forked_global_generator(rng_devices(device), hold=draws_from_global):
             for epoch in range(start_epoch, start_epoch + config.epochs):
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 if private_loader is not None:
@@ -306,6 +311,8 @@ def train_local(
                         sampler=[index_list[position] for position in order.tolist()],
                         num_workers=0,
                         pin_memory=on_cuda,
+                        # Its (unused) base seed from the global generator only while held.
+                        generator=None if draws_from_global else torch.Generator(),
                     )
                 # Summed on the device: reading them back every batch would stall the GPU.
                 loss_sum = torch.zeros((), device=device)
@@ -395,8 +402,14 @@ def evaluate(
     on_cuda = device.type == "cuda"
     model.to(device)
     model.eval()
+    # A generator of its own for the loader's (unused) base seed: see training.fl.randomness.
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=index_list, num_workers=0, pin_memory=on_cuda
+        dataset,
+        batch_size=batch_size,
+        sampler=index_list,
+        num_workers=0,
+        pin_memory=on_cuda,
+        generator=torch.Generator(),
     )
     probabilities: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []

@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from training.fl.randomness import GLOBAL_GENERATOR
+
 __all__ = [
     "SEGMENTATION_NETWORKS",
     "available_networks",
     "build_network",
     "check_input_shape",
-    "draws_random_numbers",
     "network_task",
     "spatial_divisor",
 ]
-
-# A seeded build draws its initial weights from the process's global CPU generator: one
-# at a time, or a build in another thread would reseed it or draw from its sequence.
-_SEEDED_BUILD = threading.Lock()
 
 # MONAI's networks by the names FedLens stores; every other network classifies.
 SEGMENTATION_NETWORKS = ("basicunet", "segresnet", "unet")
@@ -370,34 +366,13 @@ def build_network(
     else:
         # Modules are initialised on the CPU: its generator alone is seeded (and restored
         # after).
-        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+        # Held throughout: no other thread may seed or draw meanwhile (training.fl.randomness).
+        with GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             network = builder(**arguments)
     # Whole-image inference pads inputs to this multiple (training.fl.segmentation).
     network.spatial_divisor = spatial_divisor(name, **params)  # type: ignore[assignment]
     return network
-
-
-# Layers that draw from the process's CPU generator as they train.
-RANDOM_LAYERS = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.RReLU,
-)
-
-
-def draws_random_numbers(network: nn.Module) -> bool:
-    """Whether training ``network`` draws from the process's global CPU generator (a
-    dropout layer that drops something): such training is repeatable only while no other
-    thread of the process seeds or draws from that generator meanwhile."""
-    return any(
-        isinstance(module, RANDOM_LAYERS) and getattr(module, "p", 1.0) > 0
-        for module in network.modules()
-    )
 
 
 def network_task(name: str) -> str:

@@ -51,6 +51,7 @@ from training.fl.local import (
     seed_generators,
 )
 from training.fl.metrics import segmentation_scores, summarize_segmentation
+from training.fl.randomness import draws_random_numbers, forked_global_generator
 
 __all__ = ["evaluate_segmentation", "predict_mask", "train_segmentation"]
 
@@ -237,7 +238,8 @@ def train_segmentation(
     steps = 0
     epoch_loss, epoch_dice = 0.0, 0.0
     try:
-        with torch.random.fork_rng(devices=rng_devices(device)):
+        hold = draws_random_numbers(model)  # see training.fl.randomness
+        with forked_global_generator(rng_devices(device), hold=hold):
             for epoch in range(start_epoch, start_epoch + config.epochs):
                 epoch_seed = derive_seed(config.seed, epoch)
                 seed_generators(epoch_seed, device)
