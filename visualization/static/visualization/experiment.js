@@ -20,6 +20,7 @@
   const PONG_TIMEOUT_MS = 10000;
 
   const state = { experiment: null, classNames: [], rounds: new Map(), updates: new Map(),
+    clientsPerRound: new Map(), lostSitesWarning: null,
     checkpoints: new Map(), privacy: null, crossSite: null };
   let chosenRound = null;
 
@@ -90,6 +91,11 @@
     state.classNames = snapshot.class_names || [];
     state.rounds = new Map(snapshot.rounds.map((r) => [r.number, r]));
     state.updates = new Map(snapshot.client_updates.map((u) => [u.id, u]));
+    // An experiment of many clients sends the rows of its newest rounds only (and earlier
+    // failures): each round's clients counted by status, and the lost sites from all rows,
+    // stand in for the rest (visualization/snapshot.py).
+    state.clientsPerRound = new Map((snapshot.clients_per_round || []).map((c) => [c.round, c]));
+    state.lostSitesWarning = snapshot.lost_sites_warning ?? null;
     state.checkpoints = new Map(snapshot.checkpoints.map((c) => [c.id, c]));
     // Client-level DP settings and ε per round; null when the rounds add no noise.
     state.privacy = snapshot.privacy ? Object.assign({}, snapshot.privacy,
@@ -411,6 +417,11 @@
         return `${site} (failed in all ${updates.length} of its rounds; last: ${last.error || last.status})`;
       });
     const warning = document.getElementById("lost-sites");
+    if (state.lostSitesWarning !== null) { // the rows here are not all of them
+      warning.hidden = !state.lostSitesWarning;
+      warning.textContent = state.lostSitesWarning;
+      return;
+    }
     warning.hidden = lost.length === 0;
     if (lost.length) warning.textContent = `Sites that never contributed: ${lost.join("; ")}.`;
   }
@@ -422,13 +433,22 @@
       const evaluation = (r.metrics && r.metrics.global) || {};
       const clients = [...state.updates.values()].filter((u) => u.round_number === r.number);
       // "4/4" on a failed round read as success: count the clients that trained.
-      const succeeded = clients.filter((u) => u.status === "succeeded").length;
-      const lost = clients.filter((u) => ["failed", "late"].includes(u.status)).length;
+      let succeeded = clients.filter((u) => u.status === "succeeded").length;
+      let lost = clients.filter((u) => ["failed", "late"].includes(u.status)).length;
+      let picked = clients.length;
+      const counted = state.clientsPerRound.get(r.number); // a round whose rows were not all sent
+      const countedTotal = counted ? Object.entries(counted)
+        .filter(([key]) => key !== "round").reduce((sum, [, n]) => sum + n, 0) : 0;
+      if (countedTotal > picked) {
+        succeeded = counted.succeeded || 0;
+        lost = (counted.failed || 0) + (counted.late || 0);
+        picked = countedTotal;
+      }
       const row = body.insertRow();
       row.dataset.round = r.number;
       cell(row, r.kind === "evaluate" ? `${r.number} (cross-site)` : String(r.number));
       cell(row, statusBadge(r.status));
-      cell(row, `${succeeded}/${clients.length} succeeded${lost ? `, ${lost} failed or late` : ""}`);
+      cell(row, `${succeeded}/${picked} succeeded${lost ? `, ${lost} failed or late` : ""}`);
       catalogue.scalar.forEach((name) => cell(row, fmt(evaluation[name], metricDef(name).digits)));
       cell(row, fmt(r.metrics && r.metrics.wall_seconds, 2));
       cell(row, new Date(r.opened_at).toLocaleTimeString());

@@ -1,0 +1,109 @@
+"""What a round costs the ledger does not grow with its clients, nor does the snapshot.
+
+The client tasks and the aggregation run here, in the test's process, through the real
+Celery task functions (as in test_tracking.py); the tasks that the rounds queue are never
+sent, because the test's transaction never commits. benchmarks/scale.py measures the same
+with 200 clients and real workers.
+"""
+
+import json
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from tests.conftest import new_experiment
+from tests.factories import ExperimentFactory, RoundFactory
+from training import services
+from training.models import ClientUpdate, ClientUpdateStatus, RoundStatus, Site
+from visualization import snapshot
+from workers import tasks
+
+pytestmark = pytest.mark.django_db
+
+
+def queries_of_round_one(dataset, clients: int) -> tuple[list[int], int]:
+    """The queries each client task of round 1 sent, in order, and the aggregation's."""
+    experiment = new_experiment(
+        dataset, num_rounds=2, clients_per_round=clients, min_clients=clients
+    )
+    services.start_experiment(experiment.pk)
+    fl_round = experiment.rounds.get(number=1)
+    per_task = []
+    for update in fl_round.client_updates.order_by("pk"):
+        with CaptureQueriesContext(connection) as queries:
+            assert tasks.train_client(update.pk, update.round_id, update.site_id) == "succeeded"
+        per_task.append(len(queries))
+    with CaptureQueriesContext(connection) as queries:
+        assert tasks.aggregate_round(fl_round.pk) == "completed"
+    return per_task, len(queries)
+
+
+def test_a_client_task_sends_as_many_queries_with_twelve_clients_as_with_three(
+    lesions_dataset,
+):
+    # Given two experiments alike but for their number of clients
+    # When each runs its first round
+    few, few_aggregation = queries_of_round_one(lesions_dataset, 3)
+    many, many_aggregation = queries_of_round_one(lesions_dataset, 12)
+    # Then the first task (cold caches), the others, and the last (which closes the round)
+    # each send as many queries in both, and so does the aggregation
+    assert many[0] == few[0]
+    assert set(many[1:-1]) == set(few[1:-1]) and len(set(few[1:-1])) == 1
+    assert many[-1] == few[-1]
+    assert many_aggregation == few_aggregation
+
+
+def experiment_with_clients(clients_per_round: int, rounds: int):
+    """A finished-looking experiment of many clients (rows written in bulk), whose first
+    site failed in every round."""
+    sites = Site.objects.bulk_create(
+        Site(name=f"Scale {clients_per_round}-{index}", slug=f"scale-{clients_per_round}-{index}")
+        for index in range(clients_per_round)
+    )
+    experiment = ExperimentFactory(
+        num_rounds=rounds, clients_per_round=clients_per_round, sites=sites
+    )
+    for number in range(1, rounds + 1):
+        fl_round = RoundFactory(experiment=experiment, number=number, status=RoundStatus.CLOSED)
+        ClientUpdate.objects.bulk_create(
+            ClientUpdate(
+                round=fl_round, site=site, num_samples=8,
+                status=ClientUpdateStatus.FAILED if index == 0 else ClientUpdateStatus.SUCCEEDED,
+                metrics={"loss": 0.5, "accuracy": 0.75, "train_seconds": 0.01},
+            )
+            for index, site in enumerate(sites)
+        )  # fmt: skip
+    return experiment
+
+
+def test_the_snapshot_of_many_clients_sends_the_newest_rounds_and_counts_the_rest():
+    # Given experiments of 200 and 400 clients in each of 5 rounds, one failing per round
+    sizes = {}
+    for clients in (200, 400):
+        experiment = experiment_with_clients(clients, rounds=5)
+        # When a browser's snapshot is built
+        sent = snapshot.experiment_snapshot(experiment)
+        sizes[clients] = len(json.dumps(sent))
+        # Then it carries whole newest rounds within the limit, plus earlier failures
+        newest = [u for u in sent["client_updates"] if u["status"] == "succeeded"]
+        assert len(newest) <= snapshot.SNAPSHOT_CLIENT_UPDATES
+        assert {u["round_number"] for u in newest} == set(
+            range(sent["client_updates_from_round"], 6)
+        )
+        failures = [u for u in sent["client_updates"] if u["status"] == "failed"]
+        assert sorted(u["round_number"] for u in failures) == [1, 2, 3, 4, 5]
+        # and each round's clients counted by status
+        assert sent["clients_per_round"] == [
+            {"round": number, "failed": 1, "succeeded": clients - 1} for number in range(1, 6)
+        ]
+        assert sent["lost_sites_warning"]  # the failing site never contributed
+    # and twice the clients do not make it larger than the rows the limit allows
+    assert sizes[400] < sizes[200] * 1.1
+
+
+def test_the_snapshot_of_few_clients_sends_every_row():
+    experiment = experiment_with_clients(4, rounds=3)
+    sent = snapshot.experiment_snapshot(experiment)
+    assert len(sent["client_updates"]) == 12
+    assert sent["client_updates_from_round"] is None
