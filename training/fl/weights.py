@@ -95,12 +95,12 @@ _DTYPES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 # Work through large tensors in pieces of this many elements, so that the temporaries of a
-# check or a distance stay in the cache instead of costing a model's worth of memory.
+# distance stay in the cache instead of costing a model's worth of memory.
 _PIECE = 1 << 18
 
 
 def encode_weights(
-    state_dict: Mapping[str, torch.Tensor], *, chunk_bytes: int = 8 << 20
+    state_dict: Mapping[str, torch.Tensor], *, chunk_bytes: int = 1 << 20
 ) -> tuple[int, Iterator[bytes]]:
     """The safetensors encoding of ``state_dict`` as its size and a stream of chunks.
 
@@ -141,13 +141,15 @@ def encode_weights(
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether a floating-point tensor holds no NaN or infinity (piece by piece, so that
-    the check of a large tensor allocates no mask of its size)."""
-    flat = tensor.detach().reshape(-1)
-    return all(
-        bool(torch.isfinite(flat[start : start + _PIECE]).all())
-        for start in range(0, flat.numel(), _PIECE)
-    )
+    """Whether a floating-point tensor holds no NaN or infinity.
+
+    Its smallest and largest values tell (aminmax propagates NaN) in one pass with no mask
+    of the tensor's size, several times faster than ``isfinite(tensor).all()`` on the CPU.
+    """
+    if tensor.numel() == 0:
+        return True
+    smallest, largest = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(smallest)) and bool(torch.isfinite(largest))
 
 
 def load_weights_file(
@@ -283,15 +285,21 @@ def weights_mismatch(
 def l2_distance(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float:
     """Euclidean distance between two sets of weights, over their floating-point tensors.
 
-    Differences are taken in float64 a piece at a time: the temporaries of a large model's
-    distance stay the size of a piece, not three float64 copies of its largest tensor."""
+    A large model's differences are taken a piece at a time into one buffer, in float32
+    (float64 for float64 weights), and their squares summed in float64 across pieces: no
+    temporaries of a tensor's size, and a relative error of about 1e-7, which a reported
+    distance can bear.
+    """
     total = 0.0
     for name, tensor in first.items():
         if tensor.dtype.is_floating_point:
             left = tensor.detach().cpu().reshape(-1)
             right = second[name].detach().cpu().reshape(-1)
+            # Half precision would overflow its sum of squares: those go through float32.
+            precision = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            buffer = torch.empty(min(left.numel(), _PIECE), dtype=precision)
             for start in range(0, left.numel(), _PIECE):
-                piece = left[start : start + _PIECE].to(torch.float64)
-                piece.sub_(right[start : start + _PIECE])
-                total += float(piece.square_().sum())
+                end = min(start + _PIECE, left.numel())
+                piece = buffer[: end - start].copy_(left[start:end]).sub_(right[start:end])
+                total += float(torch.dot(piece, piece))
     return math.sqrt(total)
