@@ -191,7 +191,7 @@ def break_an_image_of(experiment, site):
     content = path.read_bytes()
     path.write_bytes(content[: len(content) // 2])
     federation.forget_ledger_reads()
-    federation.open_dataset.cache_clear()  # no tensor decoded before the damage survives
+    federation.OPENED_DATASETS.clear()  # no dataset opened before the damage survives
     return path.name
 
 

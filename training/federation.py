@@ -1,7 +1,9 @@
 """What the tasks run for one experiment: the engine (training/fl) applied to ledger rows.
 
-A worker process keeps the datasets it has opened (images are decoded once per process),
-so that only the first round of an experiment pays for reading them.
+Datasets are decoded once into the decoded cache on disk (FEDLENS_DATASET_CACHE_DIR),
+which every worker process and later run memory-maps; a worker process keeps the datasets
+it opened within FEDLENS_DATASET_CACHE_MB, so that only the first round of the first
+experiment on a dataset pays for reading its images.
 """
 
 import logging
@@ -21,6 +23,7 @@ from training import metric_catalog, modelstore
 from training.differential_privacy import round_epsilon, with_privacy
 from training.fl.client import ClientTask, DataSpec, NetworkSpec
 from training.fl.data import ClassificationDataset, Preprocessor, load_dataset
+from training.fl.data.cache import DecodedCache, OpenedDatasets
 from training.fl.data.formats import get_format
 from training.fl.data.partition import (
     holdout_split,
@@ -85,7 +88,10 @@ def evaluation_batch_size(experiment: Experiment) -> int:
     return experiment.batch_size if experiment.task == "segmentation" else EVAL_BATCH_SIZE
 
 
-@lru_cache(maxsize=8)
+# The datasets this process opened, within FEDLENS_DATASET_CACHE_MB.
+OPENED_DATASETS: OpenedDatasets[ClassificationDataset] = OpenedDatasets()
+
+
 def open_dataset(
     path: str,
     storage_format: str,
@@ -95,20 +101,29 @@ def open_dataset(
     normalization: str = "",
     class_names: tuple[str, ...] = (),
 ) -> ClassificationDataset:
-    preprocessor = Preprocessor(
-        # The ledger stores shapes as (depth,) height, width; SimpleITK sizes are x, y(, z).
-        size=tuple(reversed(image_shape)) if image_shape else None,
-        channels=channels,
-        normalization=normalization,
-    )
-    return load_dataset(
-        path,
-        storage_format,
-        split=split,
-        preprocessor=preprocessor,
-        # A segmentation dataset's masks are checked against the registered classes.
-        class_names=list(class_names) or None,
-        max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS,
+    cache_dir = settings.FEDLENS_DATASET_CACHE_DIR
+
+    def open_it() -> ClassificationDataset:
+        preprocessor = Preprocessor(
+            # The ledger stores shapes as (depth,) height, width; SimpleITK sizes are x, y(, z).
+            size=tuple(reversed(image_shape)) if image_shape else None,
+            channels=channels,
+            normalization=normalization,
+        )
+        return load_dataset(
+            path,
+            storage_format,
+            split=split,
+            preprocessor=preprocessor,
+            # A segmentation dataset's masks are checked against the registered classes.
+            class_names=list(class_names) or None,
+            max_voxels=settings.FEDLENS_MAX_VOLUME_VOXELS,
+            decoded_cache=DecodedCache(cache_dir),
+        )
+
+    key = (path, storage_format, split, image_shape, channels, normalization, class_names)
+    return OPENED_DATASETS.get(
+        (*key, str(cache_dir)), open_it, budget_bytes=settings.FEDLENS_DATASET_CACHE_MB * 2**20
     )
 
 

@@ -130,6 +130,16 @@ FEDLENS_UPLOAD_MAX_FILES = env_int("FEDLENS_UPLOAD_MAX_FILES", 100_000)
 # The largest image (voxels times components) a dataset may hold: larger ones are refused,
 # naming the file, before their pixels are read. Default 512^3 (512 MiB as float32).
 FEDLENS_MAX_VOLUME_VOXELS = env_int("FEDLENS_MAX_VOLUME_VOXELS", 512**3)
+# Decoded datasets (preprocessed images and masks) on disk, written by the first worker
+# process that trains on a dataset and memory-mapped by the others and by later runs
+# (training/fl/data/cache.py). Safe to delete; entries of changed data are replaced.
+FEDLENS_DATASET_CACHE_DIR = Path(
+    env.str("FEDLENS_DATASET_CACHE_DIR", default="") or FEDLENS_DATA_DIR / "cache" / "datasets"
+).resolve()
+# A worker process keeps the datasets it opened while the decoded samples they hold or map
+# add up to at most this many megabytes (the least recently used are closed first; one
+# dataset larger than this is kept alone while it is used).
+FEDLENS_DATASET_CACHE_MB = env_int("FEDLENS_DATASET_CACHE_MB", 2048, minimum=0)
 # Each uploader's datasets go into a folder of their own under this one, which must lie
 # under FEDLENS_DATASET_ROOTS (the first root by default).
 FEDLENS_UPLOADS_DIR = Path(

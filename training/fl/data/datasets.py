@@ -21,6 +21,15 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
+from training.fl.data.cache import (
+    DECODING,
+    SAMPLE_ERRORS,
+    DecodedCache,
+    EntryWriter,
+    SampleArrays,
+    files_fingerprint,
+    preprocessing_key,
+)
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, LABELS_FILE, DatasetFormatError
 from training.fl.data.headers import check_volume_size
 from training.fl.data.preprocess import (
@@ -72,6 +81,12 @@ class ClassificationDataset(Dataset[tuple[torch.Tensor, int]], ABC):
         """``self[index]`` without any cache (a web process must not keep every image)."""
         return self[index]
 
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes of decoded samples this object holds in memory or maps from the decoded
+        cache (mapped pages are resident only once read, and the kernel may reclaim them,
+        so this is what they may come to)."""
+
     @property
     def num_classes(self) -> int:
         """Largest label + 1, and at least 2 so that a split missing a class still gets a
@@ -109,13 +124,34 @@ def _check_labels(labels: npt.NDArray[np.int64], source: object) -> None:
         raise DatasetFormatError(f"{source}: labels must be non-negative integers")
 
 
+class _DecodedImages:
+    """Memory-mapped decoded samples as tensors; one tensor for all when they share a shape,
+    so that taking a sample is an index into it."""
+
+    def __init__(self, samples: SampleArrays, failures: dict[int, Exception]) -> None:
+        self.samples = samples
+        self.failures = failures
+        self.dense = torch.from_numpy(samples.dense) if samples.dense is not None else None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        failure = self.failures.get(index)
+        if failure is not None:
+            raise failure
+        if self.dense is not None:
+            return self.dense[index]
+        return torch.from_numpy(self.samples[index])
+
+
 class ImageFolderDataset(ClassificationDataset):
     """A folder of images listed in ``labels.csv`` with columns ``path,label[,site]``.
 
     Paths are relative to the folder and may name image files, DICOM series folders or
-    one volume of a 4D file (``scan.nii.gz#3``, volumes counted from 0). Preprocessed
-    tensors are cached in memory after their first use when ``cache`` is on. An image
-    larger than ``max_voxels`` is refused before its pixels are read.
+    one volume of a 4D file (``scan.nii.gz#3``, volumes counted from 0). An image larger
+    than ``max_voxels`` is refused before its pixels are read.
+
+    With a ``decoded_cache``, the first sample asked for decodes every image into it (or
+    maps what another process decoded); without one, preprocessed tensors are kept in
+    memory after their first use when ``cache`` is on.
     """
 
     storage_format = "folder"
@@ -127,12 +163,15 @@ class ImageFolderDataset(ClassificationDataset):
         preprocessor: Preprocessor | None = None,
         cache: bool = True,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> None:
         self.root = Path(root)
         self.preprocessor = preprocessor or Preprocessor()
         self.cache = cache
         self.max_voxels = max_voxels
+        self.decoded_cache = decoded_cache
         self._cached: dict[int, torch.Tensor] = {}
+        self._decoded: _DecodedImages | None = None
         self.paths, labels, sites = self._read_labels_file()
         self.labels = np.asarray(labels, dtype=np.int64)
         self.sites = sites
@@ -191,12 +230,42 @@ class ImageFolderDataset(ClassificationDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.decoded_cache is not None:
+            return self._decoded_images(self.decoded_cache)[index], int(self.labels[index])
         tensor = self._cached.get(index)
         if tensor is None:
             tensor = self.read_sample(index)[0]
             if self.cache:
                 self._cached[index] = tensor
         return tensor, int(self.labels[index])
+
+    def _decoded_images(self, decoded_cache: DecodedCache) -> _DecodedImages:
+        if self._decoded is None:
+            with DECODING:
+                if self._decoded is None:
+                    key = {
+                        "source": str(self.root.resolve()),
+                        "format": self.storage_format,
+                        "kind": "images",
+                        "preprocessing": preprocessing_key(self.preprocessor),
+                        "fingerprint": files_fingerprint(self.paths),
+                    }
+                    entry = decoded_cache.entry(key, self._write_images)
+                    self._decoded = _DecodedImages(entry.samples("images"), entry.failures())
+        return self._decoded
+
+    def _write_images(self, writer: EntryWriter) -> None:
+        for index in range(len(self)):
+            try:
+                image = self.preprocessor.array(self.raw_sample(index)[0])
+            except SAMPLE_ERRORS as error:
+                writer.add_failure(index, error)
+                image = np.zeros(0, dtype=np.float32)
+            writer.add_sample("images", image)
+
+    def memory_bytes(self) -> int:
+        mapped = self._decoded.samples.nbytes if self._decoded is not None else 0
+        return mapped + sum(tensor.nbytes for tensor in self._cached.values())
 
     def raw_sample(self, index: int) -> tuple[ImageArray, None]:
         check_volume_size(self.paths[index], self.max_voxels)
@@ -228,32 +297,73 @@ class NpzDataset(ClassificationDataset):
         *,
         normalization: str = "",
         channels: int | None = None,
+        decoded_cache: DecodedCache | None = None,
     ) -> None:
         if split not in _NPZ_SPLITS:
             raise ValueError(f"split must be one of {_NPZ_SPLITS}, got {split!r}")
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1, 3 or None, got {channels}")
         self.path = Path(path)
-        try:
-            archive = np.load(self.path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise DatasetFormatError(f"{self.path}: not a readable .npz file ({error})") from None
-        with archive:
-            missing = {f"{split}_images", f"{split}_labels"} - set(archive.files)
-            if missing:
-                raise DatasetFormatError(
-                    f"{self.path}: missing arrays {sorted(missing)}; found {sorted(archive.files)}"
-                )
-            images = archive[f"{split}_images"]
-            labels = archive[f"{split}_labels"]
-            sites = archive.get(f"{split}_sites")
+        self.split = split
+        # Labels and sites are small and read from the file every time; the images are
+        # decompressed and normalised once into the decoded cache when one is given.
+        arrays = self._read_arrays((f"{split}_labels", f"{split}_sites"))
+        labels, sites = arrays[f"{split}_labels"], arrays.get(f"{split}_sites")
         if labels.ndim == 2 and labels.shape[1] != 1:
             raise DatasetFormatError(f"{self.path}: multi-label targets are not supported")
         self.labels = labels.reshape(-1).astype(np.int64)
         self.sites = None if sites is None else [str(site) for site in sites]
         _check_labels(self.labels, self.path)
-        if len(images) != len(self.labels):
+        if decoded_cache is None:
+            self.normalization, pixels = self._decode(normalization, channels)
+            self.images = torch.from_numpy(pixels)
+            return
+        key = {
+            "source": str(self.path.resolve()),
+            "format": self.storage_format,
+            "kind": f"{split}_images",
+            "preprocessing": {"normalization": normalization.strip(), "channels": channels},
+            "fingerprint": files_fingerprint([self.path]),
+        }
+
+        def write(writer: EntryWriter) -> None:
+            writer.meta["normalization"], pixels = self._decode(normalization, channels)
+            writer.add_array("images", pixels)
+
+        with DECODING:
+            entry = decoded_cache.entry(key, write)
+        #: The normalization applied, with the format's default filled in.
+        self.normalization = str(entry.meta["normalization"])
+        self.images = torch.from_numpy(entry.array("images"))
+        if len(self.images) != len(self.labels):  # the entry was decoded from this file
             raise DatasetFormatError(f"{self.path}: {split} images and labels differ in length")
+
+    def _read_arrays(self, names: Sequence[str]) -> dict[str, npt.NDArray[np.generic]]:
+        """Those of the named arrays that the file holds (it must hold the split's images
+        and labels); only these are decompressed."""
+        try:
+            archive = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DatasetFormatError(f"{self.path}: not a readable .npz file ({error})") from None
+        with archive:
+            required = {f"{self.split}_images", f"{self.split}_labels"}
+            missing = required - set(archive.files)
+            if missing:
+                raise DatasetFormatError(
+                    f"{self.path}: missing arrays {sorted(missing)}; found {sorted(archive.files)}"
+                )
+            return {name: archive[name] for name in names if name in archive.files}
+
+    def _decode(
+        self, normalization: str, channels: int | None
+    ) -> tuple[str, npt.NDArray[np.float32]]:
+        """The split's images as float32, channels first, normalised; with the
+        normalization applied (the format's default filled in)."""
+        images = self._read_arrays((f"{self.split}_images",))[f"{self.split}_images"]
+        if len(images) != len(self.labels):
+            raise DatasetFormatError(
+                f"{self.path}: {self.split} images and labels differ in length"
+            )
         if not normalization.strip():
             normalization = (
                 DEFAULT_UINT8_NPZ_NORMALIZATION
@@ -261,16 +371,14 @@ class NpzDataset(ClassificationDataset):
                 else DEFAULT_NPZ_NORMALIZATION
             )
         parsed = parse_normalization(normalization)
-        #: The normalization applied, with the format's default filled in.
-        self.normalization = parsed.spec
-        self.images = self._to_tensor(images, parsed, channels)
+        return parsed.spec, self._to_array(images, parsed, channels)
 
-    def _to_tensor(
+    def _to_array(
         self,
         images: npt.NDArray[np.generic],
         normalization: Normalization,
         channels: int | None,
-    ) -> torch.Tensor:
+    ) -> npt.NDArray[np.float32]:
         pixels = images.astype(np.float32)
         if images.dtype == np.uint8:
             pixels /= 255.0
@@ -290,10 +398,13 @@ class NpzDataset(ClassificationDataset):
             normalization.check_channels(pixels.shape[1])
         except NormalizationError as error:
             raise DatasetFormatError(f"{self.path}: {error}") from None
-        return torch.from_numpy(np.ascontiguousarray(normalization.batch(pixels)))
+        return np.ascontiguousarray(normalization.batch(pixels), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def memory_bytes(self) -> int:
+        return self.images.nbytes
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
@@ -345,13 +456,15 @@ def load_dataset(
     preprocessor: Preprocessor | None = None,
     class_names: Sequence[str] | None = None,
     max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+    decoded_cache: DecodedCache | None = None,
 ) -> ClassificationDataset | SegmentationDataset:
     """Open one split of a dataset, in format ``fmt`` (a registry name) or the one detected.
 
     ``preprocessor`` is applied whole to image files; ``.npz`` files take its
     normalization and channels (their images keep their size). ``class_names`` declares
     a segmentation dataset's classes (else its format's own, or those its masks hold);
-    ``max_voxels`` bounds each image read.
+    ``max_voxels`` bounds each image read. With a ``decoded_cache``, images are decoded
+    once into it, on first use, and memory-mapped from there (training.fl.data.cache).
     """
     from training.fl.data.formats import detect_format, get_format
 
@@ -363,5 +476,6 @@ def load_dataset(
         preprocessor=preprocessor,
         class_names=class_names,
         max_voxels=max_voxels,
+        decoded_cache=decoded_cache,
     )
     return dataset

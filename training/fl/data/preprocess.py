@@ -377,6 +377,11 @@ class Preprocessor:
             if values is not None and (len(values) not in (2, 3) or min(values) <= 0):
                 raise ValueError(f"{name} must be 2 or 3 positive values, got {values}")
 
+    @property
+    def normalization_spec(self) -> str:
+        """The normalization applied, with the default filled in."""
+        return self._normalization.spec
+
     def __call__(self, image: ImageArray) -> torch.Tensor:
         # Imported here: the registry's users in web processes validate normalizations only.
         import torch

@@ -18,6 +18,16 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
+from training.fl.data.cache import (
+    DECODING,
+    SAMPLE_ERRORS,
+    DecodedCache,
+    EntryWriter,
+    SampleArrays,
+    files_fingerprint,
+    preprocessing_key,
+    smallest_label_dtype,
+)
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
 from training.fl.data.headers import check_volume_size, read_header
 from training.fl.data.preprocess import Preprocessor, resample
@@ -99,8 +109,11 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     ``class_names`` names every class in label order, the background (label 0) first;
     ``num_classes`` counts it. ``labels`` gives each sample its most frequent foreground
     class (0 for none), read from the masks on first use, so that partitioners can
-    stratify without loading images. Preprocessed pairs are cached after their first use
-    when ``cache`` is on.
+    stratify without loading images.
+
+    With a ``decoded_cache``, the first pair asked for decodes every pair into it (or maps
+    what another process decoded), and ``labels`` are kept there too; without one,
+    preprocessed pairs are kept in memory after their first use when ``cache`` is on.
     """
 
     task = "segmentation"
@@ -117,6 +130,7 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         preprocessor: Preprocessor | None = None,
         cache: bool = True,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> None:
         self.source = Path(source)
         self.storage_format = storage_format
@@ -140,6 +154,9 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.max_voxels = max_voxels
         self._cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._labels: npt.NDArray[np.int64] | None = None
+        self.decoded_cache = decoded_cache
+        self._decoded: tuple[SampleArrays, SampleArrays] | None = None
+        self._failures: dict[int, Exception] = {}
 
     @property
     def num_classes(self) -> int:
@@ -148,14 +165,62 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     @property
     def labels(self) -> npt.NDArray[np.int64]:
         if self._labels is None:
-            self._labels = np.array(
-                [
-                    dominant_class(self._read_mask_labels(i), self.num_classes)
-                    for i in range(len(self))
-                ],
-                dtype=np.int64,
-            )
+            if self.decoded_cache is None:
+                self._labels = self._read_labels()
+            else:
+                with DECODING:
+                    entry = self.decoded_cache.entry(
+                        self._cache_key("labels"),
+                        lambda writer: writer.add_array("labels", self._read_labels()),
+                    )
+                self._labels = np.asarray(entry.array("labels"), dtype=np.int64)
         return self._labels
+
+    def _read_labels(self) -> npt.NDArray[np.int64]:
+        return np.array(
+            [dominant_class(self._read_mask_labels(i), self.num_classes) for i in range(len(self))],
+            dtype=np.int64,
+        )
+
+    def _cache_key(self, kind: str, **more: object) -> dict[str, object]:
+        return {
+            "source": str(self.source.resolve()),
+            "format": self.storage_format,
+            "kind": kind,
+            "class_names": self.class_names,
+            "fingerprint": files_fingerprint([*self.image_paths, *self.mask_paths]),
+            **more,
+        }
+
+    def _decoded_pairs(self, decoded_cache: DecodedCache) -> tuple[SampleArrays, SampleArrays]:
+        if self._decoded is None:
+            with DECODING:
+                if self._decoded is None:
+                    preprocessing = preprocessing_key(self.preprocessor)
+                    key = self._cache_key("pairs", preprocessing=preprocessing)
+                    entry = decoded_cache.entry(key, self._write_pairs)
+                    self._failures = entry.failures()
+                    self._decoded = entry.samples("images"), entry.samples("masks")
+        return self._decoded
+
+    def _write_pairs(self, writer: EntryWriter) -> None:
+        # Masks hold class labels: stored in the narrowest integer type, read back as int64.
+        mask_type = smallest_label_dtype(self.num_classes)
+        for index in range(len(self)):
+            try:
+                image, labels = self._decode_pair(index)
+            except SAMPLE_ERRORS as error:
+                writer.add_failure(index, error)
+                image, labels = np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+            writer.add_sample("images", image)
+            writer.add_sample("masks", labels.astype(mask_type))
+
+    def memory_bytes(self) -> int:
+        """Bytes of decoded pairs this object holds in memory or maps from the decoded
+        cache (see ClassificationDataset.memory_bytes)."""
+        images, masks = self._decoded if self._decoded is not None else (None, None)
+        mapped = images.nbytes + masks.nbytes if images is not None and masks is not None else 0
+        return mapped + sum(image.nbytes + mask.nbytes for image, mask in self._cached.values())
 
     def _read_mask_labels(self, index: int) -> npt.NDArray[np.int64]:
         """A mask's labels, checked against its image's header (its pixels stay unread)."""
@@ -207,6 +272,13 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decoded_cache is not None:
+            images, masks = self._decoded_pairs(self.decoded_cache)
+            failure = self._failures.get(index)
+            if failure is not None:
+                raise failure
+            mask = torch.from_numpy(np.asarray(masks[index], dtype=np.int64))
+            return torch.from_numpy(images[index]), mask
         pair = self._cached.get(index)
         if pair is None:
             pair = self.read_sample(index)
@@ -216,13 +288,16 @@ class SegmentationDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def read_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``self[index]`` without the cache (a web process must not keep every image)."""
+        image, labels = self._decode_pair(index)
+        return torch.from_numpy(image), torch.from_numpy(labels)
+
+    def _decode_pair(self, index: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         image, mask = self.raw_sample(index)
         size, spacing = self.preprocessor.size, self.preprocessor.spacing
         if size is not None or spacing is not None:
             mask = resample(mask, size=size, spacing=spacing, interpolator="nearest")
-        tensor = self.preprocessor(image)
         labels = np.rint(mask.array).astype(np.int64)[np.newaxis]
-        return tensor, torch.from_numpy(np.ascontiguousarray(labels))
+        return self.preprocessor.array(image), np.ascontiguousarray(labels)
 
     def spacing(self, index: int) -> tuple[float, ...]:
         """Physical spacing of sample ``index`` after resampling, in mm and in array order

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from training.fl.data.cache import DecodedCache
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
 from training.fl.data.headers import check_volume_size
 from training.fl.data.preprocess import Preprocessor
@@ -102,9 +103,12 @@ class DatasetFormat(ABC):
         preprocessor: Preprocessor | None = None,
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> Any:
         """The dataset of one split. ``class_names`` declares the classes (segmentation
-        masks are checked against them); ``max_voxels`` bounds each image read."""
+        masks are checked against them); ``max_voxels`` bounds each image read; with a
+        ``decoded_cache`` the dataset decodes its images once into it (see
+        training.fl.data.cache)."""
 
     @abstractmethod
     def describe(

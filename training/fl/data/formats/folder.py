@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.fl.data.cache import DecodedCache
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, LABELS_FILE
 from training.fl.data.formats.base import (
     CLASSIFICATION,
@@ -44,11 +45,14 @@ class ImageFolderFormat(DatasetFormat):
         preprocessor: Preprocessor | None = None,
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> ImageFolderDataset:
         from training.fl.data.datasets import ImageFolderDataset
 
         self.check_split(path, split)
-        return ImageFolderDataset(path, preprocessor=preprocessor, max_voxels=max_voxels)
+        return ImageFolderDataset(
+            path, preprocessor=preprocessor, max_voxels=max_voxels, decoded_cache=decoded_cache
+        )
 
     def describe(
         self,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from training.fl.data.cache import DecodedCache
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
 from training.fl.data.formats.base import (
     CLASSIFICATION,
@@ -60,18 +61,20 @@ class NpzFormat(DatasetFormat):
         preprocessor: Preprocessor | None = None,
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> NpzDataset:
         from training.fl.data.datasets import NpzDataset
 
         self.check_split(path, split)
         if preprocessor is None:
-            return NpzDataset(path, split)
+            return NpzDataset(path, split, decoded_cache=decoded_cache)
         # The file's images keep their size; they take the normalization and channels.
         return NpzDataset(
             path,
             split,
             normalization=preprocessor.normalization,
             channels=preprocessor.channels,
+            decoded_cache=decoded_cache,
         )
 
     def describe(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.fl.data.cache import DecodedCache
 from training.fl.data.errors import DEFAULT_MAX_VOLUME_VOXELS, DatasetFormatError
 from training.fl.data.formats.base import (
     SEGMENTATION,
@@ -64,6 +65,7 @@ class PairedFormat(DatasetFormat):
         preprocessor: Preprocessor | None = None,
         class_names: Sequence[str] | None = None,
         max_voxels: int = DEFAULT_MAX_VOLUME_VOXELS,
+        decoded_cache: DecodedCache | None = None,
     ) -> SegmentationDataset:
         from training.fl.data.segmentation import SegmentationDataset
 
@@ -83,6 +85,7 @@ class PairedFormat(DatasetFormat):
             sites=listing.sites,
             preprocessor=preprocessor,
             max_voxels=max_voxels,
+            decoded_cache=decoded_cache,
         )
 
     def describe(
