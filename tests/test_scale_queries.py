@@ -22,36 +22,47 @@ from workers import tasks
 pytestmark = pytest.mark.django_db
 
 
-def queries_of_round_one(dataset, clients: int) -> tuple[list[int], int]:
-    """The queries each client task of round 1 sent, in order, and the aggregation's."""
-    experiment = new_experiment(
-        dataset, num_rounds=2, clients_per_round=clients, min_clients=clients
-    )
-    services.start_experiment(experiment.pk)
-    fl_round = experiment.rounds.get(number=1)
+def task_queries(updates) -> list[int]:
+    """The queries each client task of `updates` sent, in order."""
     per_task = []
-    for update in fl_round.client_updates.order_by("pk"):
+    for update in updates.order_by("pk"):
         with CaptureQueriesContext(connection) as queries:
             assert tasks.train_client(update.pk, update.round_id, update.site_id) == "succeeded"
         per_task.append(len(queries))
+    return per_task
+
+
+def queries_of_an_experiment(dataset, clients: int) -> dict[str, list[int]]:
+    """The queries of each task of a one-round experiment and of its cross-site round."""
+    experiment = new_experiment(
+        dataset, num_rounds=1, clients_per_round=clients, min_clients=clients
+    )
+    services.start_experiment(experiment.pk)
+    training = experiment.rounds.get(number=1)
+    sent = {"train": task_queries(training.client_updates)}
     with CaptureQueriesContext(connection) as queries:
-        assert tasks.aggregate_round(fl_round.pk) == "completed"
-    return per_task, len(queries)
+        assert tasks.aggregate_round(training.pk) == "completed"
+    sent["aggregate"] = [len(queries)]
+    # Each site of the cross-site round evaluates the global model and every site's own.
+    sent["evaluate"] = task_queries(experiment.rounds.get(number=2).client_updates)
+    return sent
 
 
 def test_a_client_task_sends_as_many_queries_with_twelve_clients_as_with_three(
     lesions_dataset,
 ):
     # Given two experiments alike but for their number of clients
-    # When each runs its first round
-    few, few_aggregation = queries_of_round_one(lesions_dataset, 3)
-    many, many_aggregation = queries_of_round_one(lesions_dataset, 12)
-    # Then the first task (cold caches), the others, and the last (which closes the round)
-    # each send as many queries in both, and so does the aggregation
-    assert many[0] == few[0]
-    assert set(many[1:-1]) == set(few[1:-1]) and len(set(few[1:-1])) == 1
-    assert many[-1] == few[-1]
-    assert many_aggregation == few_aggregation
+    # When each runs its training round and its cross-site round
+    few = queries_of_an_experiment(lesions_dataset, 3)
+    many = queries_of_an_experiment(lesions_dataset, 12)
+    # Then in each kind of round, the first task (cold caches), the others, and the last
+    # (which closes the round) each send as many queries in both, as does the aggregation
+    for kind in ("train", "evaluate"):
+        assert many[kind][0] == few[kind][0], kind
+        assert set(many[kind][1:-1]) == set(few[kind][1:-1]), kind
+        assert len(set(few[kind][1:-1])) == 1, kind
+        assert many[kind][-1] == few[kind][-1], kind
+    assert many["aggregate"] == few["aggregate"]
 
 
 def experiment_with_clients(clients_per_round: int, rounds: int):

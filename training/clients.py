@@ -99,23 +99,31 @@ def evaluation_model_file(experiment_id: int, round_number: int, label: str) -> 
     update of the site whose slug is ``label``."""
     if label == GLOBAL_MODEL:
         return federation.starting_checkpoint(experiment_id, round_number)
-    last = (
-        ClientUpdate.objects.filter(
-            round__experiment_id=experiment_id,
-            round__kind=RoundKind.TRAIN,
-            site__slug=label,
-            status=ClientUpdateStatus.SUCCEEDED,
-        )
-        .exclude(update_file="")
-        .order_by("-round__number")
-        .values_list("update_file", "update_sha256")
-        .first()
-    )
+    last = last_local_models(experiment_id).get(label)
     if last is None:
         raise EvaluationModelUnavailable(
             f"Site {label!r} has no successful update in experiment {experiment_id}."
         )
     return last
+
+
+@federation.cached_by_ledger_id(maxsize=8)
+def last_local_models(experiment_id: int) -> dict[str, tuple[str, str]]:
+    """Each site's last successful local model (file name, SHA-256), read in one query:
+    a cross-site task evaluates every site's, and one query per site made its queries grow
+    with the sites. Asked for only once training is over, when they no longer change."""
+    updates = (
+        ClientUpdate.objects.filter(
+            round__experiment_id=experiment_id,
+            round__kind=RoundKind.TRAIN,
+            status=ClientUpdateStatus.SUCCEEDED,
+        )
+        .exclude(update_file="")
+        .order_by("round__number")
+        .values_list("site__slug", "update_file", "update_sha256")
+    )
+    # Later rounds come last and replace earlier ones.
+    return {slug: (name, sha256) for slug, name, sha256 in updates}
 
 
 class InProcessConnection:
