@@ -8,7 +8,12 @@ model store. Embedded mode uses a SQLite file and the in-process worker; Redis m
 the PostgreSQL and Redis servers and one real `celery worker` process. Both modes run one
 task at a time, so that "wall minus compute" is the platform's own cost. A round's wall
 time runs from its opening to the next one's. Round 1 reads the images and is left out,
-and the last has no next round: the table shows the mean of the others.
+and the last has no next round: the table shows the mean of the others. The overhead is
+given per client task and as a share of the round's wall time: on a shared machine the
+milliseconds move with the load, while the share says how much of a round the platform
+takes. There is no absolute target in milliseconds (an earlier "under 15 ms a task in
+Redis mode" no longer applies); benchmarks/vs_plain.py compares whole runs with a plain
+loop, and benchmarks/scale.py runs 200 clients.
 
 Part 2 aggregates 32 client updates of a 10-million-parameter model from the model store
 with FedAvg and reports the time, the read rate and the peak memory above the starting
@@ -156,6 +161,7 @@ def child(mode: str, clients: list[int]) -> None:
             "mode": mode, "clients": count, "round_wall_s": wall, "local_training_s": training,
             "aggregation_and_eval_s": server,
             "overhead_per_task_ms": 1000 * (wall - training - server) / count,
+            "overhead_share": (wall - training - server) / wall,
             "inside_task_ms": 1000 * in_task / count,
         })  # fmt: skip
     if worker is not None:
@@ -248,13 +254,15 @@ def print_tables(rows: list[dict], aggregation: dict | None) -> None:
         print(f"Round overhead (tiny network, one task at a time; mean of rounds 2..{ROUNDS - 1})")
         print(
             f"{'mode':<9} {'clients':>7} {'round wall s':>12} {'local training s':>16} "
-            f"{'aggregation+eval s':>18} {'overhead/task ms':>16} {'of it in task ms':>16}"
+            f"{'aggregation+eval s':>18} {'overhead/task ms':>16} {'of it in task ms':>16} "
+            f"{'overhead % of round':>19}"
         )
         for row in rows:
             print(
                 f"{row['mode']:<9} {row['clients']:>7} {row['round_wall_s']:>12.3f} "
                 f"{row['local_training_s']:>16.3f} {row['aggregation_and_eval_s']:>18.3f} "
-                f"{row['overhead_per_task_ms']:>16.1f} {row['inside_task_ms']:>16.1f}"
+                f"{row['overhead_per_task_ms']:>16.1f} {row['inside_task_ms']:>16.1f} "
+                f"{100 * row['overhead_share']:>19.0f}"
             )
         split = overhead_split(rows)
         if split:
