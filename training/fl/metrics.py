@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.metrics import confusion_matrix, precision_score, roc_auc_score, roc_curve
 
 __all__ = [
     "MAX_ROC_POINTS",
@@ -64,6 +63,10 @@ def classification_metrics(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
 
+    # Imported here: scikit-learn (and the SciPy it loads) costs most of a second, which a
+    # worker pays once it first evaluates rather than before it can take a task.
+    from sklearn.metrics import confusion_matrix, precision_score
+
     predictions = probs.argmax(axis=1)
     classes = list(range(num_classes))
     matrix = confusion_matrix(labels, predictions, labels=classes)
@@ -98,6 +101,8 @@ def _binary_metrics(
         "roc_curve": None,
     }
     if len(np.unique(labels)) == 2:
+        from sklearn.metrics import roc_auc_score, roc_curve
+
         fpr, tpr, _ = roc_curve(labels, positive_scores)
         # Evenly spaced picks along the curve always include both end points.
         positions = np.unique(np.linspace(0, len(fpr) - 1, MAX_ROC_POINTS).round().astype(int))
