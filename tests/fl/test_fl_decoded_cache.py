@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,21 @@ def test_a_process_keeps_the_datasets_it_opened_within_its_budget(folder_dataset
     assert opened.get(sizes[2], opener(sizes[2]), budget_bytes=0) is large
     assert len(opened) == 1
     assert large.memory_bytes() == len(large) * 16 * 16 * 4
+
+
+def test_what_a_dead_writer_left_half_written_is_removed_by_the_next_writer(tmp_path):
+    # given a source whose group holds a temporary folder untouched for two days
+    cache = DecodedCache(tmp_path / "cache")
+    key = {"source": "/data/set", "fingerprint": "f1", "kind": "images"}
+    entry = cache.entry(key, lambda writer: writer.add_sample("images", np.zeros(3, np.float32)))
+    abandoned = entry.folder.parent / ".abandoned-by-a-killed-worker"
+    abandoned.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(abandoned, (two_days_ago, two_days_ago))
+    in_progress = entry.folder.parent / ".being-written-now"
+    in_progress.mkdir()
+    # when another entry of that source is written
+    cache.entry({**key, "kind": "masks"}, lambda writer: writer.add_array("x", np.zeros(1)))
+    # then the abandoned folder is gone, and one being written now is left alone
+    assert not abandoned.exists()
+    assert in_progress.exists()

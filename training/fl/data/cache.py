@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
@@ -63,6 +64,8 @@ SAMPLE_ERRORS: tuple[type[Exception], ...] = (
 # Part of every key: a change of how entries are laid out makes the old ones unreadable.
 CACHE_VERSION = 1
 _KEY_FILE = "key.json"
+# A temporary folder untouched for this long was left by a writer that died.
+ABANDONED_AFTER_SECONDS = 24 * 3600
 _META_FILE = "meta.json"
 
 
@@ -268,10 +271,19 @@ class DecodedCache:
 
     @staticmethod
     def _delete_stale(group: Path, *, keep: Path, fingerprint: Any) -> None:
-        """Delete the source's entries decoded from other file contents. A process still
-        reading one keeps its mapped pages (the files go when the last map does)."""
+        """Delete the source's entries decoded from other file contents, and what writers
+        that died left half-written. A process still reading an entry keeps its mapped pages
+        (the files go when the last map does)."""
         for folder in group.iterdir():
-            if folder == keep or folder.name.startswith("."):
+            if folder.name.startswith("."):
+                try:
+                    abandoned = time.time() - folder.stat().st_mtime > ABANDONED_AFTER_SECONDS
+                except OSError:
+                    continue
+                if abandoned:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            if folder == keep:
                 continue
             try:
                 key = json.loads((folder / _KEY_FILE).read_text(encoding="utf-8"))
