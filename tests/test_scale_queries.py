@@ -76,7 +76,13 @@ def experiment_with_clients(clients_per_round: int, rounds: int):
         num_rounds=rounds, clients_per_round=clients_per_round, sites=sites
     )
     for number in range(1, rounds + 1):
-        fl_round = RoundFactory(experiment=experiment, number=number, status=RoundStatus.CLOSED)
+        fl_round = RoundFactory(
+            experiment=experiment, number=number, status=RoundStatus.CLOSED,
+            federated_evaluation={
+                "sites": {site.slug: {"accuracy": 0.75} for site in sites},
+                "weighted": {"accuracy": 0.75},
+            },
+        )  # fmt: skip
         ClientUpdate.objects.bulk_create(
             ClientUpdate(
                 round=fl_round, site=site, num_samples=8,
@@ -109,6 +115,11 @@ def test_the_snapshot_of_many_clients_sends_the_newest_rounds_and_counts_the_res
             {"round": number, "failed": 1, "succeeded": clients - 1} for number in range(1, 6)
         ]
         assert sent["lost_sites_warning"]  # the failing site never contributed
+        # and the sites' own evaluations only of the rounds whose rows it carries
+        for fl_round in sent["rounds"]:
+            older = fl_round["number"] < sent["client_updates_from_round"]
+            assert ("sites" in fl_round["federated_evaluation"]) is not older
+            assert fl_round["federated_evaluation"]["weighted"] == {"accuracy": 0.75}
     # and twice the clients do not make it larger than the rows the limit allows
     assert sizes[400] < sizes[200] * 1.1
 

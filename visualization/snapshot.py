@@ -98,6 +98,18 @@ def summary_rows(clients: dict[int, dict[str, int]]) -> list[dict]:
     return [{"round": number, **clients[number]} for number in sorted(clients)]
 
 
+def without_older_site_evaluations(rounds: list[dict], from_round: int | None) -> list[dict]:
+    """Rounds before `from_round` keep their federated evaluation's weighted mean but not
+    each site's entry, which, like the client rows, would grow with the sites."""
+    if from_round is None:
+        return rounds
+    for fl_round in rounds:
+        evaluation = fl_round.get("federated_evaluation") or {}
+        if fl_round["number"] < from_round and "sites" in evaluation:
+            fl_round["federated_evaluation"] = {"weighted": evaluation.get("weighted")}
+    return rounds
+
+
 def experiment_snapshot(experiment: Experiment) -> dict:
     rounds = Round.objects.filter(experiment=experiment).select_related("checkpoint")
     rows, summary = client_update_rows(experiment)
@@ -108,7 +120,9 @@ def experiment_snapshot(experiment: Experiment) -> dict:
         "class_names": experiment.dataset.class_names,
         # What to draw and how: the task's metrics from the catalogue (names, labels, ...).
         "metric_catalog": metric_catalog.catalogue_json(experiment.task),
-        "rounds": RoundSerializer(rounds, many=True).data,
+        "rounds": without_older_site_evaluations(
+            RoundSerializer(rounds, many=True).data, summary["client_updates_from_round"]
+        ),
         "client_updates": rows,
         # Each round's clients by status; rows of the rounds before client_updates_from_round
         # (None: of every round) are not in client_updates.
