@@ -450,6 +450,7 @@ def client_task(update: ClientUpdate) -> ClientTask:
             optimizer=experiment.optimizer,
             seed=client_seed(experiment.seed, client_index),
             patch_size=tuple(experiment.patch_size),
+            mixed_precision=settings.FEDLENS_MIXED_PRECISION,
         ),
         # Epochs are counted across rounds, so a client's data order never repeats a round's.
         start_epoch=(fl_round.number - 1) * experiment.local_epochs,

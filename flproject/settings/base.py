@@ -432,6 +432,9 @@ FEDLENS_TORCH_THREADS = env_int(
     "FEDLENS_TORCH_THREADS",
     max(1, machine.available_cpus() // FEDLENS_EMBEDDED_CONCURRENCY) if FEDLENS_EMBEDDED else 1,
 )
+# Clients training on a CUDA GPU use mixed precision (float16 autocast, a gradient scaler);
+# off trains in float32 throughout. Sent with each client task (TrainConfig.mixed_precision).
+FEDLENS_MIXED_PRECISION = env_bool("FEDLENS_MIXED_PRECISION", True)
 # How often the watchdog looks for rounds past their deadline.
 FEDLENS_WATCHDOG_INTERVAL_SECONDS = env_int("FEDLENS_WATCHDOG_INTERVAL_SECONDS", 15)
 # A client's task is sent at most this many times (its first send included) when the

@@ -41,6 +41,7 @@ def assert_same_weights(first: torch.nn.Module, second: torch.nn.Module) -> None
         ({"momentum": 1.0}, "momentum"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"seed": -1}, "seed"),
+        ({"mixed_precision": "yes"}, "mixed_precision"),
     ],
 )
 def test_train_config_rejects_invalid_values(options: dict[str, object], message: str) -> None:

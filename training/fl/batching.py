@@ -125,10 +125,12 @@ class ClientSamples:
         if self._whole is not None:
             inputs, targets = self._whole
             order = positions.to(inputs.device, non_blocking=True)
-            for chosen in order.split(batch_size):
+            for start in range(0, len(order), batch_size):
+                chosen = order[start : start + batch_size]
                 yield inputs.index_select(0, chosen), targets.index_select(0, chosen)
             return
-        for chosen in positions.split(batch_size):
+        for start in range(0, len(positions), batch_size):
+            chosen = positions[start : start + batch_size]
             batch_inputs, batch_targets = self._read([self.indices[p] for p in chosen.tolist()])
             if self.on_cuda:
                 batch_inputs, batch_targets = batch_inputs.pin_memory(), batch_targets.pin_memory()

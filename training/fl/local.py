@@ -8,6 +8,13 @@ local epoch) draws its data order, and any in-model randomness, from
 match to float tolerance only for stateless optimizers: SGD with ``momentum=0`` (momentum
 buffers and Adam's moments restart every round). Runs are bit-for-bit repeatable on CPU;
 CUDA kernels and mixed precision are not guaranteed to be.
+
+On a GPU, training runs in mixed precision (autocast and a gradient scaler) unless
+``TrainConfig.mixed_precision`` is off, cuDNN picks its fastest algorithms
+(``cudnn.benchmark``), and a client's samples are batched on the device
+(:mod:`training.fl.batching`: small sets stay there between rounds, larger ones come
+through pinned memory). On the CPU the batches are what a DataLoader collated before, so
+results stay bit for bit what they were.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from training.fl.batching import ClientSamples
 from training.fl.metrics import classification_metrics
 from training.fl.randomness import GLOBAL_GENERATOR, draws_random_numbers, forked_global_generator
 
@@ -54,7 +62,8 @@ Indices = Sequence[int] | npt.NDArray[np.integer]
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Local training hyper-parameters; ``momentum`` applies to SGD only, ``patch_size``
-    (one size per spatial axis, in the images' axis order) to segmentation only."""
+    (one size per spatial axis, in the images' axis order) to segmentation only;
+    ``mixed_precision`` (float16 autocast with a gradient scaler) to CUDA devices only."""
 
     epochs: int = 1
     batch_size: int = 32
@@ -64,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     patch_size: tuple[int, ...] = ()
+    mixed_precision: bool = True
 
     def __post_init__(self) -> None:
         # A task read from JSON gives a list.
@@ -87,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not isinstance(self.mixed_precision, bool):
+            raise ValueError(f"mixed_precision must be true or false, got {self.mixed_precision!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,7 +271,10 @@ def train_local(
     device = device or default_device()
     # Opacus's per-sample gradients are kept in full precision.
     on_cuda = device.type == "cuda"
-    mixed_precision = on_cuda and dp_sgd is None
+    mixed_precision = on_cuda and dp_sgd is None and config.mixed_precision
+    if on_cuda:
+        # The shapes repeat every batch: cuDNN's search for the fastest kernels pays off.
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, config)
@@ -290,30 +305,23 @@ def train_local(
     # seed, draw from or restore it while they train (see training.fl.randomness).
     draws_from_global = private_loader is not None or draws_random_numbers(model)
     started = time.perf_counter()
+    samples = ClientSamples(dataset, index_list, device) if private_loader is None else None
     steps = drawn = 0
     epoch_loss, epoch_accuracy = 0.0, 0.0
     try:
         with forked_global_generator(rng_devices(device), hold=draws_from_global):
             for epoch in range(start_epoch, start_epoch + config.epochs):
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                if private_loader is not None:
+                if samples is None:
                     seed_generators(int(torch.randint(2**62, (), generator=fresh)), device)
-                    batches = private_loader
+                    batches = private_loader  # type: ignore[assignment]
                 else:
                     epoch_seed = derive_seed(config.seed, epoch)
                     seed_generators(epoch_seed, device)
                     order = torch.randperm(
                         len(index_list), generator=torch.Generator().manual_seed(epoch_seed)
                     )
-                    batches = DataLoader(
-                        dataset,
-                        batch_size=config.batch_size,
-                        sampler=[index_list[position] for position in order.tolist()],
-                        num_workers=0,
-                        pin_memory=on_cuda,
-                        # Its (unused) base seed from the global generator only while held.
-                        generator=None if draws_from_global else torch.Generator(),
-                    )
+                    batches = samples.batches(order, config.batch_size)
                 # Summed on the device: reading them back every batch would stall the GPU.
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -402,23 +410,15 @@ def evaluate(
     on_cuda = device.type == "cuda"
     model.to(device)
     model.eval()
-    # A generator of its own for the loader's (unused) base seed: see training.fl.randomness.
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=index_list,
-        num_workers=0,
-        pin_memory=on_cuda,
-        generator=torch.Generator(),
-    )
+    samples = ClientSamples(dataset, index_list, device)
     probabilities: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     with torch.inference_mode():
-        for inputs, targets in loader:
+        for inputs, targets in samples.batches(torch.arange(len(index_list)), batch_size):
             with torch.autocast(device_type=device.type, enabled=on_cuda):
-                logits = model(inputs.to(device, non_blocking=True))
+                logits = model(inputs)
             probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
-            labels.append(targets)
+            labels.append(targets.cpu())
     stacked = torch.cat(probabilities).numpy()
     return classification_metrics(
         torch.cat(labels).numpy(), stacked, num_classes=int(stacked.shape[1])

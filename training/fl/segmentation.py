@@ -9,8 +9,11 @@ is also flipped along each axis, and its intensities scaled and shifted, at rand
 
 Seeding follows ``training.fl.local``: epoch ``e`` draws its data order and its
 augmentations from ``derive_seed(config.seed, e)``, so runs are repeatable on CPU. On CUDA,
-training runs in mixed precision with a gradient scaler and in the channels-last memory
-layout (``channels_last_3d`` for volumes), neither of which is bit-for-bit repeatable.
+training runs in mixed precision with a gradient scaler (unless
+``TrainConfig.mixed_precision`` is off) and in the channels-last memory layout
+(``channels_last_3d`` for volumes), neither of which is bit-for-bit repeatable; cuDNN picks
+its fastest kernels for the batch shapes (``cudnn.benchmark``) and batches, augmented on
+the host, reach the GPU through pinned memory.
 """
 
 from __future__ import annotations
@@ -224,6 +227,9 @@ def train_segmentation(
     device = device or default_device()
     on_cuda = device.type == "cuda"
     memory_format = _memory_format(spatial_dims) if on_cuda else torch.contiguous_format
+    mixed_precision = on_cuda and config.mixed_precision
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     model.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing in stubs
     model.train()
@@ -231,7 +237,7 @@ def train_segmentation(
     adjustment = gradient_adjustment(model, proximal_mu, gradient_correction)
     if adjustment is not None:
         optimizer.register_step_pre_hook(adjustment)
-    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed_precision)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = _augmentations(config.patch_size, spatial_dims)
     started = time.perf_counter()
@@ -253,10 +259,12 @@ def train_segmentation(
                 confusion: torch.Tensor | None = None
                 seen = 0
                 for images, masks in _batches(dataset, sampled, config.batch_size, transform):
+                    if on_cuda:  # a non_blocking copy from pageable memory would block
+                        images, masks = images.pin_memory(), masks.pin_memory()
                     images = images.to(device, non_blocking=True, memory_format=memory_format)
                     masks = masks.to(device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type=device.type, enabled=on_cuda):
+                    with torch.autocast(device_type=device.type, enabled=mixed_precision):
                         logits = _padded_forward(model, images)
                     # The loss in full precision: the Dice term sums over many voxels.
                     loss = criterion(logits.float(), masks)
