@@ -232,9 +232,10 @@ def test_streamed_encoding_loads_with_safetensors_and_with_the_one_pass_reader(
     assert_same_state(load_weights_file(path, expected_sha256=digest), state)
 
 
-def test_all_finite_finds_a_nan_past_the_first_piece() -> None:
+def test_all_finite_finds_nan_and_infinities_anywhere() -> None:
     weights = torch.zeros(1_000_000)
     assert all_finite(weights)
+    assert all_finite(torch.zeros(0))
     weights[-1] = float("nan")
     assert not all_finite(weights)
     weights[-1] = float("-inf")
@@ -246,4 +247,10 @@ def test_l2_distance_of_large_tensors_matches_a_float64_computation() -> None:
     first = {"w": torch.randn(700_001, generator=generator), "n": torch.tensor(3)}
     second = {"w": torch.randn(700_001, generator=generator), "n": torch.tensor(5)}
     expected = float((first["w"].double() - second["w"].double()).norm())
-    assert l2_distance(first, second) == pytest.approx(expected, rel=1e-12)
+    assert l2_distance(first, second) == pytest.approx(expected, rel=1e-6)
+
+
+def test_l2_distance_of_half_precision_weights_does_not_overflow() -> None:
+    first = {"w": torch.full((100_000,), 100.0).half()}
+    second = {"w": torch.zeros(100_000).half()}
+    assert l2_distance(first, second) == pytest.approx(100.0 * 100_000**0.5, rel=1e-6)
