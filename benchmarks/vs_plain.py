@@ -39,6 +39,7 @@ for cnn-small (2D) and cnn3d-small (3D), after a warm-up epoch (target: at least
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -216,13 +217,15 @@ def derive_seed(seed: int, *keys: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def train_client(model, images, labels, indices, seed, spec, rounds_done, device):
-    """One client's local epochs, in FedLens's batch order; returns the samples."""
+def train_client(model, images, labels, indices, seed, spec, rounds_done, amp=False):
+    """One client's local epochs, in FedLens's batch order; returns the samples. With
+    ``amp`` (CUDA), float16 autocast and a gradient scaler, as FedLens trains there."""
     import torch
     from torch import nn
 
     optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"])
     criterion = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     model.train()
     for epoch in range(rounds_done * spec["epochs"], (rounds_done + 1) * spec["epochs"]):
         epoch_seed = derive_seed(seed, epoch)
@@ -231,9 +234,11 @@ def train_client(model, images, labels, indices, seed, spec, rounds_done, device
         for start in range(0, len(shuffled), spec["batch_size"]):
             batch = shuffled[start : start + spec["batch_size"]]
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(images[batch]), labels[batch])
-            loss.backward()
-            optimizer.step()
+            with torch.autocast("cuda", enabled=amp):
+                loss = criterion(model(images[batch]), labels[batch])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     return len(indices)
 
 
@@ -257,7 +262,7 @@ def plain_main(spec_path: str) -> None:
         total = 0.0
         for indices, seed in clients:
             model.load_state_dict(global_weights)
-            samples = train_client(model, images, labels, indices, seed, spec, round_index, "cpu")
+            samples = train_client(model, images, labels, indices, seed, spec, round_index)
             for name, tensor in model.state_dict().items():
                 if not tensor.dtype.is_floating_point:  # BatchNorm's batch counter: the max
                     running[name] = torch.maximum(running.get(name, tensor), tensor).clone()
@@ -421,11 +426,17 @@ def wait_for_worker(env: dict[str, str]) -> None:
 # --- Samples per second of local training (CUDA) --------------------------------------------
 
 
+def fedlens_local_epoch(dataset, indices, config, device, model, *, rounds_done: int) -> None:
+    from training.fl.local import train_local
+
+    train_local(model, dataset, indices, config, device=device, start_epoch=rounds_done)
+
+
 def throughput(device_name: str) -> list[dict]:
     """FedLens's train_local against the plain client step, same device, same data."""
     import torch
 
-    from training.fl.local import TrainConfig, train_local
+    from training.fl.local import TrainConfig
     from training.fl.networks import build_network
 
     device = torch.device(device_name)
@@ -441,28 +452,29 @@ def throughput(device_name: str) -> list[dict]:
         spec = {"lr": 0.01, "momentum": 0.9, "epochs": 1, "batch_size": batch_size}
         spatial = len(shape) - 1
 
-        def fedlens_epoch(model, epoch):
-            train_local(model, dataset, indices, config, device=device, start_epoch=epoch)
-
-        plain_images, plain_labels = images.to(device), labels.to(device)
-        plain_indices = torch.arange(count, device=device)
-
-        def plain_epoch(model, epoch):
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                train_client(model, plain_images, plain_labels, plain_indices, SEED, spec,
-                             epoch, device)  # fmt: skip
-
+        # Each side's one epoch as f(model, epoch): FedLens's client step, and the plain one
+        # on tensors already on the device.
+        fedlens_epoch = functools.partial(fedlens_local_epoch, dataset, indices, config, device)
+        plain_epoch = functools.partial(
+            train_client,
+            images=images.to(device),
+            labels=labels.to(device),
+            indices=torch.arange(count, device=device),
+            seed=SEED,
+            spec=spec,
+            amp=device.type == "cuda",
+        )
         rates = {}
         for side, epoch_of in (("fedlens", fedlens_epoch), ("plain", plain_epoch)):
             model = build_network(network, in_channels=1, num_classes=2,
                                   spatial_dims=spatial, seed=SEED).to(device)  # fmt: skip
-            epoch_of(model, 0)  # warm-up: allocator, cuDNN's algorithm search
+            epoch_of(model, rounds_done=0)  # warm-up: allocator, cuDNN's algorithm search
             seconds = []
             for epoch in range(1, 4):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 started = time.perf_counter()
-                epoch_of(model, epoch)
+                epoch_of(model, rounds_done=epoch)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds.append(time.perf_counter() - started)
