@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from django.db import connection
+from kombu import pools as kombu_pools
 
 from flproject.celery import app
 from tests.conftest import (
@@ -93,6 +94,9 @@ def project_broker(url: str):
             app._pool.force_close_all()
         app._pool = None
         app.amqp._producer_pool = None
+        # kombu's process-wide producer pools held connections of the pool closed above;
+        # later tests would acquire from them ("Acquire on closed pool").
+        kombu_pools.reset()
         app.conf.broker_url = broker_url
 
     previous = app.conf.broker_url
