@@ -111,7 +111,9 @@ def fuzz(server: Server, token: str, report: Path) -> subprocess.CompletedProces
     ]  # fmt: skip
     for path in EXCLUDED_PATHS:
         command += ["--exclude-path", path]
-    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, capture_output=True, encoding="utf-8", timeout=1500
+    )
 
 
 @pytest.mark.timeout(3600)
