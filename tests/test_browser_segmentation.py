@@ -201,6 +201,17 @@ def test_a_segmentation_experiment_and_its_masks_in_the_browser(segmentation_ser
     )
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
+    # The new-experiment form offers a segmentation network for a segmentation set, and
+    # choosing a set after a classification network switches back to one
+    browser.get(f"{server.url}/experiments/new/")
+    network = Select(browser.find_element(By.ID, "network"))
+    assert network.first_selected_option.text == "unet"
+    network.select_by_visible_text("cnn-small")
+    dataset = Select(browser.find_element(By.ID, "dataset"))
+    other = next(o.text for o in dataset.options if not o.is_selected())
+    dataset.select_by_visible_text(other)
+    assert network.first_selected_option.text == "unet"
+
 
 @pytest.fixture
 def classification_server(tmp_path):

@@ -12,8 +12,8 @@ from django.urls import reverse
 
 from tests.conftest import client_for
 from tests.factories import SiteFactory, UserFactory
-from training.fl.data.synthetic import generate_synthetic_dataset
-from training.models import Dataset, Experiment, ExperimentStatus
+from training.fl.data.synthetic import generate_segmentation_dataset, generate_synthetic_dataset
+from training.models import Dataset, Experiment, ExperimentStatus, StorageFormat, Task
 
 pytestmark = pytest.mark.django_db
 
@@ -45,9 +45,9 @@ class FormValues(HTMLParser):
             self.select = None
 
 
-def served_form(client) -> dict[str, list[str]]:
+def served_form(client, page="new-experiment") -> dict[str, list[str]]:
     parser = FormValues()
-    parser.feed(client.get(reverse("new-experiment")).content.decode())
+    parser.feed(client.get(reverse(page)).content.decode())
     submitted: dict[str, list[str]] = {}
     for name, value in parser.values:
         submitted.setdefault(name, []).append(value)
@@ -81,6 +81,51 @@ def test_the_form_as_first_served_creates_and_starts_an_experiment(client, datas
     assert experiment.sites.count() == 3
     assert experiment.min_clients <= experiment.clients_per_round == 3
     assert experiment.status == ExperimentStatus.RUNNING
+
+
+def test_the_form_as_first_served_trains_a_segmentation_dataset_with_a_segmentation_network(
+    client, dataset_root
+):
+    # Given a user whose newest dataset is a 3D segmentation set (the alphabetically first
+    # network, basicunet, and strategy, fedadagrad, are not what a first try wants)
+    owner = UserFactory()
+    site_dataset(dataset_root, owner)
+    path = generate_segmentation_dataset(
+        dataset_root / "organs", dims=3, sites=2, per_site=2, size=32, depth=16, seed=0
+    )
+    organs = Dataset.objects.create(
+        name="organs", owner=owner, task=Task.SEGMENTATION, storage_format=StorageFormat.MSD,
+        num_classes=3, channels=1, image_shape=[16, 32, 32], path=str(path),
+    )  # fmt: skip
+    SiteFactory.create_batch(2)
+    client.force_login(owner)
+    # When the form is submitted as it was served
+    submitted = served_form(client)
+    assert submitted["network"] == ["unet"] and submitted["strategy"] == ["fedavg"]
+    submitted["name"] = ["first segmentation"]
+    response = client.post(reverse("new-experiment"), submitted)
+    # Then the experiment is created on the segmentation set with the suggested network
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    experiment = Experiment.objects.get(name="first segmentation")
+    assert (experiment.dataset, experiment.network, experiment.strategy) == (
+        organs,
+        "unet",
+        "fedavg",
+    )
+
+
+def test_the_sweep_form_as_first_served_queues_a_sweep(client, dataset_root):
+    owner = UserFactory()
+    newest = site_dataset(dataset_root, owner)
+    SiteFactory.create_batch(2)
+    client.force_login(owner)
+    submitted = served_form(client, "new-sweep")
+    assert submitted["network"] == ["cnn-small"] and submitted["dataset"] == [str(newest.pk)]
+    submitted["name"] = ["first sweep"]
+    submitted["seeds"] = ["0, 1"]
+    response = client.post(reverse("new-sweep"), submitted)
+    assert response.status_code == 302, response.content.decode()[-2000:]
+    assert Experiment.objects.filter(dataset=newest, network="cnn-small").count() == 2
 
 
 def test_the_form_prefers_the_users_own_dataset_to_a_newer_one_they_only_see(client, dataset_root):

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_http_methods
 
 from training import metric_catalog, sweeps
 from training.models import TERMINAL_EXPERIMENT_STATUSES, Sweep
-from visualization.views import form_choices
+from visualization.views import first_form_values, form_choices, form_values
 
 # The sweep form's base settings (one value each); names as in the REST API.
 BASE_FIELDS = ("dataset", "network", "num_rounds", "clients_per_round", "min_clients",
@@ -109,6 +109,8 @@ def new_sweep(request):
             errors = {"form": str(exc)}
         else:
             return redirect("sweep-page", sweep_id=sweep.pk)
+    else:
+        values = form_values(first_form_values(request.user))
     return render(
         request,
         "visualization/new_sweep.html",

@@ -105,16 +105,19 @@ def home(request):
 
 def form_choices(user, clone_of: Experiment | None = None) -> dict:
     # The engine's catalogues load PyTorch: imported by the pages that show them.
-    from training.fl.networks import available_networks
+    from training.fl.networks import available_networks, network_task
     from training.fl.strategies import available_strategies, describe_strategies
 
     datasets = Dataset.objects.visible_to(user)
     if clone_of is not None:  # a clone may keep its source's dataset (see clone_experiment)
         datasets = datasets | Dataset.objects.filter(pk=clone_of.dataset_id)
+    datasets = list(datasets.order_by("name"))
+    for dataset in datasets:  # the form's script switches to it when the task changes
+        dataset.suggested_network = suggested_network(dataset)
     return {
-        "datasets": datasets.order_by("name"),
+        "datasets": datasets,
         "sites": Site.objects.filter(is_active=True).order_by("name"),
-        "networks": available_networks(),
+        "networks": [{"name": name, "task": network_task(name)} for name in available_networks()],
         "strategies": available_strategies(),
         "strategy_descriptions": describe_strategies(),
         "optimizers": Optimizer.choices,
@@ -123,10 +126,16 @@ def form_choices(user, clone_of: Experiment | None = None) -> dict:
     }
 
 
+def suggested_network(dataset: Dataset) -> str:
+    from training.fl.networks import suggested_network as suggested
+
+    return suggested(dataset.task, len(dataset.image_shape or []) or 2)
+
+
 def first_form_values(user) -> dict:
     """What a new form shows, so that submitting it as it is works: the user's most recent
-    dataset, every site that can train on it chosen, all of them in each round, and a
-    minimum of clients that those sites can meet."""
+    dataset, a network for its task, FedAvg, every site that can train on it chosen, all of
+    them in each round, and a minimum of clients that those sites can meet."""
     datasets = Dataset.objects.visible_to(user)
     dataset = (
         datasets.filter(owner=user).order_by("-created_at", "-pk").first()
@@ -138,6 +147,8 @@ def first_form_values(user) -> dict:
     slugs = list(sites.values_list("slug", flat=True))
     return {
         "dataset": dataset.pk if dataset is not None else None,
+        "network": suggested_network(dataset) if dataset is not None else "cnn-small",
+        "strategy": "fedavg",
         "sites": slugs,
         "clients_per_round": max(len(slugs), 1),
         "min_clients": 1,

@@ -30,6 +30,7 @@ __all__ = [
     "check_input_shape",
     "network_task",
     "spatial_divisor",
+    "suggested_network",
 ]
 
 # MONAI's networks by the names FedLens stores; every other network classifies.
@@ -380,6 +381,13 @@ def network_task(name: str) -> str:
     if name not in _REGISTRY:
         raise ValueError(f"unknown network {name!r}; known networks: {available_networks()}")
     return "segmentation" if name in SEGMENTATION_NETWORKS else "classification"
+
+
+def suggested_network(task: str, spatial_dims: int) -> str:
+    """The network a new experiment starts from for data of ``task`` in ``spatial_dims``."""
+    if task == "segmentation":
+        return "unet"
+    return "cnn3d-small" if spatial_dims == 3 else "cnn-small"
 
 
 def _defaults(name: str, params: dict[str, Any]) -> dict[str, Any]:
