@@ -18,6 +18,7 @@ embedded server, as it starts, resumes the experiments that a dead process left 
 import logging
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 from celery import Celery
@@ -27,6 +28,7 @@ from celery.beat import EmbeddedService
 from celery.signals import after_task_publish
 from celery.worker import WorkController
 from django.conf import settings
+from django.db import connections
 
 from flproject import embedded_processes
 from flproject.celery import app as project_app
@@ -152,14 +154,24 @@ def start_embedded_worker() -> EmbeddedWorker:
     global _process_worker
     with _process_worker_lock:
         if _process_worker is None:
-            for resumed in resume_orphaned_experiments():
-                logger.warning(
-                    "Resumed experiment %s, left running by a process that died: sent %s again.",
-                    resumed.experiment.pk,
-                    resumed.what,
-                )
-            _process_worker = EmbeddedWorker().start()
+            # uvicorn's worker processes import the application inside their event loop,
+            # where Django refuses database queries: start from a thread of its own.
+            with ThreadPoolExecutor(1, thread_name_prefix="embedded-start") as starter:
+                _process_worker = starter.submit(_resume_orphans_and_start).result()
         return _process_worker
+
+
+def _resume_orphans_and_start() -> EmbeddedWorker:
+    try:
+        for resumed in resume_orphaned_experiments():
+            logger.warning(
+                "Resumed experiment %s, left running by a process that died: sent %s again.",
+                resumed.experiment.pk,
+                resumed.what,
+            )
+        return EmbeddedWorker().start()
+    finally:
+        connections.close_all()  # this thread's own connections; it ends here
 
 
 # --- Which experiments this process drives -------------------------------------------------
