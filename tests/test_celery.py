@@ -53,6 +53,20 @@ def test_embedded_worker_runs_tasks_through_celery_in_this_process(in_memory_app
     assert {reply["pid"] for reply in replies} == {os.getpid()}
 
 
+def test_a_worker_stopped_without_waiting_leaves_tasks_to_the_next_one(in_memory_app):
+    # Given a worker stopped without waiting for its consumers, whose last poll goes on
+    stopped = EmbeddedWorker(in_memory_app, name="embedded-stopped@local").start()
+    consumers = [thread for _, thread in stopped._consumers]
+    stopped.stop(wait_for_idle=False)
+    assert any(thread.is_alive() for thread in consumers)
+    # When tasks are sent during that poll
+    results = [in_memory_app.tasks["workers.tasks.ping"].delay() for _ in range(10)]
+    # Then the stopped worker runs none of them: the worker started next runs them all
+    with EmbeddedWorker(in_memory_app, name="embedded-next@local"):
+        workers = {result.get(timeout=10)["worker"] for result in results}
+    assert workers == {"embedded-next@local"}
+
+
 def test_embedded_worker_ignores_queues_it_was_not_given(in_memory_app):
     with EmbeddedWorker(in_memory_app, queues=("training",), name="embedded-q@local"):
         elsewhere = in_memory_app.tasks["workers.tasks.ping"].apply_async(queue="site.far-away")

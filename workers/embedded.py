@@ -27,6 +27,7 @@ from celery.app import trace
 from celery.beat import EmbeddedService
 from celery.signals import after_task_publish
 from celery.worker import WorkController
+from celery.worker import state as worker_state
 from django.conf import settings
 from django.db import connections
 
@@ -126,14 +127,18 @@ class EmbeddedWorker:
         )
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, wait_for_idle: bool = True) -> None:
+        """Stop consuming. A consumer between tasks takes no message once stopped, but its
+        thread ends only when its poll of the broker times out (2 s in Celery's loop):
+        ``wait_for_idle=False``, for a process about to exit, waits only while a task runs."""
         if self._beat is not None:
             self._beat.stop()
             self._beat = None
         for controller, _ in self._consumers:
             controller.stop(in_sighandler=False)
         for _, thread in self._consumers:
-            thread.join(timeout=10)
+            if wait_for_idle or worker_state.active_requests:
+                thread.join(timeout=10)
         trace.reset_worker_optimizations(self.app)
         self._consumers = []
 

@@ -95,3 +95,28 @@ def test_inconsistent_inputs_are_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         classification_metrics(labels, probabilities, num_classes=2)
+
+
+def test_counts_equal_scikit_learns_with_classes_never_predicted_or_present() -> None:
+    from sklearn.metrics import confusion_matrix, precision_score, recall_score
+
+    # Given 5 classes where class 3 is never a label and class 4 never predicted
+    rng = np.random.default_rng(3)
+    labels = rng.choice([0, 1, 2, 4], size=200)
+    probabilities = rng.random((200, 5))
+    probabilities[:, 4] = 0
+    predictions = probabilities.argmax(axis=1)
+    # When FedLens counts them
+    metrics = classification_metrics(labels, probabilities, num_classes=5)
+    # Then its matrix, precision and recall are scikit-learn's (0 where undefined)
+    classes = list(range(5))
+    assert (
+        metrics["confusion_matrix"]
+        == confusion_matrix(labels, predictions, labels=classes).tolist()
+    )
+    assert metrics["precision"] == pytest.approx(
+        precision_score(labels, predictions, labels=classes, average=None, zero_division=0)
+    )
+    assert metrics["recall"] == pytest.approx(
+        recall_score(labels, predictions, labels=classes, average=None, zero_division=0)
+    )

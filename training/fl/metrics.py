@@ -63,16 +63,17 @@ def classification_metrics(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
 
-    # Imported here: scikit-learn (and the SciPy it loads) costs most of a second, which a
-    # worker pays once it first evaluates rather than before it can take a task.
-    from sklearn.metrics import confusion_matrix, precision_score
-
     predictions = probs.argmax(axis=1)
     classes = list(range(num_classes))
-    matrix = confusion_matrix(labels, predictions, labels=classes)
+    # Counted with numpy: importing scikit-learn (and SciPy) for this would cost a process
+    # more than a second at its first evaluation; it is still used for the ROC curve.
+    matrix = np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
     support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
     recall = [_ratio(matrix[c, c], support[c]) for c in classes]
-    precision = precision_score(labels, predictions, labels=classes, average=None, zero_division=0)
+    precision = [_ratio(matrix[c, c], predicted[c]) for c in classes]
     true_class_probability = probs[np.arange(len(labels)), labels]
     metrics: dict[str, Any] = {
         "num_samples": len(labels),
@@ -101,6 +102,8 @@ def _binary_metrics(
         "roc_curve": None,
     }
     if len(np.unique(labels)) == 2:
+        # Imported here: scikit-learn (and the SciPy it loads) costs a process more than a
+        # second, paid by binary tasks at their first evaluation only.
         from sklearn.metrics import roc_auc_score, roc_curve
 
         fpr, tpr, _ = roc_curve(labels, positive_scores)

@@ -264,8 +264,11 @@ class Command(BaseCommand):
             self.stdout.write(f"Experiment {experiment.pk} ({experiment.name}) created.")
         ensure_workers()
         if settings.FEDLENS_EMBEDDED:
-            with EmbeddedWorker(name="embedded-cli@fedlens"):
+            worker = EmbeddedWorker(name="embedded-cli@fedlens").start()
+            try:
                 final = self.run(experiment.pk, resume=resuming)
+            finally:
+                worker.stop(wait_for_idle=False)  # the process ends after the summary
         else:
             final = self.run(experiment.pk, resume=resuming)
         summary = summarize(final, wall_seconds=time.perf_counter() - started)
