@@ -8,6 +8,8 @@ in the ledger, so they store no Celery result.
 import gc
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from celery import shared_task
@@ -33,11 +35,26 @@ from workers import recovery as lost_work
 logger = logging.getLogger(__name__)
 
 
-@worker_process_init.connect
+@task_prerun.connect
 def limit_torch_threads(**kwargs) -> None:
-    """In each pool process of a `celery worker`, and in the embedded worker's host as each
-    of its solo consumers starts (settings give each concurrent client its share)."""
-    torch.set_num_threads(settings.FEDLENS_TORCH_THREADS)
+    """Each task computes with FEDLENS_TORCH_THREADS PyTorch threads (settings give each
+    concurrent client of the embedded worker its share). OpenMP keeps the count per thread,
+    and PyTorch gives a thread that never set one the count last set by any thread, which
+    an aggregation raises for a while (`torch_threads`): so every task sets its own."""
+    if torch.get_num_threads() != settings.FEDLENS_TORCH_THREADS:
+        torch.set_num_threads(settings.FEDLENS_TORCH_THREADS)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads for this thread's work inside the block. OpenMP keeps the
+    count per calling thread, so the embedded worker's other consumers keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @worker_process_init.connect
@@ -92,9 +109,11 @@ def aggregate_round(round_id: int) -> str:
         return "skipped: not waiting for aggregation"
     fl_round.experiment = federation.experiment_configuration(fl_round.experiment_id)
     try:
-        outcome = retry_on_lost_connection(
-            lambda: federation.run_aggregation(fl_round), what=f"aggregating round {round_id}"
-        )
+        with torch_threads(settings.FEDLENS_AGGREGATION_TORCH_THREADS):
+            outcome = retry_on_lost_connection(
+                lambda: federation.run_aggregation(fl_round),
+                what=f"aggregating round {round_id}",
+            )
     except LOST_CONNECTION_ERRORS:
         raise  # the database's fault, not the round's: the watchdog sends it again
     except Exception as exc:

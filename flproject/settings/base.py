@@ -432,6 +432,14 @@ FEDLENS_TORCH_THREADS = env_int(
     "FEDLENS_TORCH_THREADS",
     max(1, machine.available_cpus() // FEDLENS_EMBEDDED_CONCURRENCY) if FEDLENS_EMBEDDED else 1,
 )
+# PyTorch threads of the aggregation task (the server's held-out evaluation of the new
+# model). Embedded mode: every CPU, since the round's clients have all reported when it runs
+# (one thread left the other cores idle and took 1.5 s a round of resnet18-small's
+# evaluation here). A worker process: FEDLENS_TORCH_THREADS, as its neighbours may train.
+FEDLENS_AGGREGATION_TORCH_THREADS = env_int(
+    "FEDLENS_AGGREGATION_TORCH_THREADS",
+    machine.available_cpus() if FEDLENS_EMBEDDED else FEDLENS_TORCH_THREADS,
+)
 # Clients training on a CUDA GPU use mixed precision (float16 autocast, a gradient scaler);
 # off trains in float32 throughout. Sent with each client task (TrainConfig.mixed_precision).
 FEDLENS_MIXED_PRECISION = env_bool("FEDLENS_MIXED_PRECISION", True)
