@@ -51,6 +51,8 @@ def test_a_2d_segmentation_experiment_reports_dice_every_round(embedded_env, tmp
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
+    # Progress bars only: no library warnings (MONAI's, kombu's) between them.
+    assert "warning" not in result.stderr.lower(), result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed", summary["failure_reason"]
     assert summary["configuration"]["network"] == "unet"  # a segmentation set's default

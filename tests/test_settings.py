@@ -86,7 +86,7 @@ def test_no_redis_url_means_embedded_mode(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "True",
-        "memory://",
+        "memory://localhost/",
         "channels.layers.InMemoryChannelLayer",
         str(tmp_path / "fedlens.sqlite3"),
     ]

@@ -389,7 +389,9 @@ SPECTACULAR_SETTINGS = {
 # The longest task (local training) is killed after this many seconds; the broker must not
 # redeliver a late-acknowledged task before then, hence the visibility timeout above it.
 FEDLENS_TASK_TIME_LIMIT = env_int("FEDLENS_TASK_TIME_LIMIT", 3600, minimum=60)
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+# The in-process broker names a host only because kombu warns at every connection that
+# names none (the memory transport ignores it).
+CELERY_BROKER_URL = REDIS_URL or "memory://localhost/"
 CELERY_RESULT_BACKEND = REDIS_URL or "cache+memory://"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": FEDLENS_TASK_TIME_LIMIT + 600}
 if FEDLENS_EMBEDDED:

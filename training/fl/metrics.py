@@ -27,6 +27,13 @@ MAX_ROC_POINTS = 101
 # finite loss.
 _LOG_EPSILON = 1e-12
 
+# MONAI's Hausdorff distance warns of each empty class (scored below) and of a deprecated
+# argument it passes to itself. The filters are process-wide, installed once: a
+# warnings.catch_warnings() around the call is not thread-safe, and clients that train at
+# once in embedded mode undid each other's filters, so the warnings reached the CLI.
+warnings.filterwarnings("ignore", message=".*is all 0.*", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
@@ -196,12 +203,7 @@ def segmentation_scores(
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     dice_values = _scores(dice(predicted, expected))
     hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-    with warnings.catch_warnings():
-        # MONAI warns of each empty class (handled below) and of a deprecated argument it
-        # passes itself.
-        warnings.filterwarnings("ignore", message=".*is all 0.*", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        hd_values = _scores(hd95(predicted, expected, spacing=steps))
+    hd_values = _scores(hd95(predicted, expected, spacing=steps))
     in_prediction = predicted[:, 1:].flatten(2).any(dim=2).numpy()
     in_target = expected[:, 1:].flatten(2).any(dim=2).numpy()
     spatial_shape = target_maps.shape[2:]
