@@ -13,9 +13,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tests.conftest import new_experiment
-from tests.factories import ExperimentFactory, RoundFactory
+from tests.factories import CheckpointFactory, ExperimentFactory, RoundFactory
 from training import services
-from training.models import ClientUpdate, ClientUpdateStatus, RoundStatus, Site
+from training.api.serializers import CheckpointSummarySerializer, ClientUpdateSerializer
+from training.models import Checkpoint, ClientUpdate, ClientUpdateStatus, RoundStatus, Site
 from visualization import snapshot
 from workers import tasks
 
@@ -129,3 +130,29 @@ def test_the_snapshot_of_few_clients_sends_every_row():
     sent = snapshot.experiment_snapshot(experiment)
     assert len(sent["client_updates"]) == 12
     assert sent["client_updates_from_round"] is None
+
+
+def test_the_snapshot_reads_of_each_client_row_only_what_it_sends():
+    experiment = experiment_with_clients(4, rounds=3)
+    CheckpointFactory(experiment=experiment, round=None, metrics={"accuracy": 0.5})
+    for fl_round in experiment.rounds.all():
+        CheckpointFactory(experiment=experiment, round=fl_round, metrics={"accuracy": 0.75})
+    with CaptureQueriesContext(connection) as queries:
+        sent = snapshot.experiment_snapshot(experiment)
+    # The rows are those the API serializes from whole objects
+    rows = ClientUpdate.objects.filter(round__experiment=experiment)
+    assert sent["client_updates"] == ClientUpdateSerializer(rows, many=True).data
+    checkpoints = Checkpoint.objects.filter(experiment=experiment)
+    assert sent["checkpoints"] == CheckpointSummarySerializer(checkpoints, many=True).data
+    assert [c["round_number"] for c in sent["checkpoints"]] == [None, 1, 2, 3]
+    # read in one query, without each row's evaluation or its round's JSON columns, which
+    # grow with the sites and were decoded once per row
+    row_queries = [q["sql"] for q in queries if 'FROM "training_clientupdate"' in q["sql"]]
+    assert len(row_queries) == 2  # the counts by status, then the rows
+    for column in ('"training_clientupdate"."evaluation"', '"training_round"."metrics"',
+                   '"training_round"."federated_evaluation"'):  # fmt: skip
+        assert not any(column in sql for sql in row_queries), column
+    # and the checkpoints without their metrics, which the snapshot does not send
+    checkpoint_queries = [q["sql"] for q in queries if 'FROM "training_checkpoint"' in q["sql"]]
+    assert checkpoint_queries
+    assert not any('"training_checkpoint"."metrics"' in sql for sql in checkpoint_queries)

@@ -6,6 +6,8 @@ from django.db.models import Count
 
 from training import faults, metric_catalog
 from training.api.serializers import (
+    CHECKPOINT_SUMMARY_COLUMNS,
+    CLIENT_UPDATE_COLUMNS,
     CheckpointSummarySerializer,
     ClientUpdateSerializer,
     ExperimentSerializer,
@@ -63,8 +65,10 @@ def client_update_rows(experiment: Experiment) -> tuple[list[dict], dict]:
     clients: dict[int, dict[str, int]] = defaultdict(dict)
     for number, status, count in counted:
         clients[number][status] = count
-    updates = ClientUpdate.objects.filter(round__experiment=experiment).select_related(
-        "round", "site"
+    updates = (
+        ClientUpdate.objects.filter(round__experiment=experiment)
+        .select_related("round", "site")
+        .only(*CLIENT_UPDATE_COLUMNS)
     )
     total, from_round = 0, None
     for number in sorted(clients, reverse=True):
@@ -113,7 +117,11 @@ def without_older_site_evaluations(rounds: list[dict], from_round: int | None) -
 def experiment_snapshot(experiment: Experiment) -> dict:
     rounds = Round.objects.filter(experiment=experiment).select_related("checkpoint")
     rows, summary = client_update_rows(experiment)
-    checkpoints = Checkpoint.objects.filter(experiment=experiment).select_related("round")
+    checkpoints = (
+        Checkpoint.objects.filter(experiment=experiment)
+        .select_related("round")
+        .only(*CHECKPOINT_SUMMARY_COLUMNS)
+    )
     return {
         "type": "snapshot",
         "experiment": ExperimentSerializer(experiment).data,

@@ -811,6 +811,13 @@ class CheckpointSummarySerializer(serializers.ModelSerializer):
                   "is_best", "created_at"]  # fmt: skip
 
 
+# The columns CheckpointSummarySerializer reads, for .only() on querysets of many rows: a
+# whole row decodes its metrics and its round's JSON columns, unsent.
+CHECKPOINT_SUMMARY_COLUMNS = (
+    "id", "round__number", "sha256", "size_bytes", "num_parameters", "is_best", "created_at",
+)  # fmt: skip
+
+
 class CheckpointSerializer(CheckpointSummarySerializer):
     """The REST API's checkpoint: the summary plus its experiment, metrics and download link."""
 
@@ -865,3 +872,13 @@ class ClientUpdateSerializer(serializers.ModelSerializer):
             "error",
             "update_sha256",
         ]
+
+
+# The columns ClientUpdateSerializer reads, for .only() on querysets of many rows. Whole rows
+# decoded, for each of them, its evaluation and its round's metrics and federated
+# evaluation (an entry per site): 0.75 s of JSON for the 500 rows of a 50-site snapshot.
+CLIENT_UPDATE_COLUMNS = (
+    "id", "status", "task_id", "worker", "num_samples", "metrics", "started_at",
+    "finished_at", "error", "update_sha256", "round__number", "round__experiment",
+    "site__slug",
+)  # fmt: skip

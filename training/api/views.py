@@ -22,6 +22,7 @@ from training.api.filters import (
 )
 from training.api.permissions import RolePermission
 from training.api.serializers import (
+    CLIENT_UPDATE_COLUMNS,
     CheckpointSerializer,
     ClientUpdateSerializer,
     DatasetSerializer,
@@ -217,7 +218,7 @@ class ClientUpdateViewSet(ExperimentLedgerViewSet):
     experiment_lookup = "round__experiment"
 
     def ledger_queryset(self):
-        return ClientUpdate.objects.select_related("round", "site")
+        return ClientUpdate.objects.select_related("round", "site").only(*CLIENT_UPDATE_COLUMNS)
 
 
 class CheckpointViewSet(ExperimentLedgerViewSet):
