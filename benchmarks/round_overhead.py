@@ -49,6 +49,9 @@ def child_env(mode: str, data_dir: Path, database: str | None) -> dict[str, str]
            "PYTHONPATH": str(PROJECT_ROOT), "LOG_LEVEL": "WARNING"}  # fmt: skip
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
+    # One task at a time in both modes (embedded mode trains a round's clients at once by
+    # default), so that a round's wall time minus its compute is the platform's own cost.
+    env["FEDLENS_EMBEDDED_CONCURRENCY"] = "1"
     if mode == "redis":
         env["DATABASE_URL"] = f"{POSTGRES_ADMIN_URL}/{database}"
         env["REDIS_URL"] = REDIS_URL
