@@ -38,13 +38,14 @@ class ExperimentInputError(ValueError):
 
 @contextmanager
 def quiet_task_logs(verbosity: int) -> Iterator[None]:
-    """Keep Celery's and the ledger's line per task out of the progress bars unless asked
-    (-v 2); warnings (failed and late clients) still show. Levels are restored on exit.
+    """Keep Celery's and the ledger's line per task, and the in-process worker's start, out
+    of the progress bars unless asked (-v 2); warnings (failed and late clients) still show.
+    Levels are restored on exit.
 
     Celery's worker sets Django up again as it starts (its Django fix-up), which applies
     settings.LOGGING anew and with it the "celery" logger's configured level: the quiet
     level goes into that configuration too, for as long as the command runs."""
-    names = ("celery", "training.services", "training.resume")
+    names = ("celery", "training.services", "training.resume", "workers.embedded")
     loggers = [logging.getLogger(name) for name in names]
     levels = [each.level for each in loggers]
     configured = django_settings.LOGGING.get("loggers", {})

@@ -79,22 +79,28 @@ class Command(BaseCommand):
             )
         except ExperimentInputError as exc:
             raise CommandError(str(exc)) from exc
-        started = services.start_experiment(experiment.pk)
-        audit.record(started, "start", actor=started.owner, via="manage.py demo")
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Experiment {experiment.pk} started; open http://{host}:{port}/ and log in."
-            )
-        )
-        threading.Thread(
-            target=self.report_progress, args=(experiment.pk,), daemon=True, name="progress"
-        ).start()
-        # Importing the app sets Django up again, which reapplies LOGGING: quieten after it.
-        from flproject.asgi import application
-
-        server = uvicorn.Server(uvicorn.Config(application, host=host, port=port))
+        # Quiet from here on: the experiment's start, the worker's start (with the app's
+        # import below) and every task would each log an INFO line into the progress bars.
         with quiet_task_logs(options["verbosity"]):
-            server.run(sockets=[listener])
+            started = services.start_experiment(experiment.pk)
+            audit.record(started, "start", actor=started.owner, via="manage.py demo")
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"Experiment {experiment.pk} started; open http://{host}:{port}/ and log in."
+                )
+            )
+            threading.Thread(
+                target=self.report_progress, args=(experiment.pk,), daemon=True, name="progress"
+            ).start()
+            from flproject.asgi import application
+
+            # lifespan off: Channels' router has no lifespan events, and uvicorn would say so.
+            # Its request lines too would go between the bars, unless asked for (-v 2).
+            config = uvicorn.Config(
+                application, host=host, port=port, lifespan="off",
+                log_level="info" if options["verbosity"] >= 2 else "warning",
+            )  # fmt: skip
+            uvicorn.Server(config).run(sockets=[listener])
 
     def report_progress(self, experiment_id: int) -> None:
         rows = []
