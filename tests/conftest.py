@@ -115,6 +115,30 @@ def service_env(**overrides: str) -> dict[str, str]:
     return {key: value for key, value in env.items() if value is not None}
 
 
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`manage.py ARGS` in a process of its own with `env`; its output captured."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, encoding="utf-8", timeout=600,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def embedded_env(tmp_path) -> dict[str, str]:
+    """The environment of a migrated project on the embedded default (SQLite, the
+    in-process worker) in `tmp_path`, with its administrator."""
+    env = service_env(
+        DJANGO_SETTINGS_MODULE="flproject.settings.local",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        FEDLENS_DATA_DIR=str(tmp_path),
+    )
+    for step in (("migrate", "--noinput"), ("bootstrap_admin",)):
+        result = manage(*step, env=env)
+        assert result.returncode == 0, result.stderr
+    return env
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -71,18 +71,8 @@ def test_the_embedded_server_starts_and_is_healthy_without_services(tmp_path):
     assert "Embedded Celery worker" in log
 
 
-def test_the_demo_command_runs_its_experiment_with_only_its_own_lines(tmp_path):
-    env = service_env(
-        DJANGO_SETTINGS_MODULE="flproject.settings.local",
-        DATABASE_URL=None,
-        REDIS_URL=None,
-        FEDLENS_DATA_DIR=str(tmp_path),
-    )
-    for step in (("migrate", "--noinput"), ("bootstrap_admin",)):
-        subprocess.run(
-            [sys.executable, "manage.py", *step],
-            cwd=PROJECT_ROOT, env=env, check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
+def test_the_demo_command_runs_its_experiment_with_only_its_own_lines(embedded_env):
+    env = embedded_env
     port = free_port()
     demo = subprocess.Popen(
         [sys.executable, "manage.py", "demo", "--port", str(port), "--sites", "2", "--rounds", "1"],

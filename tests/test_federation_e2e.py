@@ -4,8 +4,6 @@ over the real Redis and PostgreSQL), including a worker killed in the middle of 
 import hashlib
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,8 +13,8 @@ from django.utils import timezone
 
 from tests.broker import tasks_waiting_in_the_broker
 from tests.conftest import (
-    PROJECT_ROOT,
     WorkerProcess,
+    manage,
     needs_redis,
     new_experiment,
     service_env,
@@ -33,13 +31,6 @@ from training.models import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, encoding="utf-8", timeout=600,
-    )  # fmt: skip
 
 
 def sha256_of(path: Path) -> str:

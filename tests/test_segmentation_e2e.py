@@ -5,24 +5,9 @@ import json
 
 import pytest
 
-from tests.conftest import service_env
-from tests.test_federation_e2e import manage
+from tests.conftest import manage
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def embedded_env(tmp_path):
-    env = service_env(
-        DJANGO_SETTINGS_MODULE="flproject.settings.local",
-        DATABASE_URL=None,
-        REDIS_URL=None,
-        FEDLENS_DATA_DIR=str(tmp_path),
-    )
-    for step in (("migrate", "--noinput"), ("bootstrap_admin",)):
-        result = manage(*step, env=env)
-        assert result.returncode == 0, result.stderr
-    return env
 
 
 def register_synthetic(env, folder, name: str, *options: str) -> str:
